@@ -1,0 +1,5 @@
+import sys
+
+from clpd.cli import main
+
+sys.exit(main())

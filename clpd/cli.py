@@ -1,0 +1,99 @@
+"""``clpd <command> [hydra overrides]``: a small dispatcher in front of one Hydra app per command.
+
+``@hydra.main`` parses ``sys.argv`` itself, so the dispatcher only takes the command word off the
+command line and calls that command's own Hydra entry point; overrides, ``-m`` sweeps, ``--cfg``,
+``--help``, ``hydra.run.dir=`` and shell completion all keep working. Errors in the user's input
+(a bad override, a missing file) are printed as one line without a traceback; anything else is a
+bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import List
+
+from clpd.errors import ClpdError
+
+COMMANDS = {
+    "train": ("clpd.train", "distil (or fine-tune) a student; Hydra overrides, -m sweeps, +experiment=NAME"),
+    "eval": ("clpd.eval", "accuracy of a checkpoint or HF model: checkpoint=PATH benchmark=arith|gsm8k|svamp"),
+}
+
+USAGE = "usage: clpd <command> [hydra overrides]   (clpd <command> --help shows that command's config)"
+
+
+def _print_help() -> None:
+    width = max(len(c) for c in COMMANDS)
+    lines = [USAGE, "", "commands:"] + [f"  {c:<{width}}  {summary}" for c, (_, summary) in COMMANDS.items()]
+    lines += ["", "shell completion: eval \"$(clpd train -sc install=bash)\""]
+    print("\n".join(lines))
+
+
+def _complete_command_word() -> bool:
+    """Hydra's completion calls ``clpd -sc query=bash`` with COMP_LINE="clpd train ...". Complete
+    the command word itself here; otherwise drop it from COMP_LINE and let the command answer.
+    Returns True when the query was answered here."""
+    words = os.environ.get("COMP_LINE", "").split(" ")
+    if len(words) <= 2:  # still typing the command word
+        prefix = words[1] if len(words) == 2 else ""
+        print(" ".join(c for c in COMMANDS if c.startswith(prefix)))
+        return True
+    os.environ["COMP_LINE"] = " ".join([words[0], *words[2:]])
+    sys.argv.insert(1, words[1])
+    return False
+
+
+def one_line(exc: BaseException) -> str:
+    """Hydra's and OmegaConf's errors as one line: the message and its cause, with the allowed values."""
+    from hydra.errors import MissingConfigException
+
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and exc.options:
+        return f"{str(exc).strip().splitlines()[0]}; available: {', '.join(exc.options)}"
+    parts = [str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__]
+    cause = exc.__cause__
+    if cause is not None and str(cause).strip():
+        text = str(cause).strip().splitlines()
+        key = next((ln.split(":", 1)[1].strip() for ln in text if ln.strip().startswith("full_key:")), None)
+        parts.append(f"{key}: {text[0]}" if key else text[0])
+    return ": ".join(parts)
+
+
+def main(argv: List[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["-sc"] and any(a.startswith("query=") for a in argv):
+        if _complete_command_word():
+            return 0
+        argv = sys.argv[1:]
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        _print_help()
+        return 0
+    command = argv[0]
+    if command not in COMMANDS:
+        print(f"clpd: error: unknown command '{command}'; choose from: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+
+    # Let Hydra's exceptions reach us (instead of Hydra printing several lines) so that each user
+    # error is reported as one line.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    sys.argv = [sys.argv[0], *argv[1:]]
+    entry = importlib.import_module(COMMANDS[command][0]).main
+    try:
+        entry()
+    except ClpdError as exc:
+        print(f"clpd {command}: error: {exc}", file=sys.stderr)
+        return 1
+    except (HydraException, OmegaConfBaseException) as exc:
+        cause = exc.__cause__
+        message = str(cause) if isinstance(cause, ClpdError) else one_line(exc)
+        print(f"clpd {command}: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

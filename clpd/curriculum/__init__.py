@@ -1,0 +1,1 @@
+"""The explicit curriculum: which training examples are available at each step, in what order."""

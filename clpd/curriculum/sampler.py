@@ -1,0 +1,37 @@
+"""The batch sampler. It owns the order of the training data: nothing else shuffles."""
+
+from __future__ import annotations
+
+from typing import Callable, List, Sequence
+
+import numpy as np
+
+
+def full_pool(n: int) -> Callable[[int], int]:
+    """Pacing without a curriculum: all ``n`` examples are available at every step."""
+    return lambda step: n
+
+
+class Sampler:
+    """Each step's batch is drawn uniformly, without replacement, from the first ``pool_size(step)``
+    entries of ``order`` (the difficulty-ordered example indices).
+
+    The draw for step ``s`` depends only on (seed, s), so any step's batch can be reproduced without
+    replaying the steps before it (resume), and two runs with the same seed see the same batches.
+    """
+
+    def __init__(self, order: Sequence[int], batch_size: int, seed: int,
+                 pool_size: Callable[[int], int] | None = None) -> None:
+        if len(order) == 0:
+            raise ValueError("the sampler needs at least one training example")
+        self.order = np.asarray(order)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.pool_size = pool_size or full_pool(len(order))
+
+    def batch(self, step: int) -> List[int]:
+        n = max(1, min(self.pool_size(step), len(self.order)))
+        rng = np.random.default_rng([self.seed, step])
+        # With fewer examples than the batch size, examples repeat within the batch.
+        picks = rng.choice(n, size=self.batch_size, replace=n < self.batch_size)
+        return self.order[picks].tolist()

@@ -1,0 +1,143 @@
+"""The training loop, written out top to bottom.
+
+One optimizer step = ``trainer.grad_accum`` micro-batches of the batch the sampler draws for that
+step. The loss is summed over answer tokens and divided by the answer tokens of the *whole*
+accumulated batch, so splitting a batch into micro-batches does not change the update.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from clpd.config import LrSchedule, TrainerConfig
+from clpd.curriculum.sampler import Sampler
+from clpd.losses import IGNORE_INDEX, cross_entropy_sum
+
+
+def lr_at(step: int, cfg: TrainerConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then decay to
+    ``lr * min_lr_ratio`` at the last step (cosine or linear), or constant."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == LrSchedule.constant:
+        return cfg.lr
+    decay_steps = max(1, cfg.max_steps - 1 - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.lr_schedule == LrSchedule.cosine else 1.0 - progress
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape)
+
+
+def collate(examples: Sequence[dict], pad_id: int) -> Dict[str, torch.Tensor]:
+    """Right-pad a list of encoded examples and shift once: the model reads ``input_ids`` and is
+    scored on ``targets`` (the next token, -100 where no loss is taken)."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[row, :n] = torch.tensor(e["input_ids"])
+        labels[row, :n] = torch.tensor(e["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids[:, :-1], "attention_mask": mask[:, :-1], "targets": labels[:, 1:]}
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainerConfig, fused: bool) -> torch.optim.AdamW:
+    # Weight decay on matrices only: decaying norms and biases only hurts (nanoGPT, GPT-2 recipe).
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    tokens_seen: int  # non-padding tokens read by the student
+    answer_tokens_seen: int  # tokens the loss was taken on
+    wall_time_s: float
+    history: List[dict]
+
+
+def train(model: torch.nn.Module, examples: Sequence[dict], sampler: Sampler, cfg: TrainerConfig, *,
+          pad_id: int, device: torch.device, autocast_dtype: Optional[torch.dtype],
+          metrics_path: Path, console: Console) -> TrainResult:
+    model.to(device).train()
+    optimizer = build_optimizer(model, cfg, fused=device.type == "cuda")
+    # autocast is chosen once; fp16 needs loss scaling, bf16 and fp32 do not.
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    micro_size = cfg.batch_size // cfg.grad_accum
+
+    history: List[dict] = []
+    tokens_seen = answer_tokens_seen = 0
+    window_tokens, window_start = 0, time.perf_counter()
+    start = time.perf_counter()
+    loss_value = float("nan")
+    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    with metrics_path.open("a") as metrics_file, Progress(*columns, console=console) as progress:
+        bar = progress.add_task("train", total=cfg.max_steps, stats="")
+        for step in range(cfg.max_steps):
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            # Sorting the step's batch by length before splitting it into micro-batches only
+            # changes how much padding each micro-batch carries, not the update: the loss is
+            # normalised by the answer tokens of the whole step.
+            batch = sorted((examples[i] for i in sampler.batch(step)), key=lambda e: len(e["input_ids"]))
+            micro_batches = [collate(batch[i:i + micro_size], pad_id) for i in range(0, len(batch), micro_size)]
+            answer_tokens = sum(int((mb["targets"] != IGNORE_INDEX).sum()) for mb in micro_batches)
+            step_loss = 0.0
+            for mb in micro_batches:
+                mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
+                with autocast:
+                    logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+                loss = cross_entropy_sum(logits, mb["targets"]) / max(answer_tokens, 1)
+                del logits  # free the logits before backward: they are the largest activation
+                scaler.scale(loss).backward()
+                step_loss += loss.item()
+                tokens_seen += int(mb["attention_mask"].sum())
+                window_tokens += int(mb["attention_mask"].sum())
+            answer_tokens_seen += answer_tokens
+
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = step_loss
+
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.max_steps:
+                now = time.perf_counter()
+                record = {"step": done, "loss": round(step_loss, 6), "lr": lr, "grad_norm": round(float(grad_norm), 6),
+                          "tokens_seen": tokens_seen, "answer_tokens_seen": answer_tokens_seen,
+                          "tokens_per_s": round(window_tokens / max(now - window_start, 1e-9), 1),
+                          "elapsed_s": round(now - start, 3)}
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                history.append(record)
+                window_tokens, window_start = 0, now
+                stats = f"loss {step_loss:.4f}  lr {lr:.2e}  {record['tokens_per_s']:,.0f} tok/s"
+                progress.update(bar, stats=stats)
+                if not console.is_terminal:  # no live bar in a log file or CI: print the numbers instead
+                    console.print(f"step {done}/{cfg.max_steps}  {stats}  {record['elapsed_s']:.0f}s")
+            progress.advance(bar)
+
+    return TrainResult(steps=cfg.max_steps, final_loss=loss_value, tokens_seen=tokens_seen,
+                       answer_tokens_seen=answer_tokens_seen, wall_time_s=time.perf_counter() - start, history=history)

@@ -1,0 +1,43 @@
+"""Shared fixtures: the local stand-ins for hub data, and tiny configs composed like the CLI does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig, open_dict
+
+from clpd.config import register_configs
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"  # GSM8K, SVAMP and the GPT-2 tokenizer; never copied into the repo
+GSM8K_DIR = SHARED / "data" / "gsm8k"
+SVAMP_DIR = SHARED / "data" / "svamp"
+GPT2_DIR = SHARED / "tokenizers" / "gpt2"
+
+# A student and a benchmark small enough for a test to train in seconds on 2 CPU cores.
+TINY_OVERRIDES = [
+    "student.hidden_size=32", "student.num_layers=1", "student.num_heads=2", "student.intermediate_size=64",
+    "benchmark.train_size=64", "benchmark.test_size=16", "benchmark.max_steps=2",
+    "trainer.max_steps=3", "trainer.batch_size=4", "trainer.warmup_steps=1", "trainer.log_every=1",
+]
+
+
+def needs(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is not here (../shared holds the local stand-ins for the hubs)")
+    return path
+
+
+def compose_config(config_name: str, overrides: List[str]) -> DictConfig:
+    """Compose like ``clpd <command> overrides`` does, without the Hydra runtime (Compose API)."""
+    register_configs()
+    with initialize_config_module(config_module="clpd.conf", version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides)
+
+
+@pytest.fixture
+def tiny_train_cfg() -> DictConfig:
+    return compose_config("train", ["+experiment=arith_sft", *TINY_OVERRIDES])

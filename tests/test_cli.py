@@ -1,0 +1,119 @@
+"""The `clpd` command as a user types it: help, one-line errors, completion, runs and sweeps."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_OVERRIDES
+
+CLPD = str(Path(sys.executable).parent / "clpd")
+
+
+def clpd(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([CLPD, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_help_lists_every_command_with_one_line_each(tmp_path):
+    out = clpd("--help", cwd=tmp_path)
+    assert out.returncode == 0
+    lines = out.stdout.splitlines()
+    assert any(line.split()[:1] == ["train"] for line in lines)
+    assert any(line.split()[:1] == ["eval"] for line in lines)
+
+
+def test_an_unknown_command_is_refused_with_the_commands(tmp_path):
+    out = clpd("trian", cwd=tmp_path)
+    assert out.returncode == 2 and "train, eval" in out.stderr
+
+
+def _broken_gsm8k(tmp_path: Path) -> str:
+    folder = tmp_path / "gsm8k"
+    folder.mkdir()
+    good = json.dumps({"question": "1+1?", "answer": "1+1 = <<1+1=2>>2\n#### 2"})
+    (folder / "train.jsonl").write_text(good + "\n" + '{"question": "broken", "answer": \n')
+    (folder / "test.jsonl").write_text(good + "\n")
+    return str(folder)
+
+
+BAD_INPUTS = {
+    "unknown benchmark": (["train", "benchmark=nope"], "available: arith, gsm8k, svamp"),
+    "unknown precision": (["train", "trainer.precision=fp8"], "expected one of [auto, fp32, bf16, fp16]"),
+    "missing data dir": (["train", "benchmark=gsm8k", "benchmark.data_dir=/does/not/exist"], "/does/not/exist"),
+    "missing checkpoint": (["eval", "checkpoint=/does/not/exist"], "/does/not/exist"),
+    "broken gsm8k line": (["train", "benchmark=gsm8k", "benchmark.data_dir={broken}"], "train.jsonl:2"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_exits_non_zero_with_one_clear_line_and_no_traceback(case, tmp_path):
+    args, expected = BAD_INPUTS[case]
+    args = [a.format(broken=_broken_gsm8k(tmp_path)) if "{broken}" in a else a for a in args]
+    out = clpd(*args, cwd=tmp_path)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode != 0
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"clpd {args[0]}: error:") and expected in lines[0]
+    assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_bash_completion_completes_commands_and_config_keys(tmp_path):
+    words = clpd("-sc", "query=bash", cwd=tmp_path, env={"COMP_LINE": "clpd tr"})
+    assert words.stdout.split() == ["train"]
+    keys = clpd("-sc", "query=bash", cwd=tmp_path, env={"COMP_LINE": "clpd train trainer.max_st"})
+    assert "trainer.max_steps=" in keys.stdout.split()
+    script = clpd("train", "-sc", "install=bash", cwd=tmp_path)
+    assert script.returncode == 0 and "complete -o nospace -o default -F hydra_bash_completion clpd" in script.stdout
+
+
+def test_cfg_job_prints_the_composed_experiment(tmp_path):
+    out = clpd("train", "+experiment=arith_sft", "trainer.max_steps=7", "--cfg", "job", cwd=tmp_path)
+    assert out.returncode == 0 and "max_steps: 7" in out.stdout and "name: arith" in out.stdout
+
+
+@pytest.mark.slow
+def test_train_then_eval_through_the_cli_and_load_the_checkpoint_with_plain_transformers(tmp_path):
+    run = tmp_path / "run"
+    out = clpd("train", "+experiment=arith_sft", *TINY_OVERRIDES, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    final = run / "checkpoints" / "final"
+    assert (final / "clpd_config.yaml").exists() and json.loads((run / "status.json").read_text())["status"] == "completed"
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3  # log_every=1, 3 steps
+
+    out = clpd("eval", f"checkpoint={final}", "benchmark.test_size=16", "benchmark.max_steps=2",
+               "max_new_tokens=8", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["n"] == 16 and {"accuracy_strict", "accuracy_flexible", "by_difficulty"} <= set(metrics)
+    predictions = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 16
+    assert {"id", "question", "gold", "output", "extracted_strict", "extracted_flexible", "correct_strict"} <= set(predictions[0])
+
+    code = ("import sys; sys.modules['clpd'] = None\n"
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f"tok = AutoTokenizer.from_pretrained({str(final)!r}); model = AutoModelForCausalLM.from_pretrained({str(final)!r})\n"
+            "print(type(model).__name__, len(tok))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.split() == ["LlamaForCausalLM", "100"]
+
+    again = clpd("train", "+experiment=arith_sft", *TINY_OVERRIDES, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert again.returncode == 1 and "already holds a finished run" in again.stderr
+
+
+@pytest.mark.slow
+def test_a_multirun_sweep_runs_each_job_into_its_own_dir(tmp_path):
+    sweep = tmp_path / "sweep"
+    tiny = [o for o in TINY_OVERRIDES if not o.startswith(("trainer.max_steps", "trainer.log_every"))]
+    out = clpd("train", "-m", "+experiment=arith_sft", "seed=0,1", "trainer.max_steps=20", *tiny,
+               f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    summaries = [json.loads((sweep / job / "summary.json").read_text()) for job in ("0", "1")]
+    assert [s["steps"] for s in summaries] == [20, 20]
+    assert summaries[0]["final_loss"] != summaries[1]["final_loss"]  # different seeds, different runs
