@@ -135,7 +135,7 @@ class BenchmarkConfig:
     test_size: int = 1000
     max_steps: int = 4  # problems have 1..max_steps reasoning steps (the difficulty)
     min_value: int = 2  # range of the numbers that appear in questions
-    max_value: int = 20
+    max_value: int = 12
 
     def __post_init__(self) -> None:
         p: List[str] = []
@@ -188,8 +188,8 @@ class DistillConfig:
 class TrainerConfig:
     max_steps: int = 1000  # optimizer steps
     batch_size: int = 32  # examples per optimizer step (all micro-batches together)
-    grad_accum: int = 1  # micro-batches per optimizer step; batch_size must divide evenly
-    lr: float = 3e-3
+    grad_accum: int = 4  # micro-batches per optimizer step; batch_size must divide evenly
+    lr: float = 5e-3
     min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
     lr_schedule: LrSchedule = LrSchedule.cosine
     warmup_steps: int = 50

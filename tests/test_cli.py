@@ -117,3 +117,21 @@ def test_a_multirun_sweep_runs_each_job_into_its_own_dir(tmp_path):
     summaries = [json.loads((sweep / job / "summary.json").read_text()) for job in ("0", "1")]
     assert [s["steps"] for s in summaries] == [20, 20]
     assert summaries[0]["final_loss"] != summaries[1]["final_loss"]  # different seeds, different runs
+
+
+@pytest.mark.slow
+def test_a_wheel_install_finds_its_configs_from_any_directory(tmp_path):
+    pytest.importorskip("setuptools")
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "wheel"), str(repo)], check=True, capture_output=True)
+    wheel = next((tmp_path / "wheel").glob("clpd-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "site"),
+                    str(wheel)], check=True, capture_output=True)
+    code = ("import sys, clpd; assert clpd.__file__.startswith(sys.argv[1]), clpd.__file__\n"
+            "sys.argv = ['clpd', 'train', '+experiment=arith_sft', '--cfg', 'job']\n"
+            "from clpd.cli import main; main()")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "site")], cwd=tmp_path, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert out.returncode == 0, out.stderr
+    assert "name: arith" in out.stdout

@@ -1,0 +1,62 @@
+"""`run_train` and `run_eval` in-process on tiny models: what a run writes, and on which data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from rich.console import Console
+
+from clpd.errors import ClpdError
+from clpd.eval import run_eval
+from clpd.train import run_train
+from tests.conftest import GPT2_DIR, GSM8K_DIR, SVAMP_DIR, TINY_OVERRIDES, compose_config, needs
+
+QUIET = Console(quiet=True)
+
+
+def test_a_run_writes_metrics_summary_status_and_a_checkpoint_with_its_config(tiny_train_cfg, tmp_path):
+    summary = run_train(tiny_train_cfg, tmp_path, QUIET)
+    assert summary["steps"] == 3 and summary["tokens_seen"] > summary["answer_tokens_seen"] > 0
+    assert json.loads((tmp_path / "status.json").read_text()) == {"status": "completed"}
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    final = tmp_path / "checkpoints" / "final"
+    assert {"config.json", "tokenizer.json", "clpd_config.yaml"} <= {p.name for p in final.iterdir()}
+    assert not (tmp_path / "checkpoints" / "final.tmp").exists()
+
+
+def test_a_finished_run_dir_is_never_overwritten(tiny_train_cfg, tmp_path):
+    run_train(tiny_train_cfg, tmp_path, QUIET)
+    before = (tmp_path / "summary.json").read_text()
+    with pytest.raises(ClpdError, match="already holds a finished run"):
+        run_train(tiny_train_cfg, tmp_path, QUIET)
+    assert (tmp_path / "summary.json").read_text() == before
+
+
+def test_a_failed_run_is_recorded_as_failed(tmp_path):
+    cfg = compose_config("train", ["+experiment=arith_sft", *TINY_OVERRIDES, "benchmark=gsm8k",
+                                   f"benchmark.data_dir={tmp_path / 'missing'}"])
+    with pytest.raises(ClpdError, match="no such folder"):
+        run_train(cfg, tmp_path / "run", QUIET)
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["status"] == "failed" and "missing" in status["error"]
+
+
+def test_training_on_real_gsm8k_with_a_bpe_tokenizer(tmp_path):
+    cfg = compose_config("train", [*TINY_OVERRIDES, "benchmark=gsm8k", f"benchmark.data_dir={needs(GSM8K_DIR)}",
+                                   "benchmark.train_limit=16", f"student.tokenizer={needs(GPT2_DIR)}",
+                                   "trainer.max_steps=2", "trainer.max_seq_len=256", "trainer.save=false"])
+    summary = run_train(cfg, tmp_path, QUIET)
+    assert summary["train_examples"] == 16 and summary["checkpoint"] is None
+
+
+def test_eval_of_a_trained_checkpoint_on_arith_and_on_svamp(tiny_train_cfg, tmp_path):
+    run_train(tiny_train_cfg, tmp_path / "run", QUIET)
+    final = str(tmp_path / "run" / "checkpoints" / "final")
+    arith = run_eval(compose_config("eval", [f"checkpoint={final}", "benchmark.test_size=8", "benchmark.max_steps=2",
+                                             "max_new_tokens=4"]), tmp_path / "eval", QUIET)
+    assert arith["n"] == 8 and set(arith["by_difficulty"]) <= {"1", "2"}
+    assert sum(m["n"] for m in arith["by_difficulty"].values()) == 8
+    svamp = run_eval(compose_config("eval", [f"checkpoint={final}", "benchmark=svamp", f"benchmark.data_dir={needs(SVAMP_DIR)}",
+                                             "benchmark.eval_limit=4", "max_new_tokens=4"]), tmp_path / "svamp", QUIET)
+    assert svamp["n"] == 4 and svamp["benchmark"] == "svamp"
