@@ -80,6 +80,11 @@ def main(argv: List[str] | None = None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    # transformers' own progress bars ("Loading weights", "Writing model shards") would interleave
+    # with clpd's rich progress; clpd reports what it loads and saves itself.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     sys.argv = [sys.argv[0], *argv[1:]]
     entry = importlib.import_module(COMMANDS[command][0]).main
     try:

@@ -49,8 +49,9 @@ def run_eval(cfg: DictConfig, run_dir: Path, console: Console | None = None) -> 
                    "split": ec.benchmark.eval_split, **metrics}
         write_jsonl(run_dir / "predictions.jsonl", records)
         write_json(run_dir / "metrics.json", metrics)
-        console.print(metrics_table(metrics, f"{ec.checkpoint} on {ec.benchmark.name.value}/{ec.benchmark.eval_split}"))
-        console.print(f"predictions and metrics in {run_dir}")
+        console.print(f"checkpoint {ec.checkpoint}", soft_wrap=True)
+        console.print(metrics_table(metrics, f"{ec.benchmark.name.value}/{ec.benchmark.eval_split}"))
+        console.print(f"predictions and metrics in {run_dir}", soft_wrap=True)
     return metrics
 
 

@@ -71,7 +71,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
         }
         write_json(run_dir / "summary.json", summary)
         console.print(f"[bold green]done[/] {result.steps} steps in {result.wall_time_s:.0f}s, final loss "
-                      f"{result.final_loss:.4f}; run dir {run_dir}")
+                      f"{result.final_loss:.4f}; run dir {run_dir}", soft_wrap=True)
     return summary
 
 
