@@ -4,16 +4,296 @@ Targets are already shifted (``targets[:, t]`` is the token after position t) an
 no loss is taken (prompt and padding). Each function returns the *sum* over answer tokens: the
 training loop divides by the answer tokens of the whole accumulated batch, so every answer token
 weighs the same however the batch was split into micro-batches.
+
+Three layers:
+
+* ``DIVERGENCES``: per-token divergences, pure functions of fp32 log-probabilities
+  ``(s_logp, t_logp)`` of shape ``[N, V]`` (s = student, t = teacher) returning ``[N]``.
+* ``kd_loss_sum``: logits in, summed divergence out; aligns vocabularies, keeps only answer
+  positions, and works through them in checkpointed chunks so memory stays bounded for a
+  152k-row vocabulary.
+* ``distill_loss_sum``: what the loop calls; ``alpha * CE + (1 - alpha) * KD``, or plain CE for
+  ``"sft"``.
+
+Zero probabilities. A ``-inf`` logit (a masked vocabulary row) gives a zero probability and a
+``-inf`` log-probability, and large logit gaps underflow probabilities to zero. Inside the
+divergences ``0 * log 0`` counts as 0, and a log-probability below ``LOG_PROB_FLOOR`` (the log of
+the smallest normal fp32 number, about -87.3) is read as ``LOG_PROB_FLOOR``: probabilities fp32
+cannot hold anyway count as 1.2e-38 inside logarithms. This keeps every value and gradient finite.
+The one place it changes a result is where the exact answer is +inf: student mass on a row the
+teacher gives zero probability under reverse KL (or teacher mass on a row the student gives zero
+under forward KL) costs about 87 nats per unit of mass instead of infinity, and the gradient pushes
+that mass off the row.
 """
 
 from __future__ import annotations
 
+import math
+from functools import partial
+from typing import Callable, Dict, List, Optional
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+
+# log of the smallest normal fp32 number (~ -87.34): see the module docstring.
+LOG_PROB_FLOOR = math.log(torch.finfo(torch.float32).tiny)
 
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of the gold tokens, in fp32 whatever the logits' dtype."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+# --------------------------------------------------------------------------------------------
+# Per-token divergences: [N, V] log-probabilities in, [N] out.
+# --------------------------------------------------------------------------------------------
+
+def _floor(logp: torch.Tensor) -> torch.Tensor:
+    return logp.clamp(min=LOG_PROB_FLOOR)
+
+
+def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) = sum_v p (log p - log q) over the last dim, with 0 log 0 = 0.
+
+    ``p`` comes from the unfloored log-probabilities, so a row with ``logp = -inf`` has p = 0
+    exactly and contributes 0 (and a zero gradient); the logarithms are floored so that the
+    difference is always finite.
+    """
+    return (logp.exp() * (_floor(logp) - _floor(logq))).sum(-1)
+
+
+def _log_mixture(logp: torch.Tensor, logq: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w * p + (1 - w) * q) for 0 < w < 1, computed in log space (no underflow)."""
+    return torch.logaddexp(_floor(logp) + math.log(w), _floor(logq) + math.log1p(-w))
+
+
+def _check_unit_interval(name: str, value: float, *, include_one: bool) -> None:
+    ok = 0.0 <= value <= 1.0 if include_one else 0.0 <= value < 1.0
+    if not ok:
+        raise ValueError(f"{name} must be in [0, 1{']' if include_one else ')'}, got {value}")
+
+
+def forward_kl(s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) = sum_v p_t (log p_t - log p_s): mean-seeking; the classic KD loss
+    (Hinton et al. 2015). Its gradient w.r.t. the student logits is p_s - p_t."""
+    return _kl(t_logp, s_logp)
+
+
+def reverse_kl(s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+    """KL(student || teacher) = sum_v p_s (log p_s - log p_t): mode-seeking (MiniLLM, GKD)."""
+    return _kl(s_logp, t_logp)
+
+
+def jsd(s_logp: torch.Tensor, t_logp: torch.Tensor, *, beta: float = 0.5) -> torch.Tensor:
+    """Generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024, "On-Policy Distillation
+    of Language Models: Learning from Self-Generated Mistakes", Eq. 1), ``beta`` weighting the
+    TEACHER:
+
+        M = beta * P_T + (1 - beta) * P_S
+        JSD(beta) = beta * KL(P_T || M) + (1 - beta) * KL(P_S || M)
+
+    This is exactly what TRL's ``GKDTrainer.generalized_jsd_loss`` computes for 0 < beta < 1
+    (mixture ``logsumexp([s + log(1 - beta), t + log(beta)])``, ``beta * kl_teacher +
+    (1 - beta) * kl_student``). beta = 0.5 is the symmetric JSD, bounded by log 2.
+
+    Endpoints, as TRL handles them: the formula above is identically 0 at beta = 0 and beta = 1
+    (M equals one of the two distributions and that term's weight vanishes), so, like TRL, beta = 0
+    returns the forward KL(P_T || P_S) and beta = 1 the reverse KL(P_S || P_T). These are the limits
+    of JSD(beta) / beta as beta -> 0 and of JSD(beta) / (1 - beta) as beta -> 1, NOT of JSD(beta):
+    the loss jumps at the endpoints, and near them beta mostly scales the loss (JSD(0.01) is about
+    0.01 * forward KL). So beta = 0.9 is roughly "a tenth of a reverse-KL-like loss", not "almost reverse KL";
+    for pure forward / reverse KL prefer the ``forward_kl`` / ``reverse_kl`` divergences.
+    """
+    _check_unit_interval("beta", beta, include_one=True)
+    if beta == 0.0:
+        return forward_kl(s_logp, t_logp)
+    if beta == 1.0:
+        return reverse_kl(s_logp, t_logp)
+    log_m = _log_mixture(t_logp, s_logp, beta)
+    return beta * _kl(t_logp, log_m) + (1.0 - beta) * _kl(s_logp, log_m)
+
+
+def skew_forward_kl(s_logp: torch.Tensor, t_logp: torch.Tensor, *, lam: float = 0.1) -> torch.Tensor:
+    """Skew KL of DistiLLM (Ko et al. 2024, "DistiLLM: Towards Streamlined Distillation for Large
+    Language Models", ICML): with p = teacher and q = student,
+
+        SKL(lam) = KL(p || lam * p + (1 - lam) * q)
+
+    as in the authors' ``distillm/losses.py::skewed_forward_kl`` (``mixed_probs = lam *
+    teacher_probs + (1 - lam) * student_probs``; their code drops the constant teacher-entropy
+    term, which changes the value but not the gradient; here it is kept, so SKL is 0 at p = q).
+    The gradient flows through the mixture too, as in theirs. lam = 0 is the forward KL; the
+    paper's default is lam = 0.1; lam must be < 1 (at 1 the loss is identically 0).
+    """
+    _check_unit_interval("lam", lam, include_one=False)
+    if lam == 0.0:
+        return forward_kl(s_logp, t_logp)
+    return _kl(t_logp, _log_mixture(t_logp, s_logp, lam))
+
+
+def skew_reverse_kl(s_logp: torch.Tensor, t_logp: torch.Tensor, *, lam: float = 0.1) -> torch.Tensor:
+    """Skew reverse KL of DistiLLM (Ko et al. 2024): with p = teacher and q = student,
+
+        SRKL(lam) = KL(q || (1 - lam) * p + lam * q)
+
+    as in ``distillm/losses.py::skewed_reverse_kl`` (``mixed_probs = (1 - lam) * teacher_probs +
+    lam * student_probs``). lam = 0 is the reverse KL; lam must be < 1.
+    """
+    _check_unit_interval("lam", lam, include_one=False)
+    if lam == 0.0:
+        return reverse_kl(s_logp, t_logp)
+    return _kl(s_logp, _log_mixture(s_logp, t_logp, lam))
+
+
+def tvd(s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+    """Total variation distance 0.5 * sum_v |p_t - p_s|, in [0, 1] and symmetric (DistiLLM's
+    ``tv_distance``)."""
+    return 0.5 * (t_logp.exp() - s_logp.exp()).abs().sum(-1)
+
+
+Divergence = Callable[..., torch.Tensor]
+
+DIVERGENCES: Dict[str, Divergence] = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "jsd": jsd,
+    "skew_forward_kl": skew_forward_kl,
+    "skew_reverse_kl": skew_reverse_kl,
+    "tvd": tvd,
+}
+
+LOSS_NAMES = ("sft", *DIVERGENCES)
+
+
+# --------------------------------------------------------------------------------------------
+# Logits in, summed loss out.
+# --------------------------------------------------------------------------------------------
+
+def _kd_problems(divergence: str, temperature: float, beta: float, lam: float, chunk_size: int,
+                 vocab_size: Optional[int]) -> List[str]:
+    problems = []
+    if divergence not in DIVERGENCES:
+        problems.append(f"unknown divergence {divergence!r}; expected one of: {', '.join(DIVERGENCES)}")
+    if not temperature > 0:
+        problems.append(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= beta <= 1.0:
+        problems.append(f"beta must be in [0, 1], got {beta}")
+    if not 0.0 <= lam < 1.0:
+        problems.append(f"lam must be in [0, 1), got {lam}")
+    if chunk_size < 1:
+        problems.append(f"chunk_size must be >= 1, got {chunk_size}")
+    if vocab_size is not None and vocab_size < 1:
+        problems.append(f"vocab_size must be >= 1 or None, got {vocab_size}")
+    return problems
+
+
+def _raise_if(problems: List[str]) -> None:
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _bind(divergence: str, beta: float, lam: float) -> Divergence:
+    """The divergence with its own knob (if any) filled in."""
+    fn = DIVERGENCES[divergence]
+    if fn is jsd:
+        return partial(jsd, beta=beta)
+    if fn in (skew_forward_kl, skew_reverse_kl):
+        return partial(fn, lam=lam)
+    return fn
+
+
+def _chunk_sum(student: torch.Tensor, teacher: torch.Tensor, fn: Divergence, temperature: float) -> torch.Tensor:
+    """Summed divergence of one chunk of [rows, V] logits, computed in (at least) fp32."""
+    dtype = torch.promote_types(student.dtype, torch.float32)
+    student, teacher = student.to(dtype), teacher.to(dtype)
+    if temperature != 1.0:
+        student, teacher = student / temperature, teacher / temperature
+    return fn(F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1)).sum()
+
+
+def kd_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, *,
+                divergence: str, temperature: float = 1.0, beta: float = 0.5, lam: float = 0.1,
+                chunk_size: int = 1024, vocab_size: Optional[int] = None) -> torch.Tensor:
+    """Summed token-level divergence between student and teacher over the answer tokens
+    (``targets != -100``), times ``temperature ** 2``; an fp32 scalar (fp64 if the logits are).
+
+    - Vocabulary: only the first ``min(Vs, Vt)`` rows of both are compared (one family shares a
+      tokenizer but pads its output matrices differently: Qwen2.5 151936 vs 152064 rows);
+      ``vocab_size`` (the tokenizer's size) cuts both further, so padded rows never take part.
+    - Memory: answer positions are selected first, then processed ``chunk_size`` rows at a time,
+      each chunk cast to fp32 and wrapped in a non-reentrant activation checkpoint when grad is on,
+      so at most one chunk's fp32 ``[chunk, V]`` temporaries are alive at a time, in forward and in
+      backward.
+    - Temperature: both distributions are softened by ``temperature`` and the result is scaled by
+      ``temperature ** 2`` (Hinton et al.: keeps the gradient scale independent of T), for every
+      divergence.
+    - ``beta`` is used by ``jsd`` only, ``lam`` by the skew divergences only.
+
+    Teacher logits must not require grad (compute them under ``torch.no_grad()``); the result is
+    differentiable w.r.t. the student logits.
+    """
+    problems = _kd_problems(divergence, temperature, beta, lam, chunk_size, vocab_size)
+    if teacher_logits.requires_grad:
+        problems.append("teacher_logits require grad: compute them under torch.no_grad() (or detach them)")
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1] or student_logits.shape[:-1] != targets.shape:
+        problems.append(f"shapes do not line up: student_logits {tuple(student_logits.shape)}, "
+                        f"teacher_logits {tuple(teacher_logits.shape)}, targets {tuple(targets.shape)} "
+                        "(expected [B, T, V], [B, T, V'], [B, T])")
+    width = min(student_logits.size(-1), teacher_logits.size(-1))
+    if vocab_size is not None and vocab_size > width:
+        problems.append(f"vocab_size {vocab_size} exceeds the logits' shared width {width} "
+                        f"(student {student_logits.size(-1)}, teacher {teacher_logits.size(-1)})")
+    _raise_if(problems)
+    if vocab_size is not None:
+        width = vocab_size
+
+    answer = targets != IGNORE_INDEX
+    student = student_logits[..., :width][answer]  # [N, width], in the logits' own dtype
+    teacher = teacher_logits[..., :width][answer]
+    if student.size(0) == 0:
+        return student.float().sum()  # 0, still attached to the graph so backward() works
+
+    per_chunk = partial(_chunk_sum, fn=_bind(divergence, beta, lam), temperature=temperature)
+    # Recompute each chunk in backward instead of keeping its fp32 [chunk, V] temporaries.
+    recompute = torch.is_grad_enabled() and student.requires_grad
+    sums = [checkpoint(per_chunk, s, t, use_reentrant=False) if recompute else per_chunk(s, t)
+            # split (not slicing in a loop): one backward node, one concatenated gradient
+            for s, t in zip(student.split(chunk_size), teacher.split(chunk_size))]
+    return torch.stack(sums).sum() * temperature ** 2
+
+
+def distill_loss_sum(student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], targets: torch.Tensor, *,
+                     loss: str, alpha: float, temperature: float = 1.0, beta: float = 0.5, lam: float = 0.1,
+                     chunk_size: int = 1024, vocab_size: Optional[int] = None) -> torch.Tensor:
+    """The loop's loss, summed over answer tokens.
+
+    ``loss == "sft"``: cross-entropy on the gold tokens; ``teacher_logits`` and the KD knobs are
+    ignored (the teacher may be None). Otherwise ``loss`` names a divergence and the result is
+    ``alpha * CE + (1 - alpha) * KD`` (``alpha`` weighs the CE term, the opposite of torchtune's
+    ``kd_ratio``); the CE term is skipped entirely at alpha = 0 and the KD term at alpha = 1 (the
+    teacher may then be None). CE always uses the student's full vocabulary; ``vocab_size`` only
+    cuts the KD term.
+    """
+    if loss not in LOSS_NAMES:
+        raise ValueError(f"unknown loss {loss!r}; expected one of: {', '.join(LOSS_NAMES)}")
+    if loss == "sft":
+        return cross_entropy_sum(student_logits, targets)
+    problems = _kd_problems(loss, temperature, beta, lam, chunk_size, vocab_size)
+    if not 0.0 <= alpha <= 1.0:
+        problems.append(f"alpha must be in [0, 1], got {alpha}")
+    if teacher_logits is None and alpha < 1.0:
+        problems.append(f"loss {loss!r} with alpha {alpha} needs teacher_logits")
+    _raise_if(problems)
+
+    total = None
+    if alpha > 0.0:
+        total = alpha * cross_entropy_sum(student_logits, targets)
+    if alpha < 1.0:
+        kd = (1.0 - alpha) * kd_loss_sum(student_logits, teacher_logits, targets, divergence=loss,
+                                         temperature=temperature, beta=beta, lam=lam, chunk_size=chunk_size,
+                                         vocab_size=vocab_size)
+        total = kd if total is None else total + kd
+    return total
