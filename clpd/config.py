@@ -50,19 +50,46 @@ class LrSchedule(str, Enum):
 
 
 class DistillLoss(str, Enum):
-    sft = "sft"  # cross-entropy on the gold solution; the divergences arrive with the teachers
+    sft = "sft"  # cross-entropy on the gold solution, no teacher
+    forward_kl = "forward_kl"  # KL(teacher || student)
+    reverse_kl = "reverse_kl"  # KL(student || teacher)
+    jsd = "jsd"  # generalized JSD (GKD, Agarwal et al. 2024), beta weighs the teacher
+    skew_forward_kl = "skew_forward_kl"  # DistiLLM's SKL with skew_lambda
+    skew_reverse_kl = "skew_reverse_kl"  # DistiLLM's SRKL with skew_lambda
+    tvd = "tvd"  # total variation distance
+
+
+class Schedule(str, Enum):
+    strongest = "strongest"  # standard KD: the last (largest) teacher throughout
+    weakest = "weakest"
+    progressive = "progressive"  # teacher k during stage k
+    fixed = "fixed"  # the teacher named by teachers.fixed
 
 
 class Pacing(str, Enum):
     none = "none"  # the whole training set is available from the first step
+    linear = "linear"
+    root = "root"  # competence-based, Platanios et al. 2019
+    quadratic = "quadratic"
+    exponential = "exponential"
+    log = "log"
+    geometric = "geometric"
+    step = "step"  # baby steps: num_buckets buckets added cumulatively
 
 
 class Order(str, Enum):
-    random = "random"
+    easy_to_hard = "easy_to_hard"
+    hard_to_easy = "hard_to_easy"  # the anti-curriculum control
+    random = "random"  # no curriculum
 
 
 class Difficulty(str, Enum):
-    cot_steps = "cot_steps"
+    cot_steps = "cot_steps"  # reasoning steps of the gold solution
+    cot_length = "cot_length"  # answer length in student tokens
+    student_loss = "student_loss"  # loss of the initial student, one pass before training
+    teacher_loss = "teacher_loss"  # loss of curriculum.teacher (a teacher of the ladder)
+    rrf = "rrf"  # reciprocal rank fusion of curriculum.rrf_scorers (k = 60, as POCL)
+    random = "random"  # a control
 
 
 def _check(problems: List[str], ok: bool, message: str) -> None:
@@ -97,6 +124,9 @@ class ModelConfig:
     intermediate_size: int = 512
     max_position_embeddings: int = 1024
     tie_embeddings: bool = True
+    # Output rows of a from-scratch model (None: the tokenizer's size). Real families pad them:
+    # Qwen2.5 0.5B-3B have 151936 rows, 7B 152064, for a tokenizer of 151665 tokens.
+    vocab_size: Optional[int] = None
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
@@ -111,6 +141,31 @@ class ModelConfig:
                    f"num_heads={self.num_heads} must be divisible by num_kv_heads={self.num_kv_heads}")
         _check(p, self.gguf_file is None or self.path is not None, "gguf_file needs path (the repo or folder that holds it)")
         _raise_if(p, f"model '{self.name}'")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters through peft. Off for the tiny from-scratch students (full fine-tuning)."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: List[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    merge_on_save: bool = False  # also write checkpoints/merged: the base with the adapter folded in
+
+    def __post_init__(self) -> None:
+        p: List[str] = []
+        _check(p, self.r >= 1, f"student.lora.r={self.r} must be >= 1")
+        _check(p, 0.0 <= self.dropout < 1.0, f"student.lora.dropout={self.dropout} must be in [0, 1)")
+        _check(p, len(self.target_modules) > 0, "student.lora.target_modules must name at least one module")
+        _raise_if(p, "student.lora")
+
+
+@dataclass
+class StudentConfig(ModelConfig):
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -151,21 +206,92 @@ class BenchmarkConfig:
 
 
 @dataclass
+class TeacherBuildConfig:
+    """How clpd trains the from-scratch teachers of a ladder that have no weights (``path: null``).
+
+    Each is an ordinary supervised ``clpd train`` run on the benchmark's training split generated
+    with ``data_seed``: problems other than the pool the student is distilled on, as a pretrained
+    teacher's would be. (Teachers evaluated on their own training pool are almost one-hot, which
+    makes distillation the same as supervised training.)
+    """
+
+    data_seed: int = 4242
+    seed: int = 0  # initial weights; the student's seed is separate, so seeds of a study share teachers
+    max_steps: int = 800
+    batch_size: int = 32
+    grad_accum: int = 4
+    lr: float = 5e-3
+    warmup_steps: int = 50
+    eval: bool = True  # evaluate each new teacher on the test split (cached with it)
+
+
+@dataclass
 class TeachersConfig:
     """The teacher ladder, weakest to strongest. ``none``: supervised fine-tuning, no teacher."""
 
     name: str = "none"
     ladder: List[ModelConfig] = field(default_factory=list)
+    schedule: Schedule = Schedule.strongest
+    fixed: Optional[str] = None  # the teacher's name, with schedule=fixed
+    # Where stage k+1 begins, as fractions of training (K-1 increasing values in (0, 1)); None:
+    # K even stages. The curriculum supplies its own boundaries through the same function.
+    boundaries: Optional[List[float]] = None
+    cache_dir: str = "outputs/teachers"  # trained from-scratch teachers, keyed by config and data
+    build: TeacherBuildConfig = field(default_factory=TeacherBuildConfig)
+    build_only: bool = False  # build (and evaluate) the ladder, then stop: +experiment=arith_teachers
+
+    def __post_init__(self) -> None:
+        p: List[str] = []
+        names = [t.name for t in self.ladder]
+        _check(p, len(set(names)) == len(names), f"teachers.ladder names must be unique, got {names}")
+        if self.schedule == Schedule.fixed:
+            _check(p, self.fixed in names, f"teachers.fixed={self.fixed} must name a teacher of the ladder: {names}")
+        if self.boundaries is not None:
+            b = list(self.boundaries)
+            _check(p, len(b) == max(len(names) - 1, 0),
+                   f"teachers.boundaries={b} needs {max(len(names) - 1, 0)} values (one fewer than teachers)")
+            _check(p, all(0.0 < x < 1.0 for x in b) and all(x < y for x, y in zip(b, b[1:])),
+                   f"teachers.boundaries={b} must be increasing fractions in (0, 1)")
+        _raise_if(p, "teachers")
 
 
 @dataclass
 class CurriculumConfig:
-    """Order and pacing of the training data. ``none``: random order, everything available."""
+    """Order and pacing of the training data. ``none``: random order, everything available.
+
+    The examples are scored (``difficulty``), ordered (``order``), and at training progress p the
+    first ``pacing(p)`` fraction of the ordered set is the pool each batch is drawn from. The
+    stages of the teacher schedule come from the same pacing (see clpd/curriculum/stages.py).
+    """
 
     name: str = "none"
     difficulty: Difficulty = Difficulty.cot_steps
     order: Order = Order.random
     pacing: Pacing = Pacing.none
+    start: float = 0.2  # c0: the fraction available at the first step
+    saturate: float = 0.8  # the fraction of training at which the whole set is available
+    root_p: float = 2.0  # pacing=root: the p of the root-p competence function
+    num_buckets: int = 4  # pacing=step: equal buckets added cumulatively
+    teacher: Optional[str] = None  # difficulty=teacher_loss: the ladder teacher that scores
+    rrf_scorers: List[Difficulty] = field(default_factory=lambda: [Difficulty.cot_steps, Difficulty.cot_length])
+    num_stages: Optional[int] = None  # K; None: the number of teachers (1 without teachers)
+    stage_boundaries: Optional[List[float]] = None  # without pacing: where stages 2..K begin (fractions)
+    score_batch_size: int = 64  # examples per forward pass when a model scores difficulty
+
+    def __post_init__(self) -> None:
+        p: List[str] = []
+        _check(p, 0.0 < self.start <= 1.0, f"curriculum.start={self.start} must be in (0, 1]")
+        _check(p, 0.0 < self.saturate <= 1.0, f"curriculum.saturate={self.saturate} must be in (0, 1]")
+        _check(p, self.root_p >= 1, f"curriculum.root_p={self.root_p} must be >= 1")
+        _check(p, self.num_buckets >= 2, f"curriculum.num_buckets={self.num_buckets} must be >= 2")
+        _check(p, self.num_stages is None or self.num_stages >= 1, f"curriculum.num_stages={self.num_stages} must be >= 1")
+        _check(p, Difficulty.rrf not in self.rrf_scorers and len(self.rrf_scorers) >= 1,
+               f"curriculum.rrf_scorers={[d.value for d in self.rrf_scorers]} must name at least one scorer other than rrf")
+        if self.stage_boundaries is not None:
+            b = list(self.stage_boundaries)
+            _check(p, all(0.0 < x < 1.0 for x in b) and all(x < y for x, y in zip(b, b[1:])),
+                   f"curriculum.stage_boundaries={b} must be increasing fractions in (0, 1)")
+        _raise_if(p, "curriculum")
 
 
 @dataclass
@@ -174,13 +300,19 @@ class DistillConfig:
 
     name: str = "sft"
     loss: DistillLoss = DistillLoss.sft
-    temperature: float = 1.0
+    temperature: float = 1.0  # softmax temperature of both models; the divergence is scaled by T^2
     alpha: float = 0.0  # loss = alpha * ce + (1 - alpha) * kd (kd losses only)
+    beta: float = 0.5  # jsd: the teacher's weight in the mixture
+    skew_lambda: float = 0.1  # skew_forward_kl / skew_reverse_kl: DistiLLM's lambda
+    chunk_size: int = 1024  # answer tokens per chunk: bounds the fp32 [chunk, vocab] temporaries
 
     def __post_init__(self) -> None:
         p: List[str] = []
         _check(p, self.temperature > 0, f"distill.temperature={self.temperature} must be > 0")
         _check(p, 0.0 <= self.alpha <= 1.0, f"distill.alpha={self.alpha} must be in [0, 1]")
+        _check(p, 0.0 <= self.beta <= 1.0, f"distill.beta={self.beta} must be in [0, 1]")
+        _check(p, 0.0 <= self.skew_lambda < 1.0, f"distill.skew_lambda={self.skew_lambda} must be in [0, 1)")
+        _check(p, self.chunk_size >= 1, f"distill.chunk_size={self.chunk_size} must be >= 1")
         _raise_if(p, "distill")
 
 
@@ -219,7 +351,7 @@ class TrainerConfig:
 
 @dataclass
 class TrainConfig:
-    student: ModelConfig = field(default_factory=ModelConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -233,7 +365,24 @@ class TrainConfig:
                "benchmark=svamp is for evaluation only (it has no chain-of-thought solutions); train on arith or gsm8k")
         _check(p, self.distill.loss == DistillLoss.sft or len(self.teachers.ladder) > 0,
                f"distill.loss={self.distill.loss.value} needs a teacher ladder (teachers=none has none)")
+        names = [t.name for t in self.teachers.ladder]
+        c = self.curriculum
+        uses_teacher = c.difficulty == Difficulty.teacher_loss or (
+            c.difficulty == Difficulty.rrf and Difficulty.teacher_loss in c.rrf_scorers)
+        if uses_teacher:
+            _check(p, c.teacher in names,
+                   f"curriculum.teacher={c.teacher} must name a teacher of the ladder for teacher_loss: {names}")
+        _check(p, not (c.stage_boundaries is not None and self.teachers.boundaries is not None),
+               "set stage boundaries once: curriculum.stage_boundaries or teachers.boundaries, not both")
+        stages = self.num_stages()
+        if c.stage_boundaries is not None:
+            _check(p, len(c.stage_boundaries) == stages - 1,
+                   f"curriculum.stage_boundaries={list(c.stage_boundaries)} needs {stages - 1} values for {stages} stages")
         _raise_if(p, "train")
+
+    def num_stages(self) -> int:
+        """K: curriculum.num_stages, else one stage per teacher (one without teachers)."""
+        return self.curriculum.num_stages or max(len(self.teachers.ladder), 1)
 
 
 @dataclass

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Optional
 
 import hydra
 import torch
 from omegaconf import DictConfig
 from rich.console import Console
 
-from clpd.config import BenchmarkName, EvalConfig, ModelConfig, register_configs, to_object
+from clpd.config import BenchmarkConfig, BenchmarkName, Device, EvalConfig, ModelConfig, Precision, register_configs, to_object
 from clpd.data import load_problems
 from clpd.errors import ClpdError
 from clpd.evaluate import evaluate, metrics_table
@@ -19,6 +20,32 @@ from clpd.runs import recorded_status, run_command, write_json, write_jsonl
 
 log = logging.getLogger("clpd.eval")
 register_configs()
+
+
+def evaluate_checkpoint(checkpoint: str, benchmark: BenchmarkConfig, run_dir: Path, console: Console, *,
+                        device: Device = Device.auto, precision: Precision = Precision.auto, batch_size: int = 128,
+                        max_new_tokens: int = 256, gguf_file: Optional[str] = None) -> dict:
+    """Generate on the eval split, score, and write ``predictions.jsonl`` and ``metrics.json``."""
+    check_source(checkpoint, "checkpoint")  # before the (possibly slow) data loading
+    torch_device = resolve_device(device)
+    autocast_dtype = resolve_precision(precision, torch_device)
+    problems = load_problems(benchmark, benchmark.eval_split, benchmark.eval_limit)
+    if not problems:
+        raise ClpdError(f"benchmark={benchmark.name.value} split {benchmark.eval_split} has no problems")
+
+    spec = ModelConfig(name=checkpoint, path=checkpoint, gguf_file=gguf_file)
+    tokenizer = load_tokenizer(spec)
+    # Weights in the autocast dtype on CUDA halve memory; generation needs no fp32 master copy.
+    model = load_model(spec, tokenizer, dtype=autocast_dtype or torch.float32)
+    records, metrics = evaluate(
+        model, tokenizer, problems, chat_template=benchmark.chat_template,
+        numeric=benchmark.name == BenchmarkName.svamp, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        device=torch_device, autocast_dtype=autocast_dtype, console=console)
+    metrics = {"checkpoint": checkpoint, "benchmark": benchmark.name.value, "split": benchmark.eval_split, **metrics}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(run_dir / "predictions.jsonl", records)
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics
 
 
 def run_eval(cfg: DictConfig, run_dir: Path, console: Console | None = None) -> dict:
@@ -30,25 +57,9 @@ def run_eval(cfg: DictConfig, run_dir: Path, console: Console | None = None) -> 
     with recorded_status(run_dir):
         if ec.num_threads:
             torch.set_num_threads(ec.num_threads)
-        check_source(ec.checkpoint, "checkpoint")  # before the (possibly slow) data loading
-        device = resolve_device(ec.device)
-        autocast_dtype = resolve_precision(ec.precision, device)
-        problems = load_problems(ec.benchmark, ec.benchmark.eval_split, ec.benchmark.eval_limit)
-        if not problems:
-            raise ClpdError(f"benchmark={ec.benchmark.name.value} split {ec.benchmark.eval_split} has no problems")
-
-        spec = ModelConfig(name=ec.checkpoint, path=ec.checkpoint, gguf_file=ec.gguf_file)
-        tokenizer = load_tokenizer(spec)
-        # Weights in the autocast dtype on CUDA halve memory; generation needs no fp32 master copy.
-        model = load_model(spec, tokenizer, dtype=autocast_dtype or torch.float32)
-        records, metrics = evaluate(
-            model, tokenizer, problems, chat_template=ec.benchmark.chat_template,
-            numeric=ec.benchmark.name == BenchmarkName.svamp, batch_size=ec.batch_size,
-            max_new_tokens=ec.max_new_tokens, device=device, autocast_dtype=autocast_dtype, console=console)
-        metrics = {"checkpoint": ec.checkpoint, "benchmark": ec.benchmark.name.value,
-                   "split": ec.benchmark.eval_split, **metrics}
-        write_jsonl(run_dir / "predictions.jsonl", records)
-        write_json(run_dir / "metrics.json", metrics)
+        metrics = evaluate_checkpoint(ec.checkpoint, ec.benchmark, run_dir, console, device=ec.device,
+                                      precision=ec.precision, batch_size=ec.batch_size,
+                                      max_new_tokens=ec.max_new_tokens, gguf_file=ec.gguf_file)
         console.print(f"checkpoint {ec.checkpoint}", soft_wrap=True)
         console.print(metrics_table(metrics, f"{ec.benchmark.name.value}/{ec.benchmark.eval_split}"))
         console.print(f"predictions and metrics in {run_dir}", soft_wrap=True)

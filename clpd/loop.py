@@ -13,7 +13,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from rich.console import Console
@@ -21,7 +21,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from clpd.config import LrSchedule, TrainerConfig
 from clpd.curriculum.sampler import Sampler
+from clpd.errors import ClpdError
 from clpd.losses import IGNORE_INDEX, cross_entropy_sum
+from clpd.teachers import TeacherPool
 
 
 def lr_at(step: int, cfg: TrainerConfig) -> float:
@@ -70,11 +72,26 @@ class TrainResult:
     answer_tokens_seen: int  # tokens the loss was taken on
     wall_time_s: float
     history: List[dict]
+    teacher_switches: List[dict]
+
+
+LossFn = Callable[[torch.Tensor, Optional[torch.Tensor], torch.Tensor], torch.Tensor]
+
+
+def sft_loss(student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    return cross_entropy_sum(student_logits, targets)
 
 
 def train(model: torch.nn.Module, examples: Sequence[dict], sampler: Sampler, cfg: TrainerConfig, *,
           pad_id: int, device: torch.device, autocast_dtype: Optional[torch.dtype],
-          metrics_path: Path, console: Console) -> TrainResult:
+          metrics_path: Path, console: Console, loss_fn: LossFn = sft_loss,
+          teachers: Optional[TeacherPool] = None, schedule: Optional[Callable[[int], int]] = None) -> TrainResult:
+    """Train ``model`` for ``cfg.max_steps`` optimizer steps on the sampler's batches.
+
+    With ``teachers``, ``schedule(step)`` names the teacher of each step; the pool loads it (after
+    releasing the previous one) and each switch is logged to the console and ``metrics.jsonl``.
+    ``loss_fn(student_logits, teacher_logits or None, targets)`` returns a sum over answer tokens.
+    """
     model.to(device).train()
     optimizer = build_optimizer(model, cfg, fused=device.type == "cuda")
     # autocast is chosen once; fp16 needs loss scaling, bf16 and fp32 do not.
@@ -83,6 +100,7 @@ def train(model: torch.nn.Module, examples: Sequence[dict], sampler: Sampler, cf
     micro_size = cfg.batch_size // cfg.grad_accum
 
     history: List[dict] = []
+    switches: List[dict] = []
     tokens_seen = answer_tokens_seen = 0
     window_tokens, window_start = 0, time.perf_counter()
     start = time.perf_counter()
@@ -102,17 +120,35 @@ def train(model: torch.nn.Module, examples: Sequence[dict], sampler: Sampler, cf
             batch = sorted((examples[i] for i in sampler.batch(step)), key=lambda e: len(e["input_ids"]))
             micro_batches = [collate(batch[i:i + micro_size], pad_id) for i in range(0, len(batch), micro_size)]
             answer_tokens = sum(int((mb["targets"] != IGNORE_INDEX).sum()) for mb in micro_batches)
-            step_loss = 0.0
+            teacher = None
+            pool = sampler.describe(step)
+            if teachers is not None:
+                previous = teachers.active_index
+                teacher, switched = teachers.get(schedule(step))
+                if switched:
+                    event = {"event": "teacher_switch", "step": step, "from": teachers.name(previous),
+                             "to": teachers.name(teachers.active_index)}
+                    metrics_file.write(json.dumps(event) + "\n")
+                    switches.append(event)
+                    console.print(f"step {step}: teacher {event['from']} -> {event['to']}", soft_wrap=True)
+            step_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)  # counted on the CPU: no sync
+            step_loss = torch.zeros((), device=device)
             for mb in micro_batches:
-                mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
+                mb = {k: v.to(device) for k, v in mb.items()}
+                teacher_logits = None
+                if teacher is not None:
+                    with torch.inference_mode(), autocast:
+                        teacher_logits = teacher(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
                 with autocast:
                     logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-                loss = cross_entropy_sum(logits, mb["targets"]) / max(answer_tokens, 1)
-                del logits  # free the logits before backward: they are the largest activation
+                loss = loss_fn(logits, teacher_logits, mb["targets"]) / max(answer_tokens, 1)
+                # Free both models' logits before backward: they are the largest activations, and
+                # keeping them would raise the backward's peak memory.
+                del logits, teacher_logits
                 scaler.scale(loss).backward()
-                step_loss += loss.item()
-                tokens_seen += int(mb["attention_mask"].sum())
-                window_tokens += int(mb["attention_mask"].sum())
+                step_loss += loss.detach()  # stays on the device: .item() here would sync every micro-batch
+            tokens_seen += step_tokens
+            window_tokens += step_tokens
             answer_tokens_seen += answer_tokens
 
             scaler.unscale_(optimizer)
@@ -120,24 +156,33 @@ def train(model: torch.nn.Module, examples: Sequence[dict], sampler: Sampler, cf
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            loss_value = step_loss
 
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.max_steps:
+                step_loss = loss_value = step_loss.item()
+                if not math.isfinite(step_loss):
+                    raise ClpdError(f"the training loss became {step_loss} at step {done}; lower trainer.lr "
+                                    f"(now {cfg.lr}) or check trainer.precision")
                 now = time.perf_counter()
                 record = {"step": done, "loss": round(step_loss, 6), "lr": lr, "grad_norm": round(float(grad_norm), 6),
                           "tokens_seen": tokens_seen, "answer_tokens_seen": answer_tokens_seen,
                           "tokens_per_s": round(window_tokens / max(now - window_start, 1e-9), 1),
-                          "elapsed_s": round(now - start, 3)}
+                          "elapsed_s": round(now - start, 3), **pool,
+                          "teacher": teachers.name(teachers.active_index) if teachers is not None else None}
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
                 history.append(record)
                 window_tokens, window_start = 0, now
-                stats = f"loss {step_loss:.4f}  lr {lr:.2e}  {record['tokens_per_s']:,.0f} tok/s"
+                stats = f"loss {step_loss:.4f}  lr {lr:.2e}  {record['tokens_per_s']:,.0f} tok/s  pool {pool['pool']}"
+                if "difficulty" in pool:
+                    stats += f" [{pool['difficulty'][0]:g}..{pool['difficulty'][1]:g}]"
+                if record["teacher"]:
+                    stats += f"  teacher {record['teacher']}"
                 progress.update(bar, stats=stats)
                 if not console.is_terminal:  # no live bar in a log file or CI: print the numbers instead
-                    console.print(f"step {done}/{cfg.max_steps}  {stats}  {record['elapsed_s']:.0f}s")
+                    console.print(f"step {done}/{cfg.max_steps}  {stats}  {record['elapsed_s']:.0f}s", soft_wrap=True)
             progress.advance(bar)
 
     return TrainResult(steps=cfg.max_steps, final_loss=loss_value, tokens_seen=tokens_seen,
-                       answer_tokens_seen=answer_tokens_seen, wall_time_s=time.perf_counter() - start, history=history)
+                       answer_tokens_seen=answer_tokens_seen, wall_time_s=time.perf_counter() - start, history=history,
+                       teacher_switches=switches)

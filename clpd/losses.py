@@ -43,8 +43,13 @@ LOG_PROB_FLOOR = math.log(torch.finfo(torch.float32).tiny)
 
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of the gold tokens, in fp32 whatever the logits' dtype."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    """Summed cross-entropy of the gold tokens, in fp32 whatever the logits' dtype.
+
+    Only answer rows are cast to fp32: casting all [B*T, V] logits would cost an extra 2.5 GB per
+    step at 8 x 512 tokens with Qwen's 152k-row vocabulary, half of it on prompt rows.
+    """
+    answer = targets != IGNORE_INDEX
+    return F.cross_entropy(logits[answer].float(), targets[answer], reduction="sum")
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ module is a plain transformers object, so checkpoints load without clpd.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -16,7 +17,7 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel,
                           PreTrainedTokenizerBase, Qwen2Config)
 
-from clpd.config import Arch, Device, ModelConfig, Precision
+from clpd.config import Arch, Device, LoraConfig, ModelConfig, Precision
 from clpd.errors import ClpdError
 from clpd.tokenizer import build_char_tokenizer
 
@@ -61,8 +62,10 @@ def load_tokenizer(spec: ModelConfig) -> PreTrainedTokenizerBase:
 
 def architecture_config(spec: ModelConfig, tokenizer: PreTrainedTokenizerBase):
     config_class = ARCH_CONFIGS[spec.arch]
+    if spec.vocab_size is not None and spec.vocab_size < len(tokenizer):
+        raise ClpdError(f"model '{spec.name}': vocab_size={spec.vocab_size} is smaller than its tokenizer ({len(tokenizer)} tokens)")
     return config_class(
-        vocab_size=len(tokenizer),
+        vocab_size=spec.vocab_size or len(tokenizer),
         hidden_size=spec.hidden_size,
         num_hidden_layers=spec.num_layers,
         num_attention_heads=spec.num_heads,
@@ -81,7 +84,10 @@ def load_model(spec: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: tor
 
     From-scratch weights depend on the torch seed at call time: seed before calling.
     """
-    if spec.path is not None:
+    adapter = Path(spec.path).expanduser() / ADAPTER_CONFIG if spec.path is not None else None
+    if adapter is not None and adapter.exists():
+        model = _load_adapter(spec, adapter.parent, dtype)
+    elif spec.path is not None:
         model = _from_pretrained(AutoModelForCausalLM, spec.path, f"model '{spec.name}'", dtype=dtype,
                                  gguf_file=spec.gguf_file, trust_remote_code=spec.trust_remote_code)
     else:
@@ -90,6 +96,37 @@ def load_model(spec: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: tor
         raise ClpdError(f"model '{spec.name}' has {model.get_input_embeddings().num_embeddings} embedding rows "
                         f"but its tokenizer has {len(tokenizer)} tokens")
     return model
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+BASE_DIR = "base"  # beside an adapter: the from-scratch base model it was trained on
+
+
+def _load_adapter(spec: ModelConfig, folder: Path, dtype: torch.dtype) -> PreTrainedModel:
+    """A peft LoRA checkpoint: its base model (a hub id, a folder, or the ``base/`` folder saved
+    beside the adapter for from-scratch students) with the adapter on top."""
+    from peft import PeftModel
+
+    base_ref = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    base_path = str(folder / BASE_DIR) if (folder / BASE_DIR).exists() else base_ref
+    if not base_path:
+        raise ClpdError(f"{folder}: the adapter names no base model (base_model_name_or_path)")
+    base = _from_pretrained(AutoModelForCausalLM, base_path, f"base model of adapter '{spec.name}'", dtype=dtype)
+    return PeftModel.from_pretrained(base, str(folder))
+
+
+def apply_lora(model: PreTrainedModel, lora: LoraConfig) -> PreTrainedModel:
+    """Freeze ``model`` and add trainable LoRA adapters (kept in fp32 even on a bf16 base)."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in lora.target_modules if m not in present]
+    if missing:
+        raise ClpdError(f"student.lora.target_modules: {missing} not in the model (its linear layers include "
+                        f"{sorted(n for n in present if n.endswith('proj'))})")
+    config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                            target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, config, autocast_adapter_dtype=True)
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:

@@ -37,14 +37,21 @@ def write_jsonl(path: Path, rows: list) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(model, tokenizer, cfg: DictConfig, path: Path) -> None:
-    """``save_pretrained`` into ``path.tmp``, then rename: a crash leaves no half checkpoint."""
+def save_checkpoint(model, tokenizer, cfg: DictConfig, path: Path, base=None) -> None:
+    """``save_pretrained`` into ``path.tmp``, then rename: a crash leaves no half checkpoint.
+
+    A peft model saves only its adapter; ``base`` (a from-scratch base model, which exists nowhere
+    else) is then saved into ``base/`` beside it, where clpd's loader looks first.
+    """
     if path.exists():
         raise ClpdError(f"{path} already exists; refusing to overwrite a checkpoint (choose another hydra.run.dir)")
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if base is not None:
+        base.save_pretrained(tmp / "base")
+        tokenizer.save_pretrained(tmp / "base")
     OmegaConf.save(cfg, tmp / CONFIG_FILE, resolve=True)
     os.replace(tmp, path)
 

@@ -2,26 +2,91 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import time
 from pathlib import Path
+from typing import List, Optional
 
 import hydra
+import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
+from rich.table import Table
 
-from clpd.config import TrainConfig, register_configs, to_object
+from clpd.config import Difficulty, DistillLoss, TrainConfig, register_configs, to_object
 from clpd.curriculum.sampler import Sampler
+from clpd.curriculum.difficulty import fingerprint, load_scores, order_indices, per_example_loss, save_scores
+from clpd.curriculum.scoring import compute_scores, is_curriculum, needs_model, scorers
+from clpd.curriculum.stages import pool_function, stage_starts
 from clpd.data import load_problems
 from clpd.data.prompts import encode_example
 from clpd.errors import ClpdError
-from clpd.loop import train
-from clpd.models import count_parameters, load_model, load_tokenizer, resolve_device, resolve_precision
+from clpd.loop import sft_loss, train
+from clpd.losses import distill_loss_sum
+from clpd.models import (apply_lora, count_parameters, load_model, load_tokenizer, resolve_device,
+                         resolve_precision)
 from clpd.runs import recorded_status, run_command, save_checkpoint, write_json
+from clpd.teachers import (TeacherPool, build_teacher, check_ladder_order, check_vocabularies, make_schedule,
+                           summarize_ladder, teacher_accuracy, teacher_dtype)
 
 log = logging.getLogger("clpd.train")
 register_configs()
+
+
+def _ladder_table(rows: List[dict]) -> Table:
+    table = Table(title="teachers")
+    for column in ("teacher", "parameters", "strict acc", "by steps"):
+        table.add_column(column, justify="right" if column != "teacher" else "left")
+    for r in rows:
+        by = r["by_difficulty"] or {}
+        table.add_row(r["name"], f"{r['parameters'] / 1e6:.2f}M" if r["parameters"] else "?",
+                      f"{r['accuracy_strict']:.3f}" if r["accuracy_strict"] is not None else "-",
+                      " ".join(f"{k}:{v['accuracy_strict']:.2f}" for k, v in by.items()))
+    return table
+
+
+def prepare_teachers(tc: TrainConfig, tokenizer, console: Console) -> tuple[list, list]:
+    """Check the ladder before any training (vocabularies, order), then build what is missing."""
+    ladder = tc.teachers.ladder
+    check_vocabularies(tokenizer, tc.student.name, [(t.name, load_tokenizer(t)) for t in ladder])
+    sizes = check_ladder_order(ladder, tokenizer)
+    built = [build_teacher(t, tc, console) for t in ladder]
+    rows = summarize_ladder(built, sizes, [teacher_accuracy(t, tc) if t.path is None else None for t in ladder])
+    return built, rows
+
+
+def curriculum_sampler(tc: TrainConfig, problems, examples, *, student, teacher_specs, tokenizer, device,
+                       run_dir: Path, console: Console) -> Sampler:
+    """Score, order and pace the training set (the explicit curriculum) into the run's sampler.
+
+    Scores are cached in ``difficulty.json`` in the run dir, keyed by the scorer and the data.
+    """
+    c, n = tc.curriculum, len(examples)
+    scores = None
+    if is_curriculum(c) or not needs_model(c):  # model scores only when the order depends on them
+        meta = {"difficulty": c.difficulty.value, "rrf_scorers": [s.value for s in c.rrf_scorers],
+                "teacher": c.teacher, "student": tc.student.path or tc.student.name, "seed": tc.seed,
+                "data": fingerprint(examples)}
+        cache = run_dir / "difficulty.json"
+        scores = load_scores(cache, meta)
+        if scores is None:
+            def loss_of(model):
+                console.print(f"scoring {n} examples by the loss of {getattr(model, 'name_or_path', '') or 'a model'}")
+                return per_example_loss(model.to(device), examples, batch_size=c.score_batch_size, device=device,
+                                        pad_id=tokenizer.pad_token_id)
+
+            def teacher_loss():
+                spec = next(t for t in teacher_specs if t.name == c.teacher)
+                return loss_of(load_model(spec, tokenizer, dtype=teacher_dtype(resolve_precision(tc.trainer.precision, device))))
+
+            scores = compute_scores(c, problems, examples, tc.seed, {Difficulty.student_loss: lambda: loss_of(student),
+                                                                       Difficulty.teacher_loss: teacher_loss})
+            save_scores(cache, scores, meta)
+    order = order_indices(scores if scores is not None else np.zeros(n), c.order, tc.seed)
+    return Sampler(order, tc.trainer.batch_size, seed=tc.seed, pool_size=pool_function(tc, n), scores=scores)
 
 
 def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) -> dict:
@@ -37,36 +102,69 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
             torch.set_num_threads(tc.trainer.num_threads)
         device = resolve_device(tc.trainer.device)
         autocast_dtype = resolve_precision(tc.trainer.precision, device)
+        tokenizer = load_tokenizer(tc.student)
+
+        needs_teachers = tc.teachers.ladder and (tc.teachers.build_only or tc.distill.loss != DistillLoss.sft
+                                                 or Difficulty.teacher_loss in scorers(tc.curriculum))
+        teacher_specs, ladder_rows = prepare_teachers(tc, tokenizer, console) if needs_teachers else ([], [])
+        if ladder_rows:
+            write_json(run_dir / "teachers.json", ladder_rows)
+            console.print(_ladder_table(ladder_rows))
+        if tc.teachers.build_only:
+            summary = {"teachers": ladder_rows, "wall_time_s": round(time.perf_counter() - started, 2)}
+            write_json(run_dir / "summary.json", summary)
+            return summary
 
         problems = load_problems(tc.benchmark, tc.benchmark.train_split, tc.benchmark.train_limit)
         if not problems:
             raise ClpdError(f"benchmark={tc.benchmark.name.value} split {tc.benchmark.train_split} has no problems")
-        tokenizer = load_tokenizer(tc.student)
         examples = [encode_example(p, tokenizer, tc.benchmark.chat_template, tc.trainer.max_seq_len) for p in problems]
         truncated = sum(e["truncated"] for e in examples)
         if truncated:
             log.warning("%d of %d examples were longer than trainer.max_seq_len=%d and were truncated",
                         truncated, len(examples), tc.trainer.max_seq_len)
 
-        torch.manual_seed(tc.seed)  # from-scratch weights are a function of the seed
-        model = load_model(tc.student, tokenizer)
+        torch.manual_seed(tc.seed)  # from-scratch weights and LoRA init are a function of the seed
+        lora = tc.student.lora.enabled
+        # With LoRA the frozen base can sit in the autocast dtype (bf16 on CUDA); the adapters stay fp32.
+        model = load_model(tc.student, tokenizer, dtype=(autocast_dtype or torch.float32) if lora else torch.float32)
+        scratch_base = copy.deepcopy(model) if lora and tc.student.path is None else None
+        if lora:
+            model = apply_lora(model, tc.student.lora)
         log.info("student %s: %.2fM parameters (%.2fM trainable); %d training problems from %s; device %s, %s",
                  tc.student.name, count_parameters(model) / 1e6, count_parameters(model, True) / 1e6, len(examples),
                  tc.benchmark.name.value, device, autocast_dtype or torch.float32)
 
-        sampler = Sampler(range(len(examples)), tc.trainer.batch_size, seed=tc.seed)
+        loss_fn, teachers, schedule = sft_loss, None, None
+        if tc.distill.loss != DistillLoss.sft:
+            d = tc.distill
+            # Only the rows that the tokenizer, the student and every teacher share are compared.
+            loss_fn = functools.partial(distill_loss_sum, loss=d.loss.value, alpha=d.alpha, temperature=d.temperature,
+                                        beta=d.beta, lam=d.skew_lambda, chunk_size=d.chunk_size,
+                                        vocab_size=len(tokenizer))
+            teachers = TeacherPool(teacher_specs, tokenizer, device=device, dtype=teacher_dtype(autocast_dtype))
+            schedule = make_schedule(tc.teachers, stage_starts(tc, len(examples)))
+
+        sampler = curriculum_sampler(tc, problems, examples, student=model, teacher_specs=teacher_specs,
+                                     tokenizer=tokenizer, device=device, run_dir=run_dir, console=console)
         result = train(model, examples, sampler, tc.trainer, pad_id=tokenizer.pad_token_id, device=device,
-                       autocast_dtype=autocast_dtype, metrics_path=run_dir / "metrics.jsonl", console=console)
+                       autocast_dtype=autocast_dtype, metrics_path=run_dir / "metrics.jsonl", console=console,
+                       loss_fn=loss_fn, teachers=teachers, schedule=schedule)
+        if teachers is not None:
+            teachers.release()
 
         checkpoint = run_dir / "checkpoints" / "final"
         if tc.trainer.save:
             checkpoint.parent.mkdir(exist_ok=True)
-            save_checkpoint(model, tokenizer, cfg, checkpoint)
+            save_checkpoint(model, tokenizer, cfg, checkpoint, base=scratch_base)
+            if lora and tc.student.lora.merge_on_save:
+                save_checkpoint(model.merge_and_unload(), tokenizer, cfg, run_dir / "checkpoints" / "merged")
         summary = {
             "steps": result.steps, "final_loss": result.final_loss, "tokens_seen": result.tokens_seen,
             "answer_tokens_seen": result.answer_tokens_seen, "train_time_s": round(result.wall_time_s, 2),
             "wall_time_s": round(time.perf_counter() - started, 2), "student_parameters": count_parameters(model),
             "train_examples": len(examples), "truncated_examples": truncated,
+            "teacher_switches": result.teacher_switches,
             "checkpoint": str(checkpoint) if tc.trainer.save else None,
         }
         write_json(run_dir / "summary.json", summary)

@@ -24,13 +24,23 @@ def test_help_lists_every_command_with_one_line_each(tmp_path):
     out = clpd("--help", cwd=tmp_path)
     assert out.returncode == 0
     lines = out.stdout.splitlines()
-    assert any(line.split()[:1] == ["train"] for line in lines)
-    assert any(line.split()[:1] == ["eval"] for line in lines)
+    for command in ("train", "eval", "plan"):
+        assert sum(line.split()[:1] == [command] for line in lines) == 1
+
+
+def test_plan_prints_the_timeline_and_writes_its_figure_into_outputs_plan(tmp_path):
+    out = clpd("plan", "+experiment=arith", "method=clpd", "trainer.max_steps=30", "benchmark.train_size=300", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "small" in out.stdout and "medium" in out.stdout and "large" in out.stdout
+    (run,) = (tmp_path / "outputs" / "plan").glob("*/*")
+    assert (run / "plan.png").stat().st_size > 10_000
+    plan = json.loads((run / "plan.json").read_text())
+    assert len(plan["steps"]) == 30 and plan["teachers"] == ["small", "medium", "large"]
 
 
 def test_an_unknown_command_is_refused_with_the_commands(tmp_path):
     out = clpd("trian", cwd=tmp_path)
-    assert out.returncode == 2 and "train, eval" in out.stderr
+    assert out.returncode == 2 and "train, eval, plan" in out.stderr
 
 
 def _broken_gsm8k(tmp_path: Path) -> str:
@@ -48,6 +58,11 @@ BAD_INPUTS = {
     "missing data dir": (["train", "benchmark=gsm8k", "benchmark.data_dir=/does/not/exist"], "/does/not/exist"),
     "missing checkpoint": (["eval", "checkpoint=/does/not/exist"], "/does/not/exist"),
     "broken gsm8k line": (["train", "benchmark=gsm8k", "benchmark.data_dir={broken}"], "train.jsonl:2"),
+    "unknown pacing": (["plan", "curriculum.pacing=foo"], "expected one of [none, linear, root, quadratic"),
+    "start out of range": (["plan", "curriculum.start=1.5"], "curriculum.start=1.5 must be in (0, 1]"),
+    "teacher_loss teacher not in the ladder": (
+        ["train", "+experiment=arith", "curriculum.difficulty=teacher_loss", "curriculum.teacher=giant"],
+        "curriculum.teacher=giant must name a teacher of the ladder"),
 }
 
 

@@ -1,0 +1,143 @@
+"""``clpd plan``: the timeline a ``clpd train`` config would follow, without training.
+
+It composes exactly the training config, scores the data when no model is needed, and prints the
+stages (step range, teacher, pool size, difficulty range); ``plan.json`` holds the per-step pool
+and teacher, and ``plan.png`` draws the pacing curve with the teacher stages shaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+from clpd.config import DistillLoss, TrainConfig, register_configs, to_object
+from clpd.curriculum.difficulty import cot_length, order_indices
+from clpd.curriculum.sampler import Sampler
+from clpd.curriculum.scoring import compute_scores, is_curriculum, needs_model, scorers
+from clpd.curriculum.stages import pool_function, stage_at, stage_starts
+from clpd.config import Difficulty
+from clpd.data import load_problems
+from clpd.data.prompts import encode_example
+from clpd.errors import ClpdError
+from clpd.models import load_tokenizer
+from clpd.runs import run_command, write_json
+from clpd.teachers import make_schedule
+
+register_configs()
+
+
+def timeline(tc: TrainConfig, scores: Optional[np.ndarray], n: int) -> dict:
+    """Per step: stage, teacher index (None without distillation), pool size and its difficulty
+    range; the same functions the training run uses, so the two agree step by step."""
+    order = order_indices(scores if scores is not None else np.zeros(n), tc.curriculum.order, tc.seed)
+    sampler = Sampler(order, tc.trainer.batch_size, seed=tc.seed, pool_size=pool_function(tc, n), scores=scores)
+    starts = stage_starts(tc, n)
+    distills = tc.distill.loss != DistillLoss.sft
+    schedule = make_schedule(tc.teachers, starts) if distills else None
+    steps = []
+    for step in range(tc.trainer.max_steps):
+        info = sampler.describe(step)
+        steps.append({"step": step, "stage": stage_at(step, starts), "teacher": schedule(step) if schedule else None,
+                      **info})
+    return {"n": n, "stage_starts": starts, "teachers": [t.name for t in tc.teachers.ladder] if distills else [],
+            "steps": steps}
+
+
+def stage_rows(plan: dict) -> List[dict]:
+    """Consecutive steps with the same stage and teacher, as table rows."""
+    rows: List[dict] = []
+    for s in plan["steps"]:
+        if rows and rows[-1]["stage"] == s["stage"] and rows[-1]["teacher"] == s["teacher"]:
+            row = rows[-1]
+        else:
+            row = {"stage": s["stage"], "teacher": s["teacher"], "first": s["step"], "pool": [s["pool"], s["pool"]],
+                   "difficulty": None}
+            rows.append(row)
+        row["last"] = s["step"]
+        row["pool"][1] = s["pool"]
+        if "difficulty" in s:
+            lo, hi = s["difficulty"]
+            row["difficulty"] = [lo if row["difficulty"] is None else min(lo, row["difficulty"][0]),
+                                 hi if row["difficulty"] is None else max(hi, row["difficulty"][1])]
+    return rows
+
+
+def plan_table(tc: TrainConfig, plan: dict, scored_at_train_time: bool) -> Table:
+    table = Table(title=f"plan: {tc.trainer.max_steps} steps, {plan['n']} examples, {tc.curriculum.order.value} by "
+                        f"{tc.curriculum.difficulty.value}, pacing {tc.curriculum.pacing.value}")
+    for column in ("stage", "steps", "teacher", "pool size", "difficulty"):
+        table.add_column(column, justify="right")
+    for r in stage_rows(plan):
+        teacher = plan["teachers"][r["teacher"]] if r["teacher"] is not None else "- (gold)"
+        difficulty = ("computed at train time" if scored_at_train_time
+                      else f"{r['difficulty'][0]:g} .. {r['difficulty'][1]:g}" if r["difficulty"] else "-")
+        table.add_row(str(r["stage"]), f"{r['first']}-{r['last']}", teacher, f"{r['pool'][0]} -> {r['pool'][1]}",
+                      difficulty)
+    return table
+
+
+def plot_plan(tc: TrainConfig, plan: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [s["step"] for s in plan["steps"]]
+    fraction = [s["pool"] / plan["n"] for s in plan["steps"]]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colors = plt.cm.Blues(np.linspace(0.15, 0.45, max(len(stage_rows(plan)), 1)))
+    for color, r in zip(colors, stage_rows(plan)):
+        label = plan["teachers"][r["teacher"]] if r["teacher"] is not None else f"stage {r['stage']} (gold)"
+        ax.axvspan(r["first"], r["last"] + 1, color=color, alpha=0.6, label=f"stage {r['stage']}: {label}"
+                   if r["teacher"] is not None else label)
+    ax.plot(steps, fraction, color="black", linewidth=2, label=f"pool ({tc.curriculum.pacing.value} pacing)")
+    ax.set_xlim(0, tc.trainer.max_steps)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("fraction of the ordered training set available")
+    ax.set_title(f"{tc.curriculum.order.value} by {tc.curriculum.difficulty.value}, start {tc.curriculum.start}, "
+                 f"saturate {tc.curriculum.saturate}; teachers: {tc.teachers.schedule.value}")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def run_plan(cfg: DictConfig, run_dir: Path, console: Console | None = None) -> dict:
+    tc: TrainConfig = to_object(cfg)
+    console = console or Console()
+    problems = load_problems(tc.benchmark, tc.benchmark.train_split, tc.benchmark.train_limit)
+    if not problems:
+        raise ClpdError(f"benchmark={tc.benchmark.name.value} split {tc.benchmark.train_split} has no problems")
+    c = tc.curriculum
+    at_train_time = needs_model(c)
+    scores = None
+    if not at_train_time:
+        examples = None
+        if Difficulty.cot_length in scorers(c):  # needs the student's tokenizer, not its weights
+            tokenizer = load_tokenizer(tc.student)
+            examples = [encode_example(p, tokenizer, tc.benchmark.chat_template, tc.trainer.max_seq_len) for p in problems]
+        scores = compute_scores(c, problems, examples, tc.seed)
+    elif is_curriculum(c) and c.order != c.order.random:
+        console.print(f"[yellow]difficulty={c.difficulty.value} needs a model: the order is computed at train time; "
+                      f"pool sizes and teachers below do not depend on it[/]")
+    plan = timeline(tc, scores, len(problems))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "plan.json", plan)
+    plot_plan(tc, plan, run_dir / "plan.png")
+    console.print(plan_table(tc, plan, at_train_time))
+    console.print(f"plan.json and plan.png in {run_dir}", soft_wrap=True)
+    return plan
+
+
+@hydra.main(version_base="1.3", config_path="pkg://clpd.conf", config_name="train")
+def main(cfg: DictConfig) -> dict:
+    return run_command("plan", run_plan, cfg)

@@ -1,0 +1,120 @@
+"""The curriculum in a run: stages from pacing, the method presets, `clpd plan` = what training does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from clpd.config import to_object
+from clpd.curriculum.sampler import Sampler
+from clpd.curriculum.stages import pool_function, stage_starts
+from clpd.errors import ClpdError
+from clpd.plan import run_plan
+from clpd.train import run_train
+from tests.conftest import compose_config
+
+QUIET = Console(quiet=True)
+METHODS = ["sft", "standard_kd", "curriculum_only", "teacher_schedule_only", "clpd"]
+TINY_LADDER = ("teachers.ladder=[{name: a, hidden_size: 16, num_layers: 1, num_heads: 2, intermediate_size: 32},"
+               "{name: b, hidden_size: 24, num_layers: 1, num_heads: 2, intermediate_size: 48},"
+               "{name: c, hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64}]")
+
+
+def arith_cfg(cache: Path, *extra: str):
+    """+experiment=arith shrunk: tiny student and ladder, 100 problems, 12 steps, a log line per step."""
+    return compose_config("train", [
+        "+experiment=arith", TINY_LADDER, f"teachers.cache_dir={cache}", "teachers.build.max_steps=2",
+        "teachers.build.warmup_steps=0", "teachers.build.batch_size=4", "teachers.build.grad_accum=1",
+        "teachers.build.eval=false", "student.hidden_size=16", "student.num_layers=1", "student.num_heads=2",
+        "student.intermediate_size=32", "benchmark.train_size=100", "benchmark.test_size=8",
+        "trainer.max_steps=12", "trainer.batch_size=4", "trainer.grad_accum=1", "trainer.warmup_steps=1",
+        "trainer.log_every=1", "trainer.save=false", *extra])
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("teachers")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_run_follows_the_plan_step_by_step(method, cache, tmp_path):
+    plan = run_plan(arith_cfg(cache, f"method={method}"), tmp_path / "plan", QUIET)
+    assert (tmp_path / "plan" / "plan.png").stat().st_size > 0
+    run_train(arith_cfg(cache, f"method={method}"), tmp_path / "run", QUIET)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    planned_teachers = [plan["teachers"][s["teacher"]] if s["teacher"] is not None else None for s in plan["steps"]]
+    assert [r["pool"] for r in logged] == [s["pool"] for s in plan["steps"]]
+    assert [r["teacher"] for r in logged] == planned_teachers
+    assert [r.get("difficulty") for r in logged] == [s.get("difficulty") for s in plan["steps"]]
+
+
+def test_what_each_method_does(cache, tmp_path):
+    def plan_of(method):
+        return run_plan(arith_cfg(cache, f"method={method}"), tmp_path / method, QUIET)
+
+    full = [100] * 12
+    sft, kd, cur, sched, clpd = (plan_of(m) for m in METHODS)
+    assert [s["pool"] for s in sft["steps"]] == full and sft["teachers"] == []
+    assert [s["pool"] for s in kd["steps"]] == full and {s["teacher"] for s in kd["steps"]} == {2}
+    assert [s["pool"] for s in cur["steps"]][0] == 20 and [s["pool"] for s in cur["steps"]] != full
+    assert {s["teacher"] for s in cur["steps"]} == {2}
+    assert [s["teacher"] for s in sched["steps"]] == [0] * 4 + [1] * 4 + [2] * 4  # even stages
+    assert [s["pool"] for s in sched["steps"]] == full
+    # CLPD: the teacher changes when the pool reaches the next third of the ordered data.
+    pools, teachers = [s["pool"] for s in clpd["steps"]], [s["teacher"] for s in clpd["steps"]]
+    for step, teacher in enumerate(teachers):
+        assert teacher == sum(pools[step] >= need for need in (34, 67))
+    assert teachers[0] == 0 and teachers[-1] == 2
+
+
+def test_curriculum_stages_begin_where_the_pool_reaches_each_difficulty_band():
+    tc = to_object(compose_config("train", ["+experiment=arith", "method=clpd", "curriculum.pacing=linear",
+                                            "curriculum.start=0.1", "curriculum.saturate=1.0", "trainer.max_steps=100"]))
+    # linear: fraction(step) = 0.1 + 0.9 * step / 100. A third of 900 examples (300) is first reached
+    # at step 26 (0.334 >= 1/3; step 25 gives 0.325), two thirds (600) at step 63 (0.667 >= 2/3).
+    starts = stage_starts(tc, 900)
+    pool = pool_function(tc, 900)
+    assert starts == [26, 63]
+    assert pool(25) < 300 <= pool(26) and pool(62) < 600 <= pool(63)
+
+
+def test_without_pacing_stages_follow_explicit_boundaries():
+    tc = to_object(compose_config("train", ["+experiment=arith", "method=teacher_schedule_only",
+                                            "curriculum.stage_boundaries=[0.5,0.75]", "trainer.max_steps=100"]))
+    assert stage_starts(tc, 900) == [50, 75]
+
+
+def test_same_seed_same_batches_and_another_seed_other_batches():
+    def batches(seed):
+        tc = to_object(compose_config("train", ["+experiment=arith", "method=clpd", f"seed={seed}",
+                                                "trainer.max_steps=50"]))
+        sampler = Sampler(list(range(1000)), 8, seed=seed, pool_size=pool_function(tc, 1000))
+        return [sampler.batch(step) for step in range(50)]
+
+    assert batches(0) == batches(0)
+    assert batches(0) != batches(1)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("curriculum.start=1.5", "curriculum.start=1.5 must be in (0, 1]"),
+    ("curriculum.saturate=0", "curriculum.saturate=0.0 must be in (0, 1]"),
+    ("curriculum.stage_boundaries=[0.7,0.3]", "must be increasing fractions"),
+    ("curriculum.difficulty=teacher_loss", "curriculum.teacher=None must name a teacher of the ladder"),
+])
+def test_bad_curriculum_settings_are_refused_before_any_work(override, message):
+    with pytest.raises(ClpdError) as info:
+        to_object(compose_config("train", ["+experiment=arith", override]))
+    assert message in str(info.value)
+
+
+def test_a_model_scorer_is_computed_once_and_cached_next_to_the_run(cache, tmp_path):
+    cfg = arith_cfg(cache, "method=curriculum_only", "curriculum.difficulty=student_loss", "trainer.max_steps=2")
+    run_train(cfg, tmp_path / "run", QUIET)
+    cached = json.loads((tmp_path / "run" / "difficulty.json").read_text())
+    assert cached["meta"]["difficulty"] == "student_loss" and len(cached["scores"]) == 100
+    plan = run_plan(arith_cfg(cache, "method=curriculum_only", "curriculum.difficulty=student_loss"), tmp_path / "p", QUIET)
+    assert all("difficulty" not in s for s in plan["steps"])  # needs a model: shown as computed at train time
