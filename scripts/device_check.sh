@@ -80,7 +80,8 @@ WHEELS="${CLPD_WHEELS:-$REPO/.whl}"  # pure-Python wheels carried along for pack
 SITE=/tmp/clpd_site
 
 have_all() {
-    "$PY" -c "import transformers, peft, hydra, omegaconf, rich, clpd; print('transformers', transformers.__version__, 'peft', peft.__version__, 'hydra', hydra.__version__, 'omegaconf', omegaconf.__version__)"
+    # clpd.conf (the configs) is a package only once clpd is installed (conf/ ships as clpd.conf).
+    "$PY" -c "import transformers, peft, hydra, omegaconf, rich, clpd, clpd.conf; print('transformers', transformers.__version__, 'peft', peft.__version__, 'hydra', hydra.__version__, 'omegaconf', omegaconf.__version__)"
 }
 
 # Runs in this shell (not in a pipe) so that the PYTHONPATH it extends holds for the later parts.
@@ -119,7 +120,7 @@ rc=$?
 cat "$OUT/imports.txt"
 NAMES+=("imports"); CODES+=("$rc"); TIMES+=($((SECONDS - t0)))
 echo "-- imports: exit $rc in $((SECONDS - t0))s"
-part "gpu tests" test_gpu.txt timeout "$(limit 60)" "$PY" -m pytest -q -m gpu tests/test_gpu.py
+part "gpu tests" test_gpu.txt timeout "$(limit 80)" "$PY" -m pytest -q -m gpu tests/test_gpu.py
 part "bench 0.5b <- 1.5b" bench_0.5b_1.5b.txt timeout "$(limit 75)" "$PY" scripts/bench_distill.py \
     --student qwen2.5-0.5b --teacher qwen2.5-1.5b --batch 8 --seq-len 512 --steps 10 --precision bf16 \
     --json "$OUT/bench_0.5b_1.5b.json"

@@ -116,7 +116,8 @@ def test_resolve_precision_auto_picks_bf16_on_this_gpu():
 
 def test_the_training_command_distils_on_cuda_in_bf16_with_a_progressive_ladder_and_a_lora_student(tmp_path):
     """`clpd train` end to end on the GPU: teachers built in the cache, switched progressively,
-    a LoRA student (bf16 base, fp32 adapters) under bf16 autocast; the loss stays finite and falls."""
+    a LoRA student (bf16 base, fp32 adapters) under bf16 autocast; the loss stays finite and falls
+    while one teacher supervises (a switch changes the target, so losses across it do not compare)."""
     import json
 
     from rich.console import Console
@@ -129,13 +130,16 @@ def test_the_training_command_distils_on_cuda_in_bf16_with_a_progressive_ladder_
     cfg = compose_config("train", [
         "student.hidden_size=64", "student.num_layers=2", "student.num_heads=4", "student.intermediate_size=128",
         "student.lora.enabled=true", "student.lora.r=8", "student.lora.dropout=0.0",
-        "benchmark.train_size=512", "benchmark.test_size=32", "distill=forward_kl", "teachers.name=gpu", ladder,
-        "teachers.schedule=progressive", "teachers.build.max_steps=30", "teachers.build.warmup_steps=5",
-        f"teachers.cache_dir={tmp_path / 'cache'}", "trainer.device=cuda", "trainer.precision=bf16",
-        "trainer.max_steps=40", "trainer.warmup_steps=5", "trainer.lr=1e-2", "trainer.log_every=5"])
+        "benchmark.train_size=256", "distill=forward_kl", "teachers.name=gpu", ladder,
+        "teachers.schedule=progressive", "teachers.build.max_steps=10", "teachers.build.warmup_steps=2",
+        "teachers.build.eval=false", f"teachers.cache_dir={tmp_path / 'cache'}", "trainer.device=cuda",
+        "trainer.precision=bf16", "trainer.max_steps=40", "trainer.warmup_steps=2", "trainer.lr=1e-2",
+        "trainer.log_every=1"])
     summary = run_train(cfg, tmp_path / "run", Console(quiet=True))
-    assert [s["to"] for s in summary["teacher_switches"]] == ["a", "b"]
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-              if '"loss"' in line]
-    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert [(s["step"], s["to"]) for s in summary["teacher_switches"]] == [(0, "a"), (20, "b")]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+               if '"loss"' in line]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    with_b = [r["loss"] for r in records if r["teacher"] == "b"]
+    assert sum(with_b[-4:]) < sum(with_b[:4])
     assert (tmp_path / "run" / "checkpoints" / "final" / "adapter_config.json").exists()
