@@ -318,7 +318,7 @@ class DistillConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 1000  # optimizer steps
+    max_steps: int = 700  # optimizer steps
     batch_size: int = 32  # examples per optimizer step (all micro-batches together)
     grad_accum: int = 4  # micro-batches per optimizer step; batch_size must divide evenly
     lr: float = 5e-3
@@ -335,10 +335,14 @@ class TrainerConfig:
     log_every: int = 10
     save: bool = True  # write checkpoints/final
     num_threads: Optional[int] = None  # torch CPU threads (None: torch's default)
+    eval_at_end: bool = True  # evaluate the final student on benchmark.eval_split (into <run>/eval)
+    eval_batch_size: int = 128
+    eval_max_new_tokens: int = 256
 
     def __post_init__(self) -> None:
         p: List[str] = []
-        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "max_seq_len"):
+        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "max_seq_len", "eval_batch_size",
+                    "eval_max_new_tokens"):
             _check(p, getattr(self, key) >= 1, f"trainer.{key}={getattr(self, key)} must be >= 1")
         _check(p, self.grad_accum < 1 or self.batch_size % self.grad_accum == 0,
                f"trainer.batch_size={self.batch_size} must be divisible by trainer.grad_accum={self.grad_accum}")

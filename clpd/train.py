@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from clpd.config import Difficulty, DistillLoss, TrainConfig, register_configs, to_object
+from clpd.config import BenchmarkName, Difficulty, DistillLoss, TrainConfig, register_configs, to_object
 from clpd.curriculum.sampler import Sampler
 from clpd.curriculum.difficulty import fingerprint, load_scores, order_indices, per_example_loss, save_scores
 from clpd.curriculum.scoring import compute_scores, is_curriculum, needs_model, scorers
@@ -28,7 +28,8 @@ from clpd.loop import sft_loss, train
 from clpd.losses import distill_loss_sum
 from clpd.models import (apply_lora, count_parameters, load_model, load_tokenizer, resolve_device,
                          resolve_precision)
-from clpd.runs import recorded_status, run_command, save_checkpoint, write_json
+from clpd.evaluate import evaluate
+from clpd.runs import recorded_status, run_command, save_checkpoint, write_json, write_jsonl
 from clpd.teachers import (TeacherPool, build_teacher, check_ladder_order, check_vocabularies, make_schedule,
                            summarize_ladder, teacher_accuracy, teacher_dtype)
 
@@ -36,10 +37,10 @@ log = logging.getLogger("clpd.train")
 register_configs()
 
 
-def _ladder_table(rows: List[dict]) -> Table:
-    table = Table(title="teachers")
-    for column in ("teacher", "parameters", "strict acc", "by steps"):
-        table.add_column(column, justify="right" if column != "teacher" else "left")
+def _ladder_table(rows: List[dict], title: str = "teachers") -> Table:
+    table = Table(title=title)
+    for column in ("model", "parameters", "strict acc", "by steps"):
+        table.add_column(column, justify="right" if column != "model" else "left")
     for r in rows:
         by = r["by_difficulty"] or {}
         table.add_row(r["name"], f"{r['parameters'] / 1e6:.2f}M" if r["parameters"] else "?",
@@ -87,6 +88,20 @@ def curriculum_sampler(tc: TrainConfig, problems, examples, *, student, teacher_
             save_scores(cache, scores, meta)
     order = order_indices(scores if scores is not None else np.zeros(n), c.order, tc.seed)
     return Sampler(order, tc.trainer.batch_size, seed=tc.seed, pool_size=pool_function(tc, n), scores=scores)
+
+
+def evaluate_final(tc: TrainConfig, model, tokenizer, device, autocast_dtype, run_dir: Path, console: Console) -> dict:
+    """The trained student on the benchmark's eval split, as ``clpd eval`` scores it, into ``<run>/eval``."""
+    problems = load_problems(tc.benchmark, tc.benchmark.eval_split, tc.benchmark.eval_limit)
+    records, metrics = evaluate(model, tokenizer, problems, chat_template=tc.benchmark.chat_template,
+                                numeric=tc.benchmark.name == BenchmarkName.svamp, batch_size=tc.trainer.eval_batch_size,
+                                max_new_tokens=tc.trainer.eval_max_new_tokens, device=device,
+                                autocast_dtype=autocast_dtype, console=console)
+    metrics = {"benchmark": tc.benchmark.name.value, "split": tc.benchmark.eval_split, **metrics}
+    (run_dir / "eval").mkdir(exist_ok=True)
+    write_jsonl(run_dir / "eval" / "predictions.jsonl", records)
+    write_json(run_dir / "eval" / "metrics.json", metrics)
+    return metrics
 
 
 def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) -> dict:
@@ -157,8 +172,15 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
         if tc.trainer.save:
             checkpoint.parent.mkdir(exist_ok=True)
             save_checkpoint(model, tokenizer, cfg, checkpoint, base=scratch_base)
-            if lora and tc.student.lora.merge_on_save:
-                save_checkpoint(model.merge_and_unload(), tokenizer, cfg, run_dir / "checkpoints" / "merged")
+        final_eval = None
+        if tc.trainer.eval_at_end:
+            final_eval = evaluate_final(tc, model, tokenizer, device, autocast_dtype, run_dir, console)
+            student_row = {"name": f"student {tc.student.name}", "parameters": count_parameters(model),
+                           "accuracy_strict": final_eval["accuracy_strict"], "by_difficulty": final_eval["by_difficulty"]}
+            console.print(_ladder_table([*ladder_rows, student_row],
+                                        f"{tc.benchmark.name.value}/{tc.benchmark.eval_split}: teachers and the student"))
+        if tc.trainer.save and lora and tc.student.lora.merge_on_save:  # last: merging rewrites the model
+            save_checkpoint(model.merge_and_unload(), tokenizer, cfg, run_dir / "checkpoints" / "merged")
         summary = {
             "steps": result.steps, "final_loss": result.final_loss, "tokens_seen": result.tokens_seen,
             "answer_tokens_seen": result.answer_tokens_seen, "train_time_s": round(result.wall_time_s, 2),
@@ -166,6 +188,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
             "train_examples": len(examples), "truncated_examples": truncated,
             "teacher_switches": result.teacher_switches,
             "checkpoint": str(checkpoint) if tc.trainer.save else None,
+            "eval": final_eval,
         }
         write_json(run_dir / "summary.json", summary)
         console.print(f"[bold green]done[/] {result.steps} steps in {result.wall_time_s:.0f}s, final loss "

@@ -22,6 +22,7 @@ TINY_OVERRIDES = [
     "student.hidden_size=32", "student.num_layers=1", "student.num_heads=2", "student.intermediate_size=64",
     "benchmark.train_size=64", "benchmark.test_size=16", "benchmark.max_steps=2",
     "trainer.max_steps=3", "trainer.batch_size=4", "trainer.warmup_steps=1", "trainer.log_every=1",
+    "trainer.eval_max_new_tokens=16",
 ]
 
 

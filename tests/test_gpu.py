@@ -125,12 +125,12 @@ def test_the_training_command_distils_on_cuda_in_bf16_with_a_progressive_ladder_
     from clpd.train import run_train
     from tests.conftest import compose_config
 
-    ladder = ("+teachers.ladder=[{name: a, hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64},"
+    ladder = ("teachers.ladder=[{name: a, hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64},"
               "{name: b, hidden_size: 64, num_layers: 2, num_heads: 4, intermediate_size: 128}]")
     cfg = compose_config("train", [
         "student.hidden_size=64", "student.num_layers=2", "student.num_heads=4", "student.intermediate_size=128",
         "student.lora.enabled=true", "student.lora.r=8", "student.lora.dropout=0.0",
-        "benchmark.train_size=256", "distill=forward_kl", "teachers.name=gpu", ladder,
+        "benchmark.train_size=256", "method=none", "distill=forward_kl", "teachers.name=gpu", ladder,
         "teachers.schedule=progressive", "teachers.build.max_steps=10", "teachers.build.warmup_steps=2",
         "teachers.build.eval=false", f"teachers.cache_dir={tmp_path / 'cache'}", "trainer.device=cuda",
         "trainer.precision=bf16", "trainer.max_steps=40", "trainer.warmup_steps=2", "trainer.lr=1e-2",

@@ -30,14 +30,14 @@ from tests.conftest import GPT2_DIR, TINY_OVERRIDES, compose_config, needs
 
 QUIET = Console(quiet=True)
 LADDER = [
-    "+teachers.ladder=[{name: a, hidden_size: 16, num_layers: 1, num_heads: 2, intermediate_size: 32},"
+    "teachers.ladder=[{name: a, hidden_size: 16, num_layers: 1, num_heads: 2, intermediate_size: 32},"
     "{name: b, hidden_size: 24, num_layers: 1, num_heads: 2, intermediate_size: 48},"
     "{name: c, hidden_size: 32, num_layers: 2, num_heads: 2, intermediate_size: 64}]",
 ]
 
 
 def ladder_cfg(tmp_path: Path, *extra: str):
-    return compose_config("train", [*TINY_OVERRIDES, "distill=forward_kl", "teachers.name=test", *LADDER,
+    return compose_config("train", [*TINY_OVERRIDES, "method=none", "distill=forward_kl", "teachers.name=test", *LADDER,
                                     "teachers.build.max_steps=2", "teachers.build.warmup_steps=1",
                                     "teachers.build.batch_size=4", "teachers.build.grad_accum=1",
                                     f"teachers.cache_dir={tmp_path / 'cache'}", *extra])
@@ -82,7 +82,7 @@ def test_bad_schedule_settings_are_refused_before_any_work(tmp_path, overrides, 
 
 def test_a_distillation_loss_without_teachers_is_refused():
     with pytest.raises(ClpdError, match="needs a teacher ladder"):
-        to_object(compose_config("train", ["distill=forward_kl"]))
+        to_object(compose_config("train", ["teachers=none", "method=none", "distill=forward_kl"]))
 
 
 # --- building and caching the ladder ----------------------------------------------------------
@@ -150,7 +150,7 @@ def test_teachers_with_padded_output_rows_of_different_sizes_use_the_shared_rows
     # Like Qwen2.5: 1.5B/3B have 151936 output rows, 7B 152064, the tokenizer fewer than both.
     qwen = ["student.arch=qwen2", "student.hidden_size=16", "student.num_heads=2", "student.intermediate_size=32",
             "student.vocab_size=151936", "trainer.batch_size=2", "trainer.grad_accum=1", "trainer.max_seq_len=64"]
-    teacher = ("+teachers.ladder=[{name: wide, arch: qwen2, hidden_size: 16, num_layers: 1, num_heads: 2,"
+    teacher = ("teachers.ladder=[{name: wide, arch: qwen2, hidden_size: 16, num_layers: 1, num_heads: 2,"
                " intermediate_size: 32, vocab_size: 152064, tie_embeddings: false}]")
     cfg = compose_config("train", [*TINY_OVERRIDES, *qwen, "distill=forward_kl", teacher, "teachers.build.max_steps=1",
                                    "teachers.build.warmup_steps=0", "teachers.build.batch_size=2",
@@ -171,7 +171,7 @@ def test_teachers_with_padded_output_rows_of_different_sizes_use_the_shared_rows
 
 def test_a_teacher_with_another_tokenizer_is_refused_before_training(tmp_path):
     cfg = compose_config("train", [*TINY_OVERRIDES, "distill=forward_kl",
-                                   f"+teachers.ladder=[{{name: gpt2ish, tokenizer: '{needs(GPT2_DIR)}', hidden_size: 16,"
+                                   f"teachers.ladder=[{{name: gpt2ish, tokenizer: '{needs(GPT2_DIR)}', hidden_size: 16,"
                                    " num_layers: 1, num_heads: 2, intermediate_size: 32}]",
                                    f"teachers.cache_dir={tmp_path / 'cache'}"])
     with pytest.raises(ClpdError, match="teacher 'gpt2ish'.*different tokenizers"):

@@ -7,6 +7,7 @@ import json
 import pytest
 from rich.console import Console
 
+from clpd.config import to_object
 from clpd.errors import ClpdError
 from clpd.eval import run_eval
 from clpd.train import run_train
@@ -43,7 +44,7 @@ def test_a_failed_run_is_recorded_as_failed(tmp_path):
 
 
 def test_training_on_real_gsm8k_with_a_bpe_tokenizer(tmp_path):
-    cfg = compose_config("train", [*TINY_OVERRIDES, "benchmark=gsm8k", f"benchmark.data_dir={needs(GSM8K_DIR)}",
+    cfg = compose_config("train", [*TINY_OVERRIDES, "method=sft", "benchmark=gsm8k", f"benchmark.data_dir={needs(GSM8K_DIR)}",
                                    "benchmark.train_limit=16", f"student.tokenizer={needs(GPT2_DIR)}",
                                    "trainer.max_steps=2", "trainer.max_seq_len=256", "trainer.save=false"])
     summary = run_train(cfg, tmp_path, QUIET)
@@ -60,3 +61,18 @@ def test_eval_of_a_trained_checkpoint_on_arith_and_on_svamp(tiny_train_cfg, tmp_
     svamp = run_eval(compose_config("eval", [f"checkpoint={final}", "benchmark=svamp", f"benchmark.data_dir={needs(SVAMP_DIR)}",
                                              "benchmark.eval_limit=4", "max_new_tokens=4"]), tmp_path / "svamp", QUIET)
     assert svamp["n"] == 4 and svamp["benchmark"] == "svamp"
+
+
+def test_the_default_job_is_clpd_on_arith_with_the_embedded_ladder_and_a_final_evaluation():
+    tc = to_object(compose_config("train", []))
+    assert (tc.student.name, tc.teachers.name, tc.benchmark.name.value) == ("micro", "arith_tiny", "arith")
+    assert tc.teachers.schedule.value == "progressive" and tc.curriculum.order.value == "easy_to_hard"
+    assert tc.distill.loss.value == "forward_kl" and tc.trainer.eval_at_end
+
+
+def test_a_run_evaluates_its_final_student_into_the_run_dir(tmp_path):
+    cfg = compose_config("train", ["+experiment=arith_sft", *TINY_OVERRIDES, "trainer.eval_at_end=true"])
+    summary = run_train(cfg, tmp_path, QUIET)
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert summary["eval"] == metrics and metrics["n"] == 16 and metrics["split"] == "test"
+    assert len((tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()) == 16
