@@ -20,6 +20,7 @@ COMMANDS = {
     "train": ("clpd.train", "distil (or fine-tune) a student; Hydra overrides, -m sweeps, +experiment=NAME"),
     "eval": ("clpd.eval", "accuracy of a checkpoint or HF model: checkpoint=PATH benchmark=arith|gsm8k|svamp"),
     "plan": ("clpd.plan", "the train config's timeline (stages, teachers, pool sizes) and plan.png, no training"),
+    "report": ("clpd.report", "tables and plots over run dirs: clpd report PATH..."),
 }
 
 USAGE = "usage: clpd <command> [hydra overrides]   (clpd <command> --help shows that command's config)"

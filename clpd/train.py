@@ -106,12 +106,12 @@ def evaluate_final(tc: TrainConfig, model, tokenizer, device, autocast_dtype, ru
 
 def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) -> dict:
     """Train as ``cfg`` says and write everything into ``run_dir``; returns the summary."""
-    tc: TrainConfig = to_object(cfg)  # every schema check runs here, before any work
     console = console or Console()
     run_dir.mkdir(parents=True, exist_ok=True)
-    if (run_dir / "checkpoints" / "final").exists():
+    if (run_dir / "checkpoints" / "final").exists() or (run_dir / "summary.json").exists():
         raise ClpdError(f"{run_dir} already holds a finished run; choose another hydra.run.dir")
-    with recorded_status(run_dir):
+    with recorded_status(run_dir):  # a refused config is recorded as a failed run too (for reports)
+        tc: TrainConfig = to_object(cfg)  # every schema check runs here, before any work
         started = time.perf_counter()
         if tc.trainer.num_threads:
             torch.set_num_threads(tc.trainer.num_threads)

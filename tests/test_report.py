@@ -1,0 +1,252 @@
+"""``clpd report``: rows for every run (failed and unfinished too), groups over seeds, the paired
+comparison to standard_kd, and the files it writes. Run dirs are written by hand, as train writes them."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from rich.console import Console
+
+from clpd import report
+from clpd.report import collect_runs, group_runs, paired_difference, t_quantile_975, write_report
+
+CLPD = str(Path(sys.executable).parent / "clpd")
+
+# method -> seed -> (status, strict accuracy); flexible is strict + 0.05. standard_kd seed 2 has no
+# completed clpd partner, so a comparison of unpaired means would give 0.65 - 0.40 = 0.25, not 0.2.
+RUNS = {
+    "standard_kd": {0: ("completed", 0.4), 1: ("completed", 0.5), 2: ("completed", 0.3)},
+    "clpd": {0: ("completed", 0.5), 1: ("completed", 0.8), 2: ("failed", None), 3: ("running", None)},
+}
+TOKENS = {0: 1000, 1: 1100, 2: 1200, 3: 1300}
+TRAIN_TIME = {0: 10.0, 1: 12.0, 2: 14.0, 3: 16.0}
+
+
+def make_run(run_dir: Path, method: str, seed: int, status: str, acc: float | None, *,
+             eval_in_summary: bool = True, hydra_yaml: bool = True) -> Path:
+    """A train run dir like ``clpd train -m +experiment=arith method=... seed=...`` leaves it."""
+    (run_dir / ".hydra").mkdir(parents=True)
+    clpd = method == "clpd"
+    config = {
+        "student": {"name": "tiny", "path": None, "hidden_size": 32},
+        "teachers": {"ladder": [{"name": "small", "path": None}, {"name": "large", "path": None}],
+                     "schedule": "progressive" if clpd else "strongest",
+                     "cache_dir": f"/scratch/{seed}/teachers",  # a location, not an experimental factor
+                     "build": {"seed": "${seed}"}},  # follows the seed: must not split the groups
+        "curriculum": {"name": "easy_to_hard" if clpd else "none", "pacing": "root" if clpd else "none"},
+        "distill": {"name": "forward_kl", "loss": "forward_kl"},
+        "benchmark": {"name": "arith", "data_dir": None, "seed": 1234},
+        "trainer": {"max_steps": 20, "lr": 0.005},
+        "seed": seed,
+    }
+    OmegaConf.save(OmegaConf.create(config), run_dir / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create(["+experiment=arith", f"method={method}", f"seed={seed}",
+                                     f"hydra.sweep.dir=/scratch/{seed}"]), run_dir / ".hydra" / "overrides.yaml")
+    if hydra_yaml:
+        choices = {"experiment": "arith", "method": method, "distill": "forward_kl",
+                   "curriculum": "easy_to_hard" if clpd else "none", "hydra/launcher": "basic"}
+        OmegaConf.save(OmegaConf.create({"hydra": {"job": {"name": "train"}, "runtime": {"choices": choices}}}),
+                       run_dir / ".hydra" / "hydra.yaml")
+    (run_dir / "status.json").write_text(json.dumps({"status": status, **({"error": "boom"} if status == "failed" else {})}))
+    lines = [{"step": 10, "loss": 2.0 - 0.1 * seed, "lr": 0.005, "tokens_seen": 500, "elapsed_s": 1.0, "pool": 10},
+             {"event": "teacher_switch", "step": 10, "from": "small", "to": "large"},
+             {"step": 20, "loss": 1.0 - 0.1 * seed, "lr": 0.001, "tokens_seen": TOKENS[seed], "elapsed_s": 2.0, "pool": 20}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 30, "lo')
+    if status == "completed":
+        metrics = {"accuracy_strict": acc, "accuracy_flexible": acc + 0.05, "n": 100,
+                   "by_difficulty": {"1": {"n": 50, "accuracy_strict": min(1.0, acc + 0.2), "accuracy_flexible": 1.0},
+                                     "2": {"n": 50, "accuracy_strict": acc - 0.2, "accuracy_flexible": 0.5}}}
+        summary = {"steps": 20, "final_loss": 1.0 - 0.1 * seed, "tokens_seen": TOKENS[seed], "answer_tokens_seen": 400,
+                   "train_time_s": TRAIN_TIME[seed], "wall_time_s": TRAIN_TIME[seed] + 1, "student_parameters": 12345}
+        if eval_in_summary:
+            summary["eval"] = metrics
+        else:  # the other place the metrics are written
+            (run_dir / "eval").mkdir()
+            (run_dir / "eval" / "metrics.json").write_text(json.dumps(metrics))
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    return run_dir
+
+
+def make_sweep(root: Path) -> Path:
+    sweep = root / "multirun" / "train" / "2026-11-28" / "10-00-00"
+    sweep.mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    job = 0
+    for method, seeds in RUNS.items():
+        for seed, (status, acc) in seeds.items():
+            make_run(sweep / str(job), method, seed, status, acc, eval_in_summary=(method, seed) != ("standard_kd", 1))
+            job += 1
+    # a teacher cache beside it has run files but no .hydra: not a run
+    cache = root / "outputs" / "teachers" / "large-abc"
+    cache.mkdir(parents=True)
+    (cache / "status.json").write_text('{"status": "completed"}')
+    return sweep
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    sweep = make_sweep(root)
+    out = root / "report"
+    buffer = io.StringIO()
+    runs = collect_runs([root])
+    result = write_report(runs, out, Console(file=buffer, width=200))
+    return {"root": root, "sweep": sweep, "out": out, "runs": runs, "result": result, "console": buffer.getvalue()}
+
+
+def _csv_rows(out: Path) -> list:
+    with (out / "report.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def _group(reported, method: str) -> dict:
+    (g,) = [g for g in reported["result"]["groups"] if g["params"]["method"] == method]
+    return g
+
+
+def test_every_run_is_a_csv_row_failed_and_unfinished_included(reported):
+    rows = _csv_rows(reported["out"])
+    assert len(rows) == 7
+    by = {(r["method"], r["seed"]): r for r in rows}
+    assert by[("clpd", "2")]["status"] == "failed" and by[("clpd", "2")]["error"] == "boom"
+    assert by[("clpd", "3")]["status"] == "unfinished" and by[("clpd", "3")]["accuracy_strict"] == ""
+    assert float(by[("clpd", "1")]["accuracy_strict"]) == 0.8
+    assert float(by[("standard_kd", "2")]["tokens_seen"]) == 1200
+    assert float(by[("standard_kd", "0")]["accuracy_strict_steps_1"]) == pytest.approx(0.6)
+
+
+def test_the_failed_run_is_listed_with_its_error_in_report_md(reported):
+    md = (reported["out"] / "report.md").read_text()
+    (line,) = [ln for ln in md.splitlines() if "| failed |" in ln]
+    assert "| clpd | 2 |" in line and line.rstrip().endswith("| boom |")
+    assert sum("| unfinished |" in ln for ln in md.splitlines()) == 1
+    assert "## Groups" in md and "## Runs" in md and "report.png" in md
+
+
+def test_group_statistics_are_mean_and_sample_std_over_the_completed_seeds(reported):
+    kd, clpd = _group(reported, "standard_kd"), _group(reported, "clpd")
+    assert kd["accuracy_strict"]["mean"] == pytest.approx(0.4) and kd["accuracy_strict"]["std"] == pytest.approx(0.1)
+    assert kd["accuracy_flexible"]["mean"] == pytest.approx(0.45)
+    assert kd["tokens_seen"]["mean"] == pytest.approx(1100) and kd["tokens_seen"]["std"] == pytest.approx(100)
+    assert kd["train_time_s"]["mean"] == pytest.approx(12) and kd["train_time_s"]["std"] == pytest.approx(2)
+    assert clpd["accuracy_strict"]["mean"] == pytest.approx(0.65)
+    assert clpd["accuracy_strict"]["std"] == pytest.approx(math.sqrt(0.045))  # (0.5, 0.8): sd = 0.3/sqrt(2)
+    assert (kd["completed"], kd["failed"], kd["unfinished"]) == (3, 0, 0)
+    assert (clpd["completed"], clpd["failed"], clpd["unfinished"]) == (2, 1, 1)
+
+
+def test_the_paired_difference_uses_only_the_seeds_both_completed(reported):
+    d = _group(reported, "clpd")["vs_baseline"]
+    assert d["baseline"] == "standard_kd" and d["n"] == 2
+    half = 12.7062 * math.sqrt(0.02) / math.sqrt(2)  # differences (0.1, 0.3): sd 0.1414, t(1) = 12.706
+    assert d["mean"] == pytest.approx(0.2)
+    assert (d["low"], d["high"]) == (pytest.approx(0.2 - half), pytest.approx(0.2 + half))
+    assert half == pytest.approx(1.2706, abs=1e-4)
+    assert _group(reported, "standard_kd")["vs_baseline"] is None
+
+
+def test_paired_difference_by_hand():
+    mean, low, high, n = paired_difference({0: 0.5, 1: 0.8, 2: 0.9}, {0: 0.4, 1: 0.5, 5: 0.1})
+    assert (mean, n) == (pytest.approx(0.2), 2) and high - mean == pytest.approx(1.2706, abs=1e-4)
+    assert paired_difference({0: 0.5}, {0: 0.25, 1: 0.3}) == (0.25, None, None, 1)
+    assert paired_difference({0: 0.5}, {1: 0.3}) == (None, None, None, 0)
+
+
+def test_t_quantiles_match_the_t_table_and_approach_the_normal():
+    assert [t_quantile_975(df) for df in (1, 2, 5, 10, 30)] == [12.7062, 4.3027, 2.5706, 2.2281, 2.0423]
+    assert t_quantile_975(40) == pytest.approx(2.0211, abs=1e-4)
+    assert t_quantile_975(120) == pytest.approx(1.9799, abs=1e-4)
+    assert t_quantile_975(10 ** 6) == pytest.approx(1.96, abs=1e-3)
+
+
+def test_only_method_is_varied_and_seed_is_a_run_column(reported):
+    """The method presets change distill/curriculum/teachers keys, the seed changes
+    teachers.build.seed, the sweep changes cache dirs: none of those splits the groups."""
+    assert reported["result"]["varied"] == ["method"]
+    header = next(csv.reader((reported["out"] / "report.csv").open()))
+    assert header[:6] == ["run", "status", "error", "group", "method", "seed"]
+    md = (reported["out"] / "report.md").read_text().splitlines()
+    assert md[md.index("## Groups") + 2].startswith("| method | acc strict | acc flexible | Δ strict vs standard_kd")
+    assert md[md.index("## Runs") + 2].startswith("| run | method | seed | status |")
+    assert [g["label"] for g in reported["result"]["groups"]] == ["standard_kd", "clpd"]
+
+
+def test_metrics_are_read_from_summary_eval_or_eval_metrics_json(reported):
+    (run,) = [r for r in reported["runs"] if r["params"]["method"] == "standard_kd" and r["seed"] == 1]
+    assert not (Path(run["run"]) / "summary.json").read_text().count('"eval"')
+    assert run["metrics"]["accuracy_strict"] == 0.5 and run["by_difficulty"][2]["accuracy_strict"] == pytest.approx(0.3)
+    assert run["curve"] == [(10, pytest.approx(1.9)), (20, pytest.approx(0.9))]  # event and half line skipped
+
+
+def test_the_console_table_has_the_groups_and_the_comparison(reported):
+    text = reported["console"]
+    assert "standard_kd" in text and "clpd" in text
+    assert "0.400 ± 0.100" in text and "0.650 ± 0.212" in text
+    assert "+0.200 [-1.071, +1.471] (2 pairs)" in text
+    assert "2 (+1 failed, +1 unfinished)" in text
+    assert "boom" in text
+
+
+def test_report_png_is_a_three_panel_png(reported):
+    data = (reported["out"] / "report.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 30_000
+    width, height = struct.unpack(">II", data[16:24])
+    assert width > 2 * height > 0  # three panels side by side
+    assert sorted(p.name for p in reported["out"].iterdir()) == ["report.csv", "report.md", "report.png"]
+
+
+def test_no_status_json_is_unfinished_a_broken_file_is_a_row_and_eval_runs_are_rows(tmp_path):
+    run = make_run(tmp_path / "a", "clpd", 0, "completed", 0.5, hydra_yaml=False)
+    (run / "status.json").unlink()
+    ev = tmp_path / "outputs" / "eval" / "x"
+    (ev / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"checkpoint": "ckpt/final", "benchmark": {"name": "arith"}, "seed": 0}),
+                   ev / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create(["checkpoint=ckpt/final"]), ev / ".hydra" / "overrides.yaml")
+    (ev / "status.json").write_text('{"status": "completed"}')
+    (ev / "metrics.json").write_text(json.dumps({"accuracy_strict": 0.7, "accuracy_flexible": 0.75, "n": 16,
+                                                 "checkpoint": "ckpt/final", "benchmark": "arith"}))
+    broken = make_run(tmp_path / "b", "clpd", 1, "completed", 0.5, hydra_yaml=False)
+    (broken / "summary.json").write_text('{"steps": ')
+    runs = collect_runs([tmp_path])
+    (bad,) = [r for r in runs if r["status"] == "unreadable"]  # a row that says why, not a crash
+    assert bad["run"].endswith("b") and "summary.json is unreadable" in bad["error"]
+    runs.remove(bad)
+    by = {r["command"]: r for r in runs}
+    assert by["train"]["status"] == "unfinished" and by["train"]["metrics"]["accuracy_strict"] is None
+    assert by["eval"]["status"] == "completed" and by["eval"]["metrics"]["accuracy_strict"] == 0.7
+    assert by["eval"]["params"]["checkpoint"] == "ckpt/final"
+    assert len(group_runs(runs)) == 2
+
+
+def test_bad_input_is_one_line_and_exit_1(tmp_path, capsys):
+    (tmp_path / "empty" / "outputs").mkdir(parents=True)
+    for argv, message in (([str(tmp_path / "empty")], "no runs under"), ([], "give at least one PATH"),
+                          ([str(tmp_path / "nope")], "does not exist"), (["--bogus", str(tmp_path)], "unrecognized")):
+        assert report.main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("clpd report: error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_clpd_command(tmp_path):
+    make_sweep(tmp_path)
+    env = {**os.environ, "COLUMNS": "200"}
+    out = subprocess.run([CLPD, "report", str(tmp_path / "multirun")], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "standard_kd" in out.stdout and "acc strict" in out.stdout and "+0.200" in out.stdout
+    assert (tmp_path / "multirun" / "report.png").is_file()
+    missing = subprocess.run([CLPD, "report", "/does/not/exist"], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=120, env=env)
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines() == ["clpd report: error: /does/not/exist does not exist"]
