@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from clpd.config import LrSchedule, TrainerConfig
 from clpd.curriculum.sampler import Sampler
+from clpd.data.batching import collate
 from clpd.errors import ClpdError
 from clpd.losses import IGNORE_INDEX, cross_entropy_sum
 from clpd.teachers import TeacherPool
@@ -37,21 +38,6 @@ def lr_at(step: int, cfg: TrainerConfig) -> float:
     progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
     shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.lr_schedule == LrSchedule.cosine else 1.0 - progress
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape)
-
-
-def collate(examples: Sequence[dict], pad_id: int) -> Dict[str, torch.Tensor]:
-    """Right-pad a list of encoded examples and shift once: the model reads ``input_ids`` and is
-    scored on ``targets`` (the next token, -100 where no loss is taken)."""
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[row, :n] = torch.tensor(e["input_ids"])
-        labels[row, :n] = torch.tensor(e["labels"])
-        mask[row, :n] = 1
-    return {"input_ids": ids[:, :-1], "attention_mask": mask[:, :-1], "targets": labels[:, 1:]}
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainerConfig, fused: bool) -> torch.optim.AdamW:

@@ -10,7 +10,8 @@ from rich.console import Console
 
 from clpd.config import LrSchedule, ModelConfig, TrainerConfig
 from clpd.curriculum.sampler import Sampler
-from clpd.loop import collate, lr_at, train
+from clpd.data.batching import collate
+from clpd.loop import lr_at, train
 from clpd.losses import IGNORE_INDEX, cross_entropy_sum
 from clpd.models import load_model, load_tokenizer
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clpd.data.batching import collate
 from clpd.data.prompts import IGNORE_INDEX
 from clpd.data.records import Problem
 
@@ -43,20 +44,6 @@ def random_scores(n: int, seed: int) -> np.ndarray:
     if n < 0:
         raise ValueError(f"n={n} must be >= 0")
     return np.random.default_rng(seed).random(n)
-
-
-def _pad(batch: Sequence[Dict[str, Any]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on the padding)."""
-    width = max(len(e["input_ids"]) for e in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, e in enumerate(batch):
-        n = len(e["input_ids"])
-        ids[row, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
-        labels[row, :n] = torch.tensor(e["labels"], dtype=torch.long)
-        mask[row, :n] = 1
-    return ids, mask, labels
 
 
 def per_example_loss(model: torch.nn.Module, examples: Sequence[Dict[str, Any]], *, batch_size: int,
@@ -84,14 +71,15 @@ def per_example_loss(model: torch.nn.Module, examples: Sequence[Dict[str, Any]],
         with torch.inference_mode():
             for start in range(0, n, batch_size):
                 rows = by_length[start:start + batch_size]
-                ids, mask, labels = _pad([examples[i] for i in rows], pad_id)
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-                targets = labels[:, 1:].to(device)  # position j predicts token j + 1
+                batch = collate([examples[i] for i in rows], pad_id)  # the training loop's batching
+                logits = model(input_ids=batch["input_ids"].to(device),
+                               attention_mask=batch["attention_mask"].to(device)).logits
+                targets = batch["targets"].to(device)  # position j predicts token j + 1
                 for r, i in enumerate(rows):
                     answer = targets[r] != IGNORE_INDEX
                     count = int(answer.sum())
                     if count:
-                        ce = F.cross_entropy(logits[r, :-1][answer].float(), targets[r][answer], reduction="sum")
+                        ce = F.cross_entropy(logits[r][answer].float(), targets[r][answer], reduction="sum")
                         losses[i] = ce.item() / count
                 del logits
     finally:
