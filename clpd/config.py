@@ -335,6 +335,7 @@ class TrainerConfig:
     log_every: int = 10
     save: bool = True  # write checkpoints/final
     num_threads: Optional[int] = None  # torch CPU threads (None: torch's default)
+    tensorboard: bool = False  # also write TensorBoard event files to <run>/tensorboard (pip install tensorboard)
     eval_at_end: bool = True  # evaluate the final student on benchmark.eval_split (into <run>/eval)
     eval_batch_size: int = 128
     eval_max_new_tokens: int = 256

@@ -61,6 +61,22 @@ class TrainResult:
     teacher_switches: List[dict]
 
 
+def require_tensorboard() -> None:
+    """One clear error, before any work, when the optional tensorboard package is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ClpdError("trainer.tensorboard=true needs the tensorboard package: pip install tensorboard "
+                        "(or set trainer.tensorboard=false; metrics.jsonl has the same numbers)")
+
+
+def tensorboard_writer(log_dir: Path):
+    require_tensorboard()
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(log_dir))
+
+
 LossFn = Callable[[torch.Tensor, Optional[torch.Tensor], torch.Tensor], torch.Tensor]
 
 
@@ -93,6 +109,7 @@ def train(model: torch.nn.Module, examples: Sequence[dict], sampler: Sampler, cf
     loss_value = float("nan")
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    board = tensorboard_writer(metrics_path.parent / "tensorboard") if cfg.tensorboard else None
     with metrics_path.open("a") as metrics_file, Progress(*columns, console=console) as progress:
         bar = progress.add_task("train", total=cfg.max_steps, stats="")
         for step in range(cfg.max_steps):
@@ -158,6 +175,10 @@ def train(model: torch.nn.Module, examples: Sequence[dict], sampler: Sampler, cf
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
                 history.append(record)
+                if board is not None:
+                    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "pool"):
+                        if key in record:
+                            board.add_scalar(f"train/{key}", record[key], done)
                 window_tokens, window_start = 0, now
                 stats = f"loss {step_loss:.4f}  lr {lr:.2e}  {record['tokens_per_s']:,.0f} tok/s  pool {pool['pool']}"
                 if "difficulty" in pool:
@@ -169,6 +190,8 @@ def train(model: torch.nn.Module, examples: Sequence[dict], sampler: Sampler, cf
                     console.print(f"step {done}/{cfg.max_steps}  {stats}  {record['elapsed_s']:.0f}s", soft_wrap=True)
             progress.advance(bar)
 
+    if board is not None:
+        board.close()
     return TrainResult(steps=cfg.max_steps, final_loss=loss_value, tokens_seen=tokens_seen,
                        answer_tokens_seen=answer_tokens_seen, wall_time_s=time.perf_counter() - start, history=history,
                        teacher_switches=switches)

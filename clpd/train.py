@@ -24,7 +24,7 @@ from clpd.curriculum.stages import pool_function, stage_starts
 from clpd.data import load_problems
 from clpd.data.prompts import encode_example
 from clpd.errors import ClpdError
-from clpd.loop import sft_loss, train
+from clpd.loop import require_tensorboard, sft_loss, train
 from clpd.losses import distill_loss_sum
 from clpd.models import (apply_lora, count_parameters, load_model, load_tokenizer, resolve_device,
                          resolve_precision)
@@ -112,6 +112,8 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
         raise ClpdError(f"{run_dir} already holds a finished run; choose another hydra.run.dir")
     with recorded_status(run_dir):  # a refused config is recorded as a failed run too (for reports)
         tc: TrainConfig = to_object(cfg)  # every schema check runs here, before any work
+        if tc.trainer.tensorboard:
+            require_tensorboard()
         started = time.perf_counter()
         if tc.trainer.num_threads:
             torch.set_num_threads(tc.trainer.num_threads)

@@ -10,6 +10,7 @@ from rich.console import Console
 
 from clpd.config import LrSchedule, ModelConfig, TrainerConfig
 from clpd.curriculum.sampler import Sampler
+from clpd.errors import ClpdError
 from clpd.data.batching import collate
 from clpd.loop import lr_at, train
 from clpd.losses import IGNORE_INDEX, cross_entropy_sum
@@ -96,3 +97,14 @@ def test_sampler_reproduces_any_step_and_depends_on_the_seed():
     assert [a.batch(s) for s in range(5)] == [b.batch(s) for s in reversed(range(5))][::-1]
     assert a.batch(3) != c.batch(3)
     assert len(set(a.batch(0))) == 8  # without replacement when the pool is large enough
+
+
+def test_tensorboard_logging_writes_event_files_or_says_what_is_missing(tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ClpdError, match="needs the tensorboard package: pip install tensorboard"):
+            _run(tmp_path, "tb", tensorboard=True)
+        return
+    _run(tmp_path, "tb", tensorboard=True)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
