@@ -16,12 +16,11 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from clpd.config import DistillLoss, TrainConfig, register_configs, to_object
-from clpd.curriculum.difficulty import cot_length, order_indices
+from clpd.config import Difficulty, DistillLoss, TrainConfig, register_configs, to_object
+from clpd.curriculum.difficulty import order_indices
 from clpd.curriculum.sampler import Sampler
 from clpd.curriculum.scoring import compute_scores, is_curriculum, needs_model, scorers
 from clpd.curriculum.stages import pool_function, stage_at, stage_starts
-from clpd.config import Difficulty
 from clpd.data import load_problems
 from clpd.data.prompts import encode_example
 from clpd.errors import ClpdError

@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBa
 from clpd.config import ModelConfig, Schedule, StudentConfig, TeachersConfig, TrainConfig
 from clpd.curriculum.stages import stage_at
 from clpd.errors import ClpdError
-from clpd.models import architecture_config, load_model, load_tokenizer
+from clpd.models import architecture_config, load_model
 
 log = logging.getLogger("clpd.teachers")
 

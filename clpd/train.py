@@ -7,7 +7,7 @@ import functools
 import logging
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 import hydra
 import numpy as np

@@ -259,8 +259,8 @@ def main(argv: Optional[list] = None) -> int:
         # Plain SFT (or alpha = 1) needs no teacher: the loop would not run one either.
         teacher_logits = timer.run("teacher_forward", teacher_forward if needs_teacher else lambda: None, record)
         student_logits = timer.run("student_forward", student_forward, record)
-        loss = timer.run("loss", lambda: distill_loss_sum(
-            student_logits, teacher_logits, targets, loss=args.loss, alpha=args.alpha, temperature=args.temperature,
+        loss = timer.run("loss", lambda s=student_logits, t=teacher_logits: distill_loss_sum(
+            s, t, targets, loss=args.loss, alpha=args.alpha, temperature=args.temperature,
             chunk_size=args.chunk_size, vocab_size=vocab_size) / answer_tokens, record)
         del teacher_logits, student_logits  # free the [B, T, V] logits before backward: they peak its memory
         timer.run("backward", loss.backward, record)

@@ -7,7 +7,7 @@ from typing import List
 
 import pytest
 from hydra import compose, initialize_config_module
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from clpd.config import register_configs
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from rich.console import Console
 
 from clpd.config import ModelConfig, to_object

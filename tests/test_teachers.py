@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 
 import clpd.teachers as teachers_module
-from clpd.config import LoraConfig, ModelConfig, Schedule, StudentConfig, TeachersConfig, TrainerConfig, to_object
+from clpd.config import LoraConfig, ModelConfig, Schedule, StudentConfig, TrainerConfig, to_object
 from clpd.curriculum.sampler import Sampler
 from clpd.data import load_problems
 from clpd.data.prompts import encode_example
