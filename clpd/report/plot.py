@@ -1,0 +1,141 @@
+"""The report figure: accuracy per group, accuracy by difficulty, training-loss curves."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+
+def _wrap(label: str, width: int) -> str:
+    """A tick label in lines of about ``width`` characters, broken after ``_``, ``,``, ``/`` or a space."""
+    lines, line = [], ""
+    for piece in re.split(r"(?<=[_, /])", label):
+        if line and len(line) + len(piece) > width:
+            lines.append(line.rstrip())
+            line = ""
+        line += piece
+    return "\n".join(lines + [line.rstrip()])
+
+
+def plot_report(runs: Sequence[dict], groups: Sequence[dict], kept: Sequence[str], path: Path) -> None:
+    """Three panels: (a) accuracy per group with the seeds as dots, (b) accuracy by difficulty,
+    (c) training loss curves. Written atomically."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas
+
+    colors = [f"C{i % 10}" for i in range(len(groups))]
+    fig = Figure(figsize=(18, 5.6), layout="constrained")
+    ax_acc, ax_diff, ax_loss = fig.subplots(1, 3)
+    n_failed = sum(r["status"] in ("failed", "unreadable") for r in runs)
+    n_unfinished = sum(r["status"] == "unfinished" for r in runs)
+    fig.suptitle(f"clpd report: {len(runs)} runs in {len(groups)} group{'s' * (len(groups) != 1)}"
+                 f" ({n_failed} failed, {n_unfinished} unfinished); varied: {', '.join(kept) or 'nothing but seed'}",
+                 fontsize=13)
+
+    # (a) accuracy per group
+    x = np.arange(len(groups))
+    rng = np.random.default_rng(0)  # jitter of the seed dots, fixed so the figure is reproducible
+    top = 0.0
+    for i, g in enumerate(groups):
+        s = g["accuracy_strict"]
+        if s["mean"] is None:
+            ax_acc.text(i, 0.5, "no test\naccuracy" if g["completed"] else "no completed\nruns", ha="center",
+                        va="center", fontsize=9, color="0.4", transform=ax_acc.get_xaxis_transform())
+            continue
+        ax_acc.bar(i, s["mean"], color=colors[i], alpha=0.6, width=0.6,
+                   yerr=s["std"] if s["std"] is not None else None, capsize=6, ecolor="black")
+        ax_acc.scatter(i + rng.uniform(-0.12, 0.12, len(s["values"])), s["values"], color="black", s=18, zorder=3,
+                       label="one seed" if i == 0 else None)
+        top = max(top, s["mean"] + (s["std"] or 0), *s["values"])
+    for i, g in enumerate(groups):  # how many seeds each bar stands for, at its foot
+        extra = [f"+{g[k]} {k}" for k in ("failed", "unfinished") if g[k]]
+        ax_acc.text(i, 0.005, "\n".join([f"n={g['completed']}", *extra]), ha="center", va="bottom", fontsize=8,
+                    color="0.15")
+    ax_acc.set_xticks(x, [_wrap(g["label"], max(6, 60 // max(len(groups), 1))) for g in groups], fontsize=9)
+    ax_acc.set_xlim(-0.6, len(groups) - 0.4)
+    ax_acc.set_ylim(0, min(1.0, max(0.1, top * 1.15 + 0.02)) if top > 0 else 1.0)
+    ax_acc.set_xlabel(" / ".join(kept) or "group")
+    ax_acc.set_ylabel("strict accuracy (fraction correct)")
+    ax_acc.set_title("(a) final test accuracy (bar: mean, whisker: ± std, dot: seed)")
+    ax_acc.grid(axis="y", alpha=0.3)
+    if any(g["accuracy_strict"]["values"] for g in groups):
+        ax_acc.legend(loc="upper left", fontsize=8)
+
+    # (b) accuracy by difficulty
+    drawn = False
+    for i, g in enumerate(groups):
+        done = [r for r in g["runs"] if r["status"] == "completed" and r["by_difficulty"]]
+        steps = sorted({d for r in done for d in r["by_difficulty"]})
+        if not steps:
+            continue
+        per = [[r["by_difficulty"][d]["accuracy_strict"] for r in done
+                if d in r["by_difficulty"] and r["by_difficulty"][d].get("accuracy_strict") is not None] for d in steps]
+        mean = np.array([np.mean(v) if v else np.nan for v in per])
+        std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in per])
+        ax_diff.plot(steps, mean, marker="o", color=colors[i], label=f"{g['label']} (n={len(done)})")
+        ax_diff.fill_between(steps, mean - std, mean + std, color=colors[i], alpha=0.15, linewidth=0)
+        drawn = True
+    if drawn:
+        ax_diff.legend(fontsize=8)
+        ax_diff.xaxis.get_major_locator().set_params(integer=True)
+        ax_diff.set_ylim(0, 1.02)
+    else:
+        ax_diff.text(0.5, 0.5, "no per-difficulty metrics", ha="center", va="center", transform=ax_diff.transAxes,
+                     color="0.4")
+    ax_diff.set_xlabel("reasoning steps (difficulty)")
+    ax_diff.set_ylabel("strict accuracy (fraction correct)")
+    ax_diff.set_title("(b) accuracy by difficulty: mean over seeds (band: ± std)")
+    ax_diff.grid(alpha=0.3)
+
+    # (c) training loss
+    drawn = False
+    for i, g in enumerate(groups):
+        curves = {id(r): dict((s, l) for s, l in r["curve"] if l > 0) for r in g["runs"] if r["curve"]}
+        for r in g["runs"]:
+            c = curves.get(id(r))
+            if c:
+                ax_loss.plot(list(c), list(c.values()), color=colors[i], alpha=0.25, linewidth=0.8,
+                             linestyle="-" if r["status"] == "completed" else ":")
+        done = [curves[id(r)] for r in g["runs"] if r["status"] == "completed" and curves.get(id(r))]
+        if not done:
+            continue
+        steps = sorted({s for c in done for s in c})
+        mean = [np.mean([c[s] for c in done if s in c]) for s in steps]
+        ax_loss.plot(steps, mean, color=colors[i], linewidth=2, label=f"{g['label']} (mean of {len(done)})")
+        drawn = True
+    if drawn:
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
+        # Plain numbers (0.5, 2) on the log axis, not 5×10^-1; the 2s, 3s and 5s between the powers of
+        # ten are labelled too when the curves span less than two decades.
+        ax_loss.set_yscale("log")
+        ax_loss.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+        low, high = ax_loss.get_ylim()
+        if math.log10(high / low) < 2:
+            ax_loss.yaxis.set_minor_formatter(FuncFormatter(
+                lambda y, _: f"{y:g}" if round(y / 10 ** math.floor(math.log10(y)), 6) in (2, 3, 5) else ""))
+        else:
+            ax_loss.yaxis.set_minor_formatter(NullFormatter())
+        ax_loss.legend(fontsize=8)
+    else:
+        ax_loss.text(0.5, 0.5, "no training curves", ha="center", va="center", transform=ax_loss.transAxes, color="0.4")
+    ax_loss.set_xlabel("optimizer step")
+    ax_loss.set_ylabel("training loss per answer token (log scale)")
+    ax_loss.set_title("(c) training loss (thin: single seeds, dotted: not completed)")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.grid(alpha=0.08, which="minor")
+
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+
+

@@ -1,0 +1,175 @@
+"""Reading run dirs: configs, overrides, status, metrics and loss curves."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+from omegaconf import OmegaConf
+
+from clpd.errors import ClpdError
+
+METRICS = ("accuracy_strict", "accuracy_flexible", "n", "tokens_seen", "train_time_s", "final_loss")
+EXTRA_METRICS = ("steps", "answer_tokens_seen", "wall_time_s", "student_parameters")
+
+
+def _is_noise(key: str) -> bool:
+    """Keys that differ between runs without making them different experiments: Hydra's own
+    settings and filesystem locations (caches, data dirs). ``student.path`` (which student) and
+    eval's ``checkpoint`` (which model was evaluated) are what a run is about, so they stay."""
+    if key == "student.path":
+        return False
+    last = key.rsplit(".", 1)[-1]
+    return key.split(".")[0].split("/")[0] == "hydra" or last.endswith("dir") or last == "path"
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
+
+
+def flatten(node: Any, prefix: str = "") -> Dict[str, Any]:
+    """A nested config as dotted keys; lists (a teacher ladder) as one compact JSON value."""
+    if isinstance(node, dict) and (node or not prefix):
+        out: Dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: _compact(node) if isinstance(node, (list, dict)) else node}
+
+
+def _load_config(path: Path) -> dict:
+    cfg = OmegaConf.load(path)
+    try:  # interpolations such as ${seed} resolve; resolvers of Hydra's runtime (${now:...}) do not
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
+def _parse_override(text: str) -> Optional[Tuple[str, str]]:
+    """``method=clpd`` -> ("method", "clpd"); ``+experiment=arith`` -> ("experiment", "arith");
+    ``~key`` -> ("key", "<deleted>")."""
+    text = str(text).strip()
+    if text.startswith("~"):
+        key, _, value = text[1:].partition("=")
+        return key, "<deleted>"
+    key, sep, value = text.lstrip("+").partition("=")
+    return (key, value) if sep else None
+
+
+def _read_json(path: Path) -> Optional[Any]:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path.name} is unreadable: {exc}") from None
+
+
+def _loss_curve(path: Path) -> List[Tuple[int, float]]:
+    """(step, loss) of the logging lines; event lines and a half-written last line are skipped."""
+    curve: List[Tuple[int, float]] = []
+    if not path.is_file():
+        return curve
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "loss" in record and "step" in record and record["loss"] is not None:
+            curve.append((int(record["step"]), float(record["loss"])))
+    return curve
+
+
+def _natural_key(path: Path) -> list:
+    """Sweep job dirs 0, 1, ..., 10 in numeric order; dated run dirs in time order."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def find_run_dirs(root: Path) -> List[Path]:
+    found = []
+    for dirpath, dirnames, _ in os.walk(root):
+        here = Path(dirpath)
+        if (here / ".hydra" / "config.yaml").is_file() and (here / ".hydra" / "overrides.yaml").is_file():
+            found.append(here)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "checkpoints"]
+    return found
+
+
+def read_run(run_dir: Path) -> dict:
+    """One run dir as a row: its parameters (config, group choices, overrides), status and metrics."""
+    hydra_dir = run_dir / ".hydra"
+    run: Dict[str, Any] = {"run": str(run_dir), "command": None, "status": "unfinished", "error": None,
+                           "params": {}, "override_keys": [], "choice_keys": [], "seed": None,
+                           "metrics": {m: None for m in METRICS + EXTRA_METRICS}, "by_difficulty": {}, "curve": []}
+    try:
+        config = _load_config(hydra_dir / "config.yaml") or {}
+        overrides = OmegaConf.to_container(OmegaConf.load(hydra_dir / "overrides.yaml")) or []
+        choices, job_name = {}, None
+        if (hydra_dir / "hydra.yaml").is_file():
+            hydra_cfg = OmegaConf.load(hydra_dir / "hydra.yaml")
+            choices = OmegaConf.to_container(OmegaConf.select(hydra_cfg, "hydra.runtime.choices") or {})
+            job_name = OmegaConf.select(hydra_cfg, "hydra.job.name", default=None)
+        run["command"] = job_name or ("eval" if "checkpoint" in config and "trainer" not in config else "train")
+
+        flat = flatten(config)
+        params = {"command": run["command"], **flat}
+        for group, option in choices.items():  # Hydra's group choices, e.g. method: clpd (not in the config)
+            if group not in params and not group.startswith("hydra/"):
+                params[group] = option
+                run["choice_keys"].append(group)
+        for text in overrides:  # what the user typed wins over the defaults, for keys the config lacks
+            parsed = _parse_override(text)
+            if parsed is None:
+                continue
+            key, value = parsed
+            run["override_keys"].append(key)
+            if key not in flat:
+                params[key] = value
+        run["params"] = {k: v for k, v in params.items() if not _is_noise(k)}
+        run["seed"] = params.get("seed")
+
+        status = _read_json(run_dir / "status.json") or {}
+        if status.get("status") in ("completed", "failed"):
+            run["status"] = status["status"]
+        run["error"] = status.get("error")
+
+        summary = _read_json(run_dir / "summary.json") or {}
+        metrics = summary.get("eval") or _read_json(run_dir / "eval" / "metrics.json")
+        if metrics is None and run["command"] == "eval":
+            metrics = _read_json(run_dir / "metrics.json")
+        metrics = metrics or {}
+        for key in METRICS + EXTRA_METRICS:
+            value = metrics.get(key, summary.get(key))
+            run["metrics"][key] = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        run["by_difficulty"] = {int(k): v for k, v in (metrics.get("by_difficulty") or {}).items()
+                                if str(k).lstrip("-").isdigit()}
+        run["curve"] = _loss_curve(run_dir / "metrics.jsonl")
+    except Exception as exc:  # one broken run dir is a row that says so, not the end of the report
+        run["status"], run["error"] = "unreadable", f"{type(exc).__name__}: {exc}"
+    if run["status"] != "completed":  # metrics of a run that did not finish are not its results
+        run["metrics"] = {m: None for m in run["metrics"]}
+        run["by_difficulty"] = {}
+    return run
+
+
+def collect_runs(paths: Iterable[Any]) -> List[dict]:
+    """Every run under ``paths`` (run dirs, sweep dirs, folders above them), in path order."""
+    dirs: Dict[Path, None] = {}
+    for path in paths:
+        path = Path(path)
+        if not path.exists():
+            raise ClpdError(f"{path} does not exist")
+        if not path.is_dir():
+            raise ClpdError(f"{path} is not a directory (give a run dir, a sweep dir or a folder above them)")
+        for d in find_run_dirs(path):
+            dirs.setdefault(d.resolve(), None)
+    return [read_run(d) for d in sorted(dirs, key=_natural_key)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Varied keys, groups, paired differences
+
+

@@ -1,0 +1,176 @@
+"""What varies between runs, seed groups, and paired differences with t-intervals."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from clpd.report.runs import METRICS, _compact, _is_noise
+
+BASELINE = ("method", "standard_kd")  # the key and value of the group that the others are compared to
+METHOD_KEY, BASELINE_VALUE = BASELINE
+
+# The 0.975 quantile of Student's t for df = 1..30 (scipy is not a dependency; these are
+# scipy.stats.t.ppf(0.975, df) to 4 decimals). Beyond 30 the Cornish-Fisher expansion around the
+# normal quantile is used, which agrees with the exact value to 1e-5 from df = 31 on.
+T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788,
+        2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639,
+        2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
+Z975 = 1.959964
+
+
+def t_quantile_975(df: int) -> float:
+    """The two-sided 95% critical value of Student's t with ``df`` degrees of freedom."""
+    if df < 1:
+        raise ValueError(f"df={df} must be >= 1")
+    if df <= len(T975):
+        return T975[df - 1]
+    z = Z975
+    return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading runs
+
+
+
+def _differs(key: str, runs: Sequence[dict]) -> bool:
+    return len({_compact(r["params"].get(key)) for r in runs}) > 1
+
+
+def _determined_by(key: str, keys: Sequence[str], runs: Sequence[dict]) -> bool:
+    """True when runs that agree on ``keys`` always agree on ``key`` (``key`` adds nothing)."""
+    seen: Dict[tuple, str] = {}
+    for r in runs:
+        at = tuple(_compact(r["params"].get(k)) for k in keys)
+        value = _compact(r["params"].get(key))
+        if seen.setdefault(at, value) != value:
+            return False
+    return True
+
+
+def _follows_seed(key: str, runs: Sequence[dict]) -> bool:
+    """A key that equals the run's seed wherever both are set (e.g. ``teachers.build.seed: ${seed}``)."""
+    pairs = [(r["params"].get(key), r["seed"]) for r in runs if r["seed"] is not None and key in r["params"]]
+    return bool(pairs) and all(_compact(v) == _compact(s) for v, s in pairs)
+
+
+def varied_keys(runs: Sequence[dict]) -> Tuple[List[str], List[str]]:
+    """(the keys that tell the groups apart, every key that differs between the runs).
+
+    Candidates in order: the command (train/eval), then the keys of the overrides as the user typed
+    them, then Hydra's group choices, then the config. A candidate is kept unless the keys kept
+    before it already determine it; ``seed`` and keys that follow the seed never split groups.
+    """
+    ordered: Dict[str, None] = {"command": None}
+    for r in runs:
+        ordered.update(dict.fromkeys(r["override_keys"]))
+    for r in runs:
+        ordered.update(dict.fromkeys(r["choice_keys"]))
+    ordered.update(dict.fromkeys(sorted({k for r in runs for k in r["params"]})))
+    differing = [k for k in ordered if not _is_noise(k) and _differs(k, runs)]
+    kept: List[str] = []
+    for key in differing:
+        if key == "seed" or _follows_seed(key, runs) or _determined_by(key, kept, runs):
+            continue
+        kept.append(key)
+    return kept, differing
+
+
+def _stats(values: Sequence[float]) -> dict:
+    values = [float(v) for v in values]
+    return {"mean": float(np.mean(values)) if values else None,
+            "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+            "n": len(values), "values": values}
+
+
+def paired_difference(a: Dict[Any, float], b: Dict[Any, float]) -> Tuple[Optional[float], Optional[float], Optional[float], int]:
+    """Mean of ``a[s] - b[s]`` over the seeds ``s`` in both, and its 95% t-interval.
+
+    Returns (mean, low, high, n pairs); the interval is None with fewer than 2 pairs, the mean None
+    with none."""
+    seeds = [s for s in a if s in b and a[s] is not None and b[s] is not None]
+    diffs = np.array([float(a[s]) - float(b[s]) for s in seeds])
+    n = len(diffs)
+    if n == 0:
+        return None, None, None, 0
+    mean = float(diffs.mean())
+    if n < 2:
+        return mean, None, None, 1
+    half = t_quantile_975(n - 1) * float(diffs.std(ddof=1)) / math.sqrt(n)
+    return mean, mean - half, mean + half, n
+
+
+def _display(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _accuracy_by_seed(runs: Sequence[dict]) -> Dict[Any, float]:
+    """Strict accuracy per seed of the completed runs (a seed run twice counts once, averaged)."""
+    by_seed: Dict[Any, List[float]] = {}
+    for r in runs:
+        acc = r["metrics"]["accuracy_strict"]
+        if r["status"] == "completed" and acc is not None and r["seed"] is not None:
+            by_seed.setdefault(r["seed"], []).append(acc)
+    return {s: float(np.mean(v)) for s, v in by_seed.items()}
+
+
+def group_runs(runs: Sequence[dict]) -> List[dict]:
+    """Runs that differ only by seed, as groups with their statistics, in order of first appearance.
+
+    Each group: ``params`` (its values of the varied keys), ``label``, ``runs``, the counts
+    ``completed``, ``failed`` and ``unfinished``, one ``_stats`` dict (mean, std, n, values) per
+    metric of ``METRICS`` over the completed runs, ``accuracy_by_seed``, and
+    ``vs_baseline``: the paired difference of strict accuracy to the ``method=standard_kd`` group
+    (None for that group itself, and where there is none).
+    """
+    kept, _ = varied_keys(runs)
+    groups: Dict[tuple, dict] = {}
+    for r in runs:
+        at = tuple(_compact(r["params"].get(k)) for k in kept)
+        if at not in groups:
+            params = {k: r["params"].get(k) for k in kept}
+            label = " / ".join(_display(v) for v in params.values()) if kept else "all runs"  # e.g. "arith / clpd"
+            groups[at] = {"params": params, "label": label, "runs": []}
+        groups[at]["runs"].append(r)
+        r["group"] = groups[at]["label"]
+
+    out = list(groups.values())
+    for g in out:
+        done = [r for r in g["runs"] if r["status"] == "completed"]
+        g["completed"] = len(done)
+        g["failed"] = sum(r["status"] in ("failed", "unreadable") for r in g["runs"])
+        g["unfinished"] = sum(r["status"] == "unfinished" for r in g["runs"])
+        for m in METRICS:
+            g[m] = _stats([r["metrics"][m] for r in done if r["metrics"][m] is not None])
+        g["accuracy_by_seed"] = _accuracy_by_seed(g["runs"])
+        g["vs_baseline"] = None
+        g["is_baseline"] = METHOD_KEY in kept and g["params"].get(METHOD_KEY) == BASELINE_VALUE
+
+    baselines = [g for g in out if g["is_baseline"]]
+    for g in out:
+        if g["is_baseline"] or not baselines:
+            continue
+        # The standard_kd group that agrees on every other varied key; else the only one there is.
+        same = [b for b in baselines if all(_compact(b["params"][k]) == _compact(g["params"][k])
+                                            for k in kept if k != METHOD_KEY)]
+        base = same[0] if len(same) == 1 else baselines[0] if len(baselines) == 1 else None
+        if base is not None:
+            mean, low, high, n = paired_difference(g["accuracy_by_seed"], base["accuracy_by_seed"])
+            g["vs_baseline"] = {"baseline": base["label"], "mean": mean, "low": low, "high": high, "n": n}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Formatting
+
+
