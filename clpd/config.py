@@ -337,6 +337,8 @@ class TrainerConfig:
     num_threads: Optional[int] = None  # torch CPU threads (None: torch's default)
     tensorboard: bool = False  # also write TensorBoard event files to <run>/tensorboard (pip install tensorboard)
     eval_at_end: bool = True  # evaluate the final student on benchmark.eval_split (into <run>/eval)
+    eval_every: Optional[int] = None  # also evaluate every N steps (a learning curve in metrics.jsonl)
+    eval_every_limit: int = 200  # ... on the first N problems of the eval split
     eval_batch_size: int = 128
     eval_max_new_tokens: int = 256
 
@@ -351,6 +353,8 @@ class TrainerConfig:
         _check(p, 0.0 <= self.min_lr_ratio <= 1.0, f"trainer.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         _check(p, self.warmup_steps >= 0, f"trainer.warmup_steps={self.warmup_steps} must be >= 0")
         _check(p, self.grad_clip >= 0, f"trainer.grad_clip={self.grad_clip} must be >= 0 (0 disables)")
+        _check(p, self.eval_every is None or self.eval_every >= 1, f"trainer.eval_every={self.eval_every} must be >= 1 (or null)")
+        _check(p, self.eval_every_limit >= 1, f"trainer.eval_every_limit={self.eval_every_limit} must be >= 1")
         _raise_if(p, "trainer")
 
 

@@ -87,12 +87,16 @@ def sft_loss(student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor
 def train(model: torch.nn.Module, examples: Sequence[dict], sampler: Sampler, cfg: TrainerConfig, *,
           pad_id: int, device: torch.device, autocast_dtype: Optional[torch.dtype],
           metrics_path: Path, console: Console, loss_fn: LossFn = sft_loss,
-          teachers: Optional[TeacherPool] = None, schedule: Optional[Callable[[int], int]] = None) -> TrainResult:
+          teachers: Optional[TeacherPool] = None, schedule: Optional[Callable[[int], int]] = None,
+          evaluate: Optional[Callable[[torch.nn.Module], dict]] = None) -> TrainResult:
     """Train ``model`` for ``cfg.max_steps`` optimizer steps on the sampler's batches.
 
     With ``teachers``, ``schedule(step)`` names the teacher of each step; the pool loads it (after
     releasing the previous one) and each switch is logged to the console and ``metrics.jsonl``.
     ``loss_fn(student_logits, teacher_logits or None, targets)`` returns a sum over answer tokens.
+    With ``evaluate`` and ``cfg.eval_every``, ``evaluate(model)`` runs every ``eval_every`` steps
+    (a learning curve: is the student on a plateau or in the middle of a jump?) and its metrics
+    are logged as ``{"event": "eval", "step", ...}`` lines.
     """
     model.to(device).train()
     optimizer = build_optimizer(model, cfg, fused=device.type == "cuda")
@@ -188,6 +192,13 @@ def train(model: torch.nn.Module, examples: Sequence[dict], sampler: Sampler, cf
                 progress.update(bar, stats=stats)
                 if not console.is_terminal:  # no live bar in a log file or CI: print the numbers instead
                     console.print(f"step {done}/{cfg.max_steps}  {stats}  {record['elapsed_s']:.0f}s", soft_wrap=True)
+            if evaluate is not None and cfg.eval_every and done % cfg.eval_every == 0:
+                event = {"event": "eval", "step": done, **evaluate(model)}
+                model.train()  # evaluate() leaves the model in eval mode
+                metrics_file.write(json.dumps(event) + "\n")
+                metrics_file.flush()
+                console.print(f"step {done}: eval strict accuracy {event['accuracy_strict']:.3f} "
+                              f"(n={event['n']})", soft_wrap=True)
             progress.advance(bar)
 
     if board is not None:

@@ -90,13 +90,17 @@ def curriculum_sampler(tc: TrainConfig, problems, examples, *, student, teacher_
     return Sampler(order, tc.trainer.batch_size, seed=tc.seed, pool_size=pool_function(tc, n), scores=scores)
 
 
+def score_problems(tc: TrainConfig, model, tokenizer, problems, device, autocast_dtype, console):
+    return evaluate(model, tokenizer, problems, chat_template=tc.benchmark.chat_template,
+                    numeric=tc.benchmark.name == BenchmarkName.svamp, batch_size=tc.trainer.eval_batch_size,
+                    max_new_tokens=tc.trainer.eval_max_new_tokens, device=device, autocast_dtype=autocast_dtype,
+                    console=console)
+
+
 def evaluate_final(tc: TrainConfig, model, tokenizer, device, autocast_dtype, run_dir: Path, console: Console) -> dict:
     """The trained student on the benchmark's eval split, as ``clpd eval`` scores it, into ``<run>/eval``."""
     problems = load_problems(tc.benchmark, tc.benchmark.eval_split, tc.benchmark.eval_limit)
-    records, metrics = evaluate(model, tokenizer, problems, chat_template=tc.benchmark.chat_template,
-                                numeric=tc.benchmark.name == BenchmarkName.svamp, batch_size=tc.trainer.eval_batch_size,
-                                max_new_tokens=tc.trainer.eval_max_new_tokens, device=device,
-                                autocast_dtype=autocast_dtype, console=console)
+    records, metrics = score_problems(tc, model, tokenizer, problems, device, autocast_dtype, console)
     metrics = {"benchmark": tc.benchmark.name.value, "split": tc.benchmark.eval_split, **metrics}
     (run_dir / "eval").mkdir(exist_ok=True)
     write_jsonl(run_dir / "eval" / "predictions.jsonl", records)
@@ -164,9 +168,15 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
 
         sampler = curriculum_sampler(tc, problems, examples, student=model, teacher_specs=teacher_specs,
                                      tokenizer=tokenizer, device=device, run_dir=run_dir, console=console)
+        curve = None
+        if tc.trainer.eval_every:
+            curve_problems = load_problems(tc.benchmark, tc.benchmark.eval_split, tc.trainer.eval_every_limit)
+
+            def curve(student):
+                return score_problems(tc, student, tokenizer, curve_problems, device, autocast_dtype, console=None)[1]
         result = train(model, examples, sampler, tc.trainer, pad_id=tokenizer.pad_token_id, device=device,
                        autocast_dtype=autocast_dtype, metrics_path=run_dir / "metrics.jsonl", console=console,
-                       loss_fn=loss_fn, teachers=teachers, schedule=schedule)
+                       loss_fn=loss_fn, teachers=teachers, schedule=schedule, evaluate=curve)
         if teachers is not None:
             teachers.release()
 

@@ -76,3 +76,14 @@ def test_a_run_evaluates_its_final_student_into_the_run_dir(tmp_path):
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert summary["eval"] == metrics and metrics["n"] == 16 and metrics["split"] == "test"
     assert len((tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()) == 16
+
+
+def test_eval_every_logs_a_learning_curve(tmp_path):
+    cfg = compose_config("train", ["+experiment=arith_sft", *TINY_OVERRIDES, "trainer.max_steps=4",
+                                   "trainer.eval_every=2", "trainer.eval_every_limit=5", "trainer.save=false"])
+    run_train(cfg, tmp_path, QUIET)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    curve = [line for line in lines if line.get("event") == "eval"]
+    assert [(c["step"], c["n"]) for c in curve] == [(2, 5), (4, 5)]
+    assert all(0.0 <= c["accuracy_strict"] <= 1.0 for c in curve)
+    assert [line["step"] for line in lines if "loss" in line] == [1, 2, 3, 4]  # training went on after each eval
