@@ -17,10 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from clpd.config import Difficulty, DistillLoss, TrainConfig, register_configs, to_object
-from clpd.curriculum.difficulty import order_indices
-from clpd.curriculum.sampler import Sampler
 from clpd.curriculum.scoring import compute_scores, is_curriculum, needs_model, scorers
-from clpd.curriculum.stages import pool_function, stage_at, stage_starts
+from clpd.curriculum.stages import build_sampler, stage_at, stage_starts
 from clpd.data import load_problems
 from clpd.data.prompts import encode_example
 from clpd.errors import ClpdError
@@ -34,8 +32,7 @@ register_configs()
 def timeline(tc: TrainConfig, scores: Optional[np.ndarray], n: int) -> dict:
     """Per step: stage, teacher index (None without distillation), pool size and its difficulty
     range; the same functions the training run uses, so the two agree step by step."""
-    order = order_indices(scores if scores is not None else np.zeros(n), tc.curriculum.order, tc.seed)
-    sampler = Sampler(order, tc.trainer.batch_size, seed=tc.seed, pool_size=pool_function(tc, n), scores=scores)
+    sampler = build_sampler(tc, scores, n)
     starts = stage_starts(tc, n)
     distills = tc.distill.loss != DistillLoss.sft
     schedule = make_schedule(tc.teachers, starts) if distills else None

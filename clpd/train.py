@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import List
 
 import hydra
-import numpy as np
 import torch
 from omegaconf import DictConfig
 from rich.console import Console
@@ -18,9 +17,9 @@ from rich.table import Table
 
 from clpd.config import BenchmarkName, Difficulty, DistillLoss, TrainConfig, register_configs, to_object
 from clpd.curriculum.sampler import Sampler
-from clpd.curriculum.difficulty import fingerprint, load_scores, order_indices, per_example_loss, save_scores
+from clpd.curriculum.difficulty import fingerprint, load_scores, per_example_loss, save_scores
 from clpd.curriculum.scoring import compute_scores, is_curriculum, needs_model, scorers
-from clpd.curriculum.stages import pool_function, stage_starts
+from clpd.curriculum.stages import build_sampler, stage_starts
 from clpd.data import load_problems
 from clpd.data.prompts import encode_example
 from clpd.errors import ClpdError
@@ -86,8 +85,7 @@ def curriculum_sampler(tc: TrainConfig, problems, examples, *, student, teacher_
             scores = compute_scores(c, problems, examples, tc.seed, {Difficulty.student_loss: lambda: loss_of(student),
                                                                        Difficulty.teacher_loss: teacher_loss})
             save_scores(cache, scores, meta)
-    order = order_indices(scores if scores is not None else np.zeros(n), c.order, tc.seed)
-    return Sampler(order, tc.trainer.batch_size, seed=tc.seed, pool_size=pool_function(tc, n), scores=scores)
+    return build_sampler(tc, scores, n)
 
 
 def score_problems(tc: TrainConfig, model, tokenizer, problems, device, autocast_dtype, console):

@@ -155,14 +155,18 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def tiny():
+def _tiny_model_and_examples():
     spec = ModelConfig(name="t", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
     tokenizer = load_tokenizer(spec)
     torch.manual_seed(0)
     model = load_model(spec, tokenizer)
     examples = [encode_example(p, tokenizer, chat_template=False, max_len=512) for p in PROBLEMS]
     return model, tokenizer, examples
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return _tiny_model_and_examples()
 
 
 def reference_loss(model, example) -> float:
@@ -193,11 +197,7 @@ def test_per_example_loss_restores_training_mode_and_scores_no_answer_tokens_as_
 
 
 def test_an_example_the_model_memorised_gets_the_lowest_loss():
-    spec = ModelConfig(name="t", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
-    tokenizer = load_tokenizer(spec)
-    torch.manual_seed(0)
-    model = load_model(spec, tokenizer)
-    examples = [encode_example(p, tokenizer, chat_template=False, max_len=512) for p in PROBLEMS]
+    model, tokenizer, examples = _tiny_model_and_examples()  # a fresh model: this test trains it
     memorised = 2
     ids = torch.tensor([examples[memorised]["input_ids"]])
     labels = torch.tensor(examples[memorised]["labels"])

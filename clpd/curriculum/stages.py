@@ -9,10 +9,14 @@ Without pacing, stages split training evenly or follow the explicit boundaries.
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
 
 from clpd.config import Pacing, TrainConfig
+from clpd.curriculum.difficulty import order_indices
 from clpd.curriculum.pacing import pool_size
+from clpd.curriculum.sampler import Sampler
 
 
 def pool_function(tc: TrainConfig, n: int) -> Callable[[int], int]:
@@ -20,6 +24,14 @@ def pool_function(tc: TrainConfig, n: int) -> Callable[[int], int]:
     c = tc.curriculum
     return lambda step: pool_size(c.pacing.value, step, tc.trainer.max_steps, n, start=c.start,
                                   saturate=c.saturate, root_p=c.root_p, num_buckets=c.num_buckets)
+
+
+def build_sampler(tc: TrainConfig, scores: Optional[np.ndarray], n: int) -> Sampler:
+    """The run's sampler: ``n`` examples ordered by ``scores`` (None: no scores, random order
+    only) and paced by ``curriculum.pacing``. ``clpd train`` and ``clpd plan`` both build it here,
+    which is why a plan matches its run step by step."""
+    order = order_indices(scores if scores is not None else np.zeros(n), tc.curriculum.order, tc.seed)
+    return Sampler(order, tc.trainer.batch_size, seed=tc.seed, pool_size=pool_function(tc, n), scores=scores)
 
 
 def even_boundaries(num_stages: int) -> List[float]:
