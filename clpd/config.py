@@ -318,7 +318,12 @@ class DistillConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 700  # optimizer steps
+    max_steps: int = 700  # optimizer steps; with max_tokens, the length of the schedules instead
+    # A token budget: train until this many (non-padding) tokens have been read. The LR schedule,
+    # the pacing and the teacher stages then advance with the tokens read (schedule step =
+    # tokens_seen / max_tokens * max_steps), so every arm runs its whole schedule in the same
+    # compute and arms with shorter (easier) examples take more optimizer steps.
+    max_tokens: Optional[int] = None
     batch_size: int = 32  # examples per optimizer step (all micro-batches together)
     grad_accum: int = 4  # micro-batches per optimizer step; batch_size must divide evenly
     lr: float = 5e-3
@@ -353,6 +358,7 @@ class TrainerConfig:
         _check(p, 0.0 <= self.min_lr_ratio <= 1.0, f"trainer.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         _check(p, self.warmup_steps >= 0, f"trainer.warmup_steps={self.warmup_steps} must be >= 0")
         _check(p, self.grad_clip >= 0, f"trainer.grad_clip={self.grad_clip} must be >= 0 (0 disables)")
+        _check(p, self.max_tokens is None or self.max_tokens >= 1, f"trainer.max_tokens={self.max_tokens} must be >= 1 (or null)")
         _check(p, self.eval_every is None or self.eval_every >= 1, f"trainer.eval_every={self.eval_every} must be >= 1 (or null)")
         _check(p, self.eval_every_limit >= 1, f"trainer.eval_every_limit={self.eval_every_limit} must be >= 1")
         _raise_if(p, "trainer")

@@ -40,6 +40,20 @@ def lr_at(step: int, cfg: TrainerConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape)
 
 
+def schedule_step(step: int, tokens_seen: int, cfg: TrainerConfig) -> int:
+    """Where the LR schedule, the pacing and the teacher stages are: at optimizer step ``step``,
+    or, under a token budget, at the share of ``trainer.max_tokens`` read so far (in steps of
+    ``max_steps``). Equal steps are not equal compute when arms read examples of different
+    lengths; equal budgets are, and each arm still runs its whole schedule once."""
+    if cfg.max_tokens is None:
+        return step
+    return min(cfg.max_steps - 1, tokens_seen * cfg.max_steps // cfg.max_tokens)
+
+
+def finished(step: int, tokens_seen: int, cfg: TrainerConfig) -> bool:
+    return tokens_seen >= cfg.max_tokens if cfg.max_tokens is not None else step >= cfg.max_steps
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainerConfig, fused: bool) -> torch.optim.AdamW:
     # Weight decay on matrices only: decaying norms and biases only hurts (nanoGPT, GPT-2 recipe).
     params = [p for p in model.parameters() if p.requires_grad]
@@ -89,7 +103,8 @@ def train(model: torch.nn.Module, examples: Sequence[dict], sampler: Sampler, cf
           metrics_path: Path, console: Console, loss_fn: LossFn = sft_loss,
           teachers: Optional[TeacherPool] = None, schedule: Optional[Callable[[int], int]] = None,
           evaluate: Optional[Callable[[torch.nn.Module], dict]] = None) -> TrainResult:
-    """Train ``model`` for ``cfg.max_steps`` optimizer steps on the sampler's batches.
+    """Train ``model`` for ``cfg.max_steps`` optimizer steps (or until ``cfg.max_tokens`` tokens
+    have been read) on the sampler's batches.
 
     With ``teachers``, ``schedule(step)`` names the teacher of each step; the pool loads it (after
     releasing the previous one) and each switch is logged to the console and ``metrics.jsonl``.
@@ -115,23 +130,26 @@ def train(model: torch.nn.Module, examples: Sequence[dict], sampler: Sampler, cf
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
     board = tensorboard_writer(metrics_path.parent / "tensorboard") if cfg.tensorboard else None
     with metrics_path.open("a") as metrics_file, Progress(*columns, console=console) as progress:
-        bar = progress.add_task("train", total=cfg.max_steps, stats="")
-        for step in range(cfg.max_steps):
-            lr = lr_at(step, cfg)
+        budget = cfg.max_tokens is not None
+        bar = progress.add_task("train", total=cfg.max_tokens if budget else cfg.max_steps, stats="")
+        step = 0
+        while not finished(step, tokens_seen, cfg):
+            at = schedule_step(step, tokens_seen, cfg)  # == step without a token budget
+            lr = lr_at(at, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
             # Sorting the step's batch by length before splitting it into micro-batches only
             # changes how much padding each micro-batch carries, not the update: the loss is
             # normalised by the answer tokens of the whole step.
-            batch = sorted((examples[i] for i in sampler.batch(step)), key=lambda e: len(e["input_ids"]))
+            batch = sorted((examples[i] for i in sampler.batch(step, at)), key=lambda e: len(e["input_ids"]))
             micro_batches = [collate(batch[i:i + micro_size], pad_id) for i in range(0, len(batch), micro_size)]
             answer_tokens = sum(int((mb["targets"] != IGNORE_INDEX).sum()) for mb in micro_batches)
             teacher = None
-            pool = sampler.describe(step)
+            pool = sampler.describe(at)
             if teachers is not None:
                 previous = teachers.active_index
-                teacher, switched = teachers.get(schedule(step))
+                teacher, switched = teachers.get(schedule(at))
                 if switched:
                     event = {"event": "teacher_switch", "step": step, "from": teachers.name(previous),
                              "to": teachers.name(teachers.active_index)}
@@ -164,8 +182,9 @@ def train(model: torch.nn.Module, examples: Sequence[dict], sampler: Sampler, cf
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
 
-            done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.max_steps:
+            done = step = step + 1
+            last = finished(done, tokens_seen, cfg)
+            if done % cfg.log_every == 0 or last:
                 step_loss = loss_value = step_loss.item()
                 if not math.isfinite(step_loss):
                     raise ClpdError(f"the training loss became {step_loss} at step {done}; lower trainer.lr "
@@ -174,7 +193,7 @@ def train(model: torch.nn.Module, examples: Sequence[dict], sampler: Sampler, cf
                 record = {"step": done, "loss": round(step_loss, 6), "lr": lr, "grad_norm": round(float(grad_norm), 6),
                           "tokens_seen": tokens_seen, "answer_tokens_seen": answer_tokens_seen,
                           "tokens_per_s": round(window_tokens / max(now - window_start, 1e-9), 1),
-                          "elapsed_s": round(now - start, 3), **pool,
+                          "elapsed_s": round(now - start, 3), **pool, **({"schedule_step": at} if budget else {}),
                           "teacher": teachers.name(teachers.active_index) if teachers is not None else None}
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
@@ -191,7 +210,8 @@ def train(model: torch.nn.Module, examples: Sequence[dict], sampler: Sampler, cf
                     stats += f"  teacher {record['teacher']}"
                 progress.update(bar, stats=stats)
                 if not console.is_terminal:  # no live bar in a log file or CI: print the numbers instead
-                    console.print(f"step {done}/{cfg.max_steps}  {stats}  {record['elapsed_s']:.0f}s", soft_wrap=True)
+                    of = f"{done} ({tokens_seen:,}/{cfg.max_tokens:,} tokens)" if budget else f"{done}/{cfg.max_steps}"
+                    console.print(f"step {of}  {stats}  {record['elapsed_s']:.0f}s", soft_wrap=True)
             if evaluate is not None and cfg.eval_every and done % cfg.eval_every == 0:
                 event = {"event": "eval", "step": done, **evaluate(model)}
                 model.train()  # evaluate() leaves the model in eval mode
@@ -199,10 +219,10 @@ def train(model: torch.nn.Module, examples: Sequence[dict], sampler: Sampler, cf
                 metrics_file.flush()
                 console.print(f"step {done}: eval strict accuracy {event['accuracy_strict']:.3f} "
                               f"(n={event['n']})", soft_wrap=True)
-            progress.advance(bar)
+            progress.advance(bar, step_tokens if budget else 1)
 
     if board is not None:
         board.close()
-    return TrainResult(steps=cfg.max_steps, final_loss=loss_value, tokens_seen=tokens_seen,
+    return TrainResult(steps=step, final_loss=loss_value, tokens_seen=tokens_seen,
                        answer_tokens_seen=answer_tokens_seen, wall_time_s=time.perf_counter() - start, history=history,
                        teacher_switches=switches)

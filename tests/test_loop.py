@@ -12,7 +12,7 @@ from clpd.config import LrSchedule, ModelConfig, TrainerConfig
 from clpd.curriculum.sampler import Sampler
 from clpd.errors import ClpdError
 from clpd.data.batching import collate
-from clpd.loop import lr_at, train
+from clpd.loop import lr_at, schedule_step, train
 from clpd.losses import IGNORE_INDEX, cross_entropy_sum
 from clpd.models import load_model, load_tokenizer
 
@@ -85,6 +85,24 @@ def test_metrics_jsonl_has_one_line_per_logging_step(tmp_path):
     assert [r["step"] for r in lines] == [2, 4, 5]
     assert {"loss", "lr", "grad_norm", "tokens_seen", "answer_tokens_seen", "tokens_per_s", "elapsed_s"} <= set(lines[0])
     assert lines[-1]["tokens_seen"] > lines[0]["tokens_seen"] > 0
+
+
+def test_a_token_budget_stops_at_the_budget_and_runs_the_whole_schedule_in_it(tmp_path):
+    # max_steps is only the length of the schedules here: the run takes as many optimizer steps as
+    # the budget allows, and the learning rate reaches its floor on the last of them.
+    _run(tmp_path, "budget", max_steps=4, max_tokens=300, min_lr_ratio=0.1, lr=1.0)
+    lines = [json.loads(line) for line in (tmp_path / "budget.jsonl").read_text().splitlines()]
+    tokens = [r["tokens_seen"] for r in lines]
+    assert tokens[-1] >= 300 > tokens[-2]  # stopped at the first step that reached the budget
+    assert len(lines) > 4  # 8 examples of 6..10 tokens a step: more than 4 steps to read 300 tokens
+    assert [r["schedule_step"] for r in lines] == sorted(r["schedule_step"] for r in lines)
+    assert lines[-1]["schedule_step"] == 3 and lines[-1]["lr"] == pytest.approx(0.1)
+
+
+def test_the_schedule_step_is_the_share_of_the_token_budget_read():
+    cfg = TrainerConfig(max_steps=100, max_tokens=1000)
+    assert [schedule_step(7, t, cfg) for t in (0, 10, 505, 999, 5000)] == [0, 1, 50, 99, 99]
+    assert schedule_step(7, 505, TrainerConfig(max_steps=100)) == 7  # no budget: the optimizer step
 
 
 def test_loss_falls_when_repeating_a_small_batch(tmp_path):

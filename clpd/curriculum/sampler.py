@@ -37,8 +37,10 @@ class Sampler:
     def pool(self, step: int) -> int:
         return max(1, min(self.pool_size(step), len(self.order)))
 
-    def batch(self, step: int) -> List[int]:
-        n = self.pool(step)
+    def batch(self, step: int, at: Optional[int] = None) -> List[int]:
+        """The batch of optimizer step ``step``, drawn from the pool of schedule step ``at``
+        (default ``step``; they differ under a token budget, see ``trainer.max_tokens``)."""
+        n = self.pool(step if at is None else at)
         rng = np.random.default_rng([self.seed, step])
         # With fewer examples than the batch size, examples repeat within the batch.
         picks = rng.choice(n, size=self.batch_size, replace=n < self.batch_size)
