@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -41,6 +42,12 @@ class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
+
+
+class Overlong(str, Enum):
+    """What happens to a training example longer than ``trainer.max_length``."""
+    drop = "drop"  # leave it out
+    truncate_left = "truncate_left"  # cut the prompt's left side (the answer is kept whole)
 
 
 class LrSchedule(str, Enum):
@@ -334,11 +341,17 @@ class TrainerConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    max_seq_len: int = 512  # longer examples are truncated (and counted in the log)
+    max_length: int = 512  # tokens per training example (prompt + answer)
+    overlong: Overlong = Overlong.drop  # longer examples: dropped or left-truncated, and counted in the log
     precision: Precision = Precision.auto
     device: Device = Device.auto
     log_every: int = 10
-    save: bool = True  # write checkpoints/final
+    save: bool = True  # write checkpoints (checkpoints/final at the end, step-N every save_every steps)
+    save_every: Optional[int] = None  # also a checkpoint every N optimizer steps (and on SIGINT/SIGTERM)
+    keep_last: int = 2  # step checkpoints kept (the oldest are deleted; final is always kept)
+    resume: Optional[str] = None  # "auto": the newest complete checkpoint of the run dir; or a checkpoint path
+    resume_force: bool = False  # resume even when the config, ladder or data differ from the checkpoint's
+    skip_nonfinite: bool = False  # skip a step whose loss is nan/inf (counted) instead of stopping the run
     num_threads: Optional[int] = None  # torch CPU threads (None: torch's default)
     tensorboard: bool = False  # also write TensorBoard event files to <run>/tensorboard (pip install tensorboard)
     eval_at_end: bool = True  # evaluate the final student on benchmark.eval_split (into <run>/eval)
@@ -349,7 +362,7 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         p: List[str] = []
-        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "max_seq_len", "eval_batch_size",
+        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "max_length", "eval_batch_size",
                     "eval_max_new_tokens"):
             _check(p, getattr(self, key) >= 1, f"trainer.{key}={getattr(self, key)} must be >= 1")
         _check(p, self.grad_accum < 1 or self.batch_size % self.grad_accum == 0,
@@ -358,6 +371,10 @@ class TrainerConfig:
         _check(p, 0.0 <= self.min_lr_ratio <= 1.0, f"trainer.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         _check(p, self.warmup_steps >= 0, f"trainer.warmup_steps={self.warmup_steps} must be >= 0")
         _check(p, self.grad_clip >= 0, f"trainer.grad_clip={self.grad_clip} must be >= 0 (0 disables)")
+        _check(p, self.save_every is None or self.save_every >= 1, f"trainer.save_every={self.save_every} must be >= 1 (or null)")
+        _check(p, self.keep_last >= 1, f"trainer.keep_last={self.keep_last} must be >= 1")
+        _check(p, self.resume is None or self.resume == "auto" or Path(self.resume).expanduser().is_dir(),
+               f"trainer.resume={self.resume}: expected auto or a checkpoint folder (no such folder)")
         _check(p, self.max_tokens is None or self.max_tokens >= 1, f"trainer.max_tokens={self.max_tokens} must be >= 1 (or null)")
         _check(p, self.eval_every is None or self.eval_every >= 1, f"trainer.eval_every={self.eval_every} must be >= 1 (or null)")
         _check(p, self.eval_every_limit >= 1, f"trainer.eval_every_limit={self.eval_every_limit} must be >= 1")

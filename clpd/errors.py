@@ -7,3 +7,13 @@ class ClpdError(Exception):
     The CLI prints ``clpd <command>: error: <message>`` and exits with status 1, so the message
     must name the offending key, path or line, and the allowed values where there are any.
     """
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped a run after it saved a checkpoint. The CLI prints the message (how
+    to resume) on one line and exits with 128 + the signal number (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int, message: str, resumable: bool = True) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+        self.resumable = resumable

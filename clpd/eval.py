@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 from rich.console import Console
 
+from clpd.checkpoint import is_clpd_checkpoint, verify_checkpoint
 from clpd.config import BenchmarkConfig, BenchmarkName, Device, EvalConfig, ModelConfig, Precision, register_configs, to_object
 from clpd.data import load_problems
 from clpd.errors import ClpdError
@@ -27,6 +28,9 @@ def evaluate_checkpoint(checkpoint: str, benchmark: BenchmarkConfig, run_dir: Pa
                         max_new_tokens: int = 256, gguf_file: Optional[str] = None) -> dict:
     """Generate on the eval split, score, and write ``predictions.jsonl`` and ``metrics.json``."""
     check_source(checkpoint, "checkpoint")  # before the (possibly slow) data loading
+    folder = Path(checkpoint).expanduser()
+    if is_clpd_checkpoint(folder) or folder.name.endswith(".tmp"):
+        verify_checkpoint(folder)  # a truncated or half-written checkpoint: one line that says which file
     torch_device = resolve_device(device)
     autocast_dtype = resolve_precision(precision, torch_device)
     problems = load_problems(benchmark, benchmark.eval_split, benchmark.eval_limit)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -22,7 +24,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from clpd.config import LrSchedule, TrainerConfig
 from clpd.curriculum.sampler import Sampler
 from clpd.data.batching import collate
-from clpd.errors import ClpdError
+from clpd.checkpoint import rng_state, set_rng_state
+from clpd.errors import ClpdError, Interrupted
 from clpd.losses import IGNORE_INDEX, cross_entropy_sum
 from clpd.teachers import TeacherPool
 
@@ -70,9 +73,43 @@ class TrainResult:
     final_loss: float
     tokens_seen: int  # non-padding tokens read by the student
     answer_tokens_seen: int  # tokens the loss was taken on
-    wall_time_s: float
-    history: List[dict]
+    wall_time_s: float  # training time, summed over the segments of a resumed run
+    history: List[dict]  # the logged records of this segment
     teacher_switches: List[dict]
+    skipped_steps: int  # steps skipped for a non-finite loss (trainer.skip_nonfinite)
+    state: dict  # the training state after the last step (see clpd.checkpoint)
+
+
+class StopSignals:
+    """SIGINT and SIGTERM ask the loop to stop after the current optimizer step (``requested``
+    holds the signal); a second signal stops at once. Only the main thread can install handlers:
+    elsewhere (a test runner thread, a notebook worker) signals keep their default behaviour."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.requested: Optional[int] = None
+        self.previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None:  # the second one: stop now (checkpoints are atomic, nothing breaks)
+            self.__exit__()
+            signal.raise_signal(signum)
+            return
+        self.requested = signum
+        self.console.print(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                           f"(send it again to stop at once)", soft_wrap=True)
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
 
 
 def require_tensorboard() -> None:
@@ -102,7 +139,8 @@ def train(model: torch.nn.Module, examples: Sequence[dict], sampler: Sampler, cf
           pad_id: int, device: torch.device, autocast_dtype: Optional[torch.dtype],
           metrics_path: Path, console: Console, loss_fn: LossFn = sft_loss,
           teachers: Optional[TeacherPool] = None, schedule: Optional[Callable[[int], int]] = None,
-          evaluate: Optional[Callable[[torch.nn.Module], dict]] = None) -> TrainResult:
+          evaluate: Optional[Callable[[torch.nn.Module], dict]] = None,
+          save: Optional[Callable[[int, dict], Path]] = None, resume: Optional[dict] = None) -> TrainResult:
     """Train ``model`` for ``cfg.max_steps`` optimizer steps (or until ``cfg.max_tokens`` tokens
     have been read) on the sampler's batches.
 
@@ -112,6 +150,11 @@ def train(model: torch.nn.Module, examples: Sequence[dict], sampler: Sampler, cf
     With ``evaluate`` and ``cfg.eval_every``, ``evaluate(model)`` runs every ``eval_every`` steps
     (a learning curve: is the student on a plateau or in the middle of a jump?) and its metrics
     are logged as ``{"event": "eval", "step", ...}`` lines.
+
+    ``save(step, state)`` writes a checkpoint and returns its path; it is called every
+    ``cfg.save_every`` steps and when SIGINT/SIGTERM stops the run (which then raises
+    :class:`~clpd.errors.Interrupted`). ``resume``, a state that ``save`` was given, continues the
+    run from there: same batches, same RNG, same optimizer, so the same weights as without the stop.
     """
     model.to(device).train()
     optimizer = build_optimizer(model, cfg, fused=device.type == "cuda")
@@ -119,20 +162,46 @@ def train(model: torch.nn.Module, examples: Sequence[dict], sampler: Sampler, cf
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     micro_size = cfg.batch_size // cfg.grad_accum
+    budget = cfg.max_tokens is not None
+
+    step = tokens_seen = answer_tokens_seen = skipped = 0
+    switches: List[dict] = []
+    time_before = 0.0  # training time of the segments before a resume
+    last_checkpoint: Optional[Path] = None
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
+        step, tokens_seen, answer_tokens_seen = resume["step"], resume["tokens_seen"], resume["answer_tokens_seen"]
+        skipped, switches, time_before = resume["skipped_steps"], list(resume["teacher_switches"]), resume["train_time_s"]
+        last_checkpoint = Path(resume["checkpoint"])
+        if teachers is not None and resume["teacher"] is not None:
+            teachers.get(resume["teacher"])  # the teacher that was active: no switch is logged for it
+
+    def state() -> dict:
+        return {"step": step, "schedule_step": schedule_step(step, tokens_seen, cfg), "tokens_seen": tokens_seen,
+                "answer_tokens_seen": answer_tokens_seen, "skipped_steps": skipped, "teacher_switches": switches,
+                "teacher": teachers.active_index if teachers is not None else None,
+                "train_time_s": time_before + time.perf_counter() - start, "next_lr": lr_at(schedule_step(step, tokens_seen, cfg), cfg),
+                "sampler": {"seed": sampler.seed, "next_step": step}, "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "rng": rng_state()}
 
     history: List[dict] = []
-    switches: List[dict] = []
-    tokens_seen = answer_tokens_seen = 0
     window_tokens, window_start = 0, time.perf_counter()
     start = time.perf_counter()
     loss_value = float("nan")
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
     board = tensorboard_writer(metrics_path.parent / "tensorboard") if cfg.tensorboard else None
-    with metrics_path.open("a") as metrics_file, Progress(*columns, console=console) as progress:
-        budget = cfg.max_tokens is not None
-        bar = progress.add_task("train", total=cfg.max_tokens if budget else cfg.max_steps, stats="")
-        step = 0
+    if resume is not None:  # last: building the optimizer, loading the teacher must not move the RNG
+        set_rng_state(resume["rng"])
+    with metrics_path.open("a") as metrics_file, Progress(*columns, console=console) as progress, \
+            StopSignals(console) as stop:
+        def log(record: dict) -> None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+
+        bar = progress.add_task("train", total=cfg.max_tokens if budget else cfg.max_steps,
+                                completed=tokens_seen if budget else step, stats="")
         while not finished(step, tokens_seen, cfg):
             at = schedule_step(step, tokens_seen, cfg)  # == step without a token budget
             lr = lr_at(at, cfg)
@@ -153,7 +222,7 @@ def train(model: torch.nn.Module, examples: Sequence[dict], sampler: Sampler, cf
                 if switched:
                     event = {"event": "teacher_switch", "step": step, "from": teachers.name(previous),
                              "to": teachers.name(teachers.active_index)}
-                    metrics_file.write(json.dumps(event) + "\n")
+                    log(event)
                     switches.append(event)
                     console.print(f"step {step}: teacher {event['from']} -> {event['to']}", soft_wrap=True)
             step_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)  # counted on the CPU: no sync
@@ -176,34 +245,46 @@ def train(model: torch.nn.Module, examples: Sequence[dict], sampler: Sampler, cf
             window_tokens += step_tokens
             answer_tokens_seen += answer_tokens
 
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            scaler.step(optimizer)
-            scaler.update()
+            # One sync per optimizer step, before the update: a non-finite loss must never reach
+            # the weights (under fp16 the scaler skips inf *gradients* by itself; this is the loss).
+            loss_now = step_loss.item()
+            if math.isfinite(loss_now):
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                ids = [e.get("id", "?") for e in batch]
+                if not cfg.skip_nonfinite:
+                    where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+                    raise ClpdError(f"the training loss became {loss_now} at step {step + 1} (examples {', '.join(map(str, ids))}); "
+                                    f"{where}. Lower trainer.lr (now {cfg.lr}), check trainer.precision, or set "
+                                    f"trainer.skip_nonfinite=true to skip such steps")
+                skipped += 1
+                log({"event": "skip_nonfinite", "step": step + 1, "loss": str(loss_now), "examples": ids})
+                console.print(f"step {step + 1}: loss {loss_now}, step skipped ({skipped} so far)", soft_wrap=True)
+                grad_norm = torch.tensor(float("nan"))
             optimizer.zero_grad(set_to_none=True)
 
             done = step = step + 1
             last = finished(done, tokens_seen, cfg)
             if done % cfg.log_every == 0 or last:
-                step_loss = loss_value = step_loss.item()
-                if not math.isfinite(step_loss):
-                    raise ClpdError(f"the training loss became {step_loss} at step {done}; lower trainer.lr "
-                                    f"(now {cfg.lr}) or check trainer.precision")
+                loss_value = loss_now
                 now = time.perf_counter()
-                record = {"step": done, "loss": round(step_loss, 6), "lr": lr, "grad_norm": round(float(grad_norm), 6),
+                record = {"step": done, "loss": round(loss_now, 6) if math.isfinite(loss_now) else str(loss_now),
+                          "lr": lr, "grad_norm": round(float(grad_norm), 6) if math.isfinite(grad_norm) else None,
                           "tokens_seen": tokens_seen, "answer_tokens_seen": answer_tokens_seen,
                           "tokens_per_s": round(window_tokens / max(now - window_start, 1e-9), 1),
-                          "elapsed_s": round(now - start, 3), **pool, **({"schedule_step": at} if budget else {}),
+                          "elapsed_s": round(time_before + now - start, 3), **pool, **({"schedule_step": at} if budget else {}),
                           "teacher": teachers.name(teachers.active_index) if teachers is not None else None}
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+                log(record)
                 history.append(record)
                 if board is not None:
                     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "pool"):
-                        if key in record:
+                        if isinstance(record.get(key), (int, float)):
                             board.add_scalar(f"train/{key}", record[key], done)
                 window_tokens, window_start = 0, now
-                stats = f"loss {step_loss:.4f}  lr {lr:.2e}  {record['tokens_per_s']:,.0f} tok/s  pool {pool['pool']}"
+                stats = f"loss {loss_now:.4f}  lr {lr:.2e}  {record['tokens_per_s']:,.0f} tok/s  pool {pool['pool']}"
                 if "difficulty" in pool:
                     stats += f" [{pool['difficulty'][0]:g}..{pool['difficulty'][1]:g}]"
                 if record["teacher"]:
@@ -215,14 +296,19 @@ def train(model: torch.nn.Module, examples: Sequence[dict], sampler: Sampler, cf
             if evaluate is not None and cfg.eval_every and done % cfg.eval_every == 0:
                 event = {"event": "eval", "step": done, **evaluate(model)}
                 model.train()  # evaluate() leaves the model in eval mode
-                metrics_file.write(json.dumps(event) + "\n")
-                metrics_file.flush()
+                log(event)
                 console.print(f"step {done}: eval strict accuracy {event['accuracy_strict']:.3f} "
                               f"(n={event['n']})", soft_wrap=True)
             progress.advance(bar, step_tokens if budget else 1)
+            if save is not None and not last and (stop.requested or (cfg.save_every and done % cfg.save_every == 0)):
+                last_checkpoint = save(done, state())
+            if stop.requested and not last:
+                name = signal.Signals(stop.requested).name
+                where = f"checkpoint {last_checkpoint}" if save is not None else "no checkpoint (trainer.save=false)"
+                raise Interrupted(stop.requested, f"stopped by {name} after step {done}; {where}", resumable=save is not None)
 
     if board is not None:
         board.close()
     return TrainResult(steps=step, final_loss=loss_value, tokens_seen=tokens_seen,
-                       answer_tokens_seen=answer_tokens_seen, wall_time_s=time.perf_counter() - start, history=history,
-                       teacher_switches=switches)
+                       answer_tokens_seen=answer_tokens_seen, wall_time_s=time_before + time.perf_counter() - start,
+                       history=history, teacher_switches=switches, skipped_steps=skipped, state=state())

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel,
                           PreTrainedTokenizerBase, Qwen2Config)
 
@@ -39,7 +40,7 @@ def _from_pretrained(loader, name: str, what: str, **kwargs):
     check_source(name, what)
     try:
         return loader.from_pretrained(str(Path(name).expanduser()) if Path(name).expanduser().exists() else name, **kwargs)
-    except (OSError, ValueError) as exc:  # missing files, no network, not a model folder
+    except (OSError, ValueError, SafetensorError) as exc:  # missing or damaged files, no network, not a model folder
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ClpdError(f"could not load {what} '{name}': {first_line}") from exc
 

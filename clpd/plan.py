@@ -20,7 +20,7 @@ from clpd.config import Difficulty, DistillLoss, TrainConfig, register_configs, 
 from clpd.curriculum.scoring import compute_scores, is_curriculum, needs_model, scorers
 from clpd.curriculum.stages import build_sampler, stage_at, stage_starts
 from clpd.data import load_problems
-from clpd.data.prompts import encode_example
+from clpd.data.prompts import encode_problems
 from clpd.errors import ClpdError
 from clpd.models import load_tokenizer
 from clpd.runs import run_command, write_json
@@ -120,7 +120,8 @@ def run_plan(cfg: DictConfig, run_dir: Path, console: Console | None = None) -> 
         examples = None
         if Difficulty.cot_length in scorers(c):  # needs the student's tokenizer, not its weights
             tokenizer = load_tokenizer(tc.student)
-            examples = [encode_example(p, tokenizer, tc.benchmark.chat_template, tc.trainer.max_seq_len) for p in problems]
+            problems, examples, _ = encode_problems(problems, tokenizer, tc.benchmark.chat_template,
+                                                    tc.trainer.max_length, tc.trainer.overlong.value)
         scores = compute_scores(c, problems, examples, tc.seed)
     elif is_curriculum(c) and c.order != c.order.random:
         console.print(f"[yellow]difficulty={c.difficulty.value} needs a model: the order is computed at train time; "

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import shlex
+import sys
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from clpd.errors import ClpdError
+from clpd.errors import ClpdError, Interrupted
 
-CONFIG_FILE = "clpd_config.yaml"  # the resolved run config, saved beside each checkpoint
 
 
 def hydra_run_dir() -> Path:
@@ -37,37 +37,29 @@ def write_jsonl(path: Path, rows: list) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(model, tokenizer, cfg: DictConfig, path: Path, base=None) -> None:
-    """``save_pretrained`` into ``path.tmp``, then rename: a crash leaves no half checkpoint.
-
-    A peft model saves only its adapter; ``base`` (a from-scratch base model, which exists nowhere
-    else) is then saved into ``base/`` beside it, where clpd's loader looks first.
-    """
-    if path.exists():
-        raise ClpdError(f"{path} already exists; refusing to overwrite a checkpoint (choose another hydra.run.dir)")
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if base is not None:
-        base.save_pretrained(tmp / "base")
-        tokenizer.save_pretrained(tmp / "base")
-    OmegaConf.save(cfg, tmp / CONFIG_FILE, resolve=True)
-    os.replace(tmp, path)
-
-
 @contextmanager
 def recorded_status(run_dir: Path) -> Iterator[None]:
-    """Write ``status.json`` (running, then completed or failed with the error) so that reports
-    can list failed and unfinished runs instead of silently dropping them."""
+    """Write ``status.json`` (running, then ok, failed with the error, or interrupted with how it
+    stopped) so that reports can list failed and unfinished runs instead of silently dropping them."""
     write_json(run_dir / "status.json", {"status": "running"})
     try:
         yield
+    except (Interrupted, KeyboardInterrupt) as exc:
+        write_json(run_dir / "status.json", {"status": "interrupted", "error": str(exc) or "KeyboardInterrupt"})
+        raise
     except BaseException as exc:
         error = str(exc) if isinstance(exc, ClpdError) else "".join(traceback.format_exception_only(exc)).strip()
         write_json(run_dir / "status.json", {"status": "failed", "error": error})
         raise
-    write_json(run_dir / "status.json", {"status": "completed"})
+    write_json(run_dir / "status.json", {"status": "ok"})
+
+
+def resume_command(command: str) -> str:
+    """The command line that resumes this Hydra job: its overrides, its run dir, trainer.resume=auto."""
+    overrides = [o for o in HydraConfig.get().overrides.task
+                 if o.split("=", 1)[0].lstrip("+~") not in ("hydra.run.dir", "trainer.resume")]
+    words = ["clpd", command, *overrides, f"hydra.run.dir={hydra_run_dir()}", "trainer.resume=auto"]
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def run_command(command: str, run, cfg: DictConfig) -> Any:
@@ -81,6 +73,13 @@ def run_command(command: str, run, cfg: DictConfig) -> Any:
 
     try:
         return run(cfg, hydra_run_dir())
+    except Interrupted as exc:  # a single run or a sweep: the user asked to stop, so stop
+        how = f" To resume: {resume_command(command)}" if exc.resumable else ""
+        print(f"clpd {command}: {exc}.{how}", file=sys.stderr, flush=True)
+        raise SystemExit(exc.exit_code) from None
+    except KeyboardInterrupt:  # Ctrl-C before training started (data, teachers, scoring): nothing to save
+        print(f"clpd {command}: interrupted before training started; nothing was saved", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     except ClpdError as exc:
         if HydraConfig.get().mode == RunMode.RUN:
             raise SystemExit(f"clpd {command}: error: {exc}") from None

@@ -60,7 +60,8 @@ def _teacher_train_config(spec: ModelConfig, tc: TrainConfig):
     student = StudentConfig(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(ModelConfig)})
     trainer = replace(tc.trainer, max_steps=build.max_steps, batch_size=build.batch_size, grad_accum=build.grad_accum,
                       lr=build.lr, warmup_steps=build.warmup_steps, save=True, max_tokens=None,
-                      eval_every=None, eval_at_end=False)  # build_teacher evaluates on the student's test split instead
+                      eval_every=None, save_every=None, resume=None, resume_force=False,
+                      eval_at_end=False)  # build_teacher evaluates on the student's test split instead
     return OmegaConf.structured(TrainConfig(student=student, benchmark=replace(tc.benchmark, seed=build.data_seed),
                                             trainer=trainer, seed=build.seed))
 

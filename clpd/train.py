@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import logging
+import shutil
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
@@ -21,14 +23,17 @@ from clpd.curriculum.difficulty import fingerprint, load_scores, per_example_los
 from clpd.curriculum.scoring import compute_scores, is_curriculum, needs_model, scorers
 from clpd.curriculum.stages import build_sampler, stage_starts
 from clpd.data import load_problems
-from clpd.data.prompts import encode_example
+from clpd.data.prompts import encode_problems
 from clpd.errors import ClpdError
 from clpd.loop import require_tensorboard, sft_loss, train
 from clpd.losses import distill_loss_sum
 from clpd.models import (apply_lora, count_parameters, load_model, load_tokenizer, resolve_device,
                          resolve_precision)
 from clpd.evaluate import evaluate
-from clpd.runs import recorded_status, run_command, save_checkpoint, write_json, write_jsonl
+from clpd.checkpoint import (FINAL, MANIFEST_FILE, METRICS_FILE, complete_checkpoints, load_student_weights,
+                             load_training_state, make_manifest, manifest_differences, prune_checkpoints, step_name,
+                             write_checkpoint)
+from clpd.runs import recorded_status, run_command, write_json, write_jsonl
 from clpd.teachers import (TeacherPool, build_teacher, check_ladder_order, check_vocabularies, make_schedule,
                            summarize_ladder, teacher_accuracy, teacher_dtype)
 
@@ -59,8 +64,9 @@ def prepare_teachers(tc: TrainConfig, tokenizer, console: Console) -> tuple[list
 
 
 def curriculum_sampler(tc: TrainConfig, problems, examples, *, student, teacher_specs, tokenizer, device,
-                       run_dir: Path, console: Console) -> Sampler:
-    """Score, order and pace the training set (the explicit curriculum) into the run's sampler.
+                       run_dir: Path, console: Console) -> tuple[Sampler, Optional[List[float]]]:
+    """Score, order and pace the training set (the explicit curriculum) into the run's sampler;
+    returns it with the scores (None without a curriculum).
 
     Scores are cached in ``difficulty.json`` in the run dir, keyed by the scorer and the data.
     """
@@ -85,7 +91,7 @@ def curriculum_sampler(tc: TrainConfig, problems, examples, *, student, teacher_
             scores = compute_scores(c, problems, examples, tc.seed, {Difficulty.student_loss: lambda: loss_of(student),
                                                                        Difficulty.teacher_loss: teacher_loss})
             save_scores(cache, scores, meta)
-    return build_sampler(tc, scores, n)
+    return build_sampler(tc, scores, n), None if scores is None else [float(x) for x in scores]
 
 
 def score_problems(tc: TrainConfig, model, tokenizer, problems, device, autocast_dtype, console):
@@ -106,14 +112,78 @@ def evaluate_final(tc: TrainConfig, model, tokenizer, device, autocast_dtype, ru
     return metrics
 
 
+def finished_run(cfg: DictConfig, run_dir: Path, console: Console) -> dict:
+    """``trainer.resume=auto`` on a run that already finished: nothing to do, if it is the same run.
+    (So a sweep launched again with resume=auto continues where it stopped and skips what is done.)"""
+    manifest = run_dir / "checkpoints" / FINAL / MANIFEST_FILE
+    if manifest.exists():
+        saved = {"config": json.loads(manifest.read_text())["config"]}
+        differences = manifest_differences(saved, {"config": OmegaConf.to_container(cfg, resolve=True)})
+        if differences:
+            raise ClpdError(f"{run_dir} already holds a finished run with another config ({'; '.join(differences)}); "
+                            f"choose another hydra.run.dir")
+    console.print(f"{run_dir} already finished (trainer.resume=auto): nothing to resume", soft_wrap=True)
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def resume_source(tc: TrainConfig, run_dir: Path) -> Optional[Path]:
+    """The checkpoint to resume from, or None; refuses what would lose or mix up work."""
+    steps = complete_checkpoints(run_dir / "checkpoints")
+    if tc.trainer.resume is None:
+        if steps:
+            raise ClpdError(f"{run_dir} holds checkpoints of an unfinished run ({steps[-1].name}); continue it with "
+                            f"trainer.resume=auto, or choose another hydra.run.dir")
+        return None
+    if tc.trainer.resume == "auto":
+        if not steps:
+            log.info("trainer.resume=auto: no checkpoint in %s yet; starting from step 0", run_dir / "checkpoints")
+        return steps[-1] if steps else None
+    source = Path(tc.trainer.resume).expanduser().resolve()
+    later = [p.name for p in steps if p.resolve() != source and step_of(p) > step_of(source)]
+    if later:
+        raise ClpdError(f"trainer.resume={tc.trainer.resume}: {run_dir} already holds later checkpoints ({', '.join(later)}), "
+                        f"which resuming from an earlier one would overwrite; resume with trainer.resume=auto or "
+                        f"choose another hydra.run.dir")
+    return source
+
+
+def step_of(checkpoint: Path) -> int:
+    try:
+        return int(checkpoint.name.split("-")[-1])
+    except ValueError:
+        return -1
+
+
+def resume_student(tc: TrainConfig, source: Path, manifest: dict, model, run_dir: Path, console: Console) -> dict:
+    """Check ``source`` against this run, load its weights into ``model`` and its log into the run
+    dir; returns the training state to continue from."""
+    state = load_training_state(source)  # verifies the checkpoint first
+    saved = json.loads((source / MANIFEST_FILE).read_text())
+    differences = manifest_differences(saved, manifest)
+    if differences and not tc.trainer.resume_force:
+        raise ClpdError(f"trainer.resume: {source} was written by a different run: {'; '.join(differences)}. "
+                        f"Resume with the same settings, or set trainer.resume_force=true")
+    for d in differences:
+        log.warning("resuming despite a difference (trainer.resume_force=true): %s", d)
+    load_student_weights(model, source)
+    # The log continues from the checkpoint's copy: lines written after it (by the stopped run) go.
+    shutil.copyfile(source / METRICS_FILE, run_dir / "metrics.jsonl")
+    state["checkpoint"] = str(source)
+    console.print(f"resuming from {source} at step {state['step']} ({state['tokens_seen']:,} tokens read)", soft_wrap=True)
+    return state
+
+
 def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) -> dict:
     """Train as ``cfg`` says and write everything into ``run_dir``; returns the summary."""
     console = console or Console()
     run_dir.mkdir(parents=True, exist_ok=True)
     if (run_dir / "checkpoints" / "final").exists() or (run_dir / "summary.json").exists():
+        if cfg.trainer.resume == "auto" and (run_dir / "summary.json").exists():
+            return finished_run(cfg, run_dir, console)
         raise ClpdError(f"{run_dir} already holds a finished run; choose another hydra.run.dir")
     with recorded_status(run_dir):  # a refused config is recorded as a failed run too (for reports)
         tc: TrainConfig = to_object(cfg)  # every schema check runs here, before any work
+        resume_from = resume_source(tc, run_dir)
         if tc.trainer.tensorboard:
             require_tensorboard()
         started = time.perf_counter()
@@ -137,11 +207,8 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
         problems = load_problems(tc.benchmark, tc.benchmark.train_split, tc.benchmark.train_limit)
         if not problems:
             raise ClpdError(f"benchmark={tc.benchmark.name.value} split {tc.benchmark.train_split} has no problems")
-        examples = [encode_example(p, tokenizer, tc.benchmark.chat_template, tc.trainer.max_seq_len) for p in problems]
-        truncated = sum(e["truncated"] for e in examples)
-        if truncated:
-            log.warning("%d of %d examples were longer than trainer.max_seq_len=%d and were truncated",
-                        truncated, len(examples), tc.trainer.max_seq_len)
+        problems, examples, overlong = encode_problems(problems, tokenizer, tc.benchmark.chat_template,
+                                                       tc.trainer.max_length, tc.trainer.overlong.value)
 
         torch.manual_seed(tc.seed)  # from-scratch weights and LoRA init are a function of the seed
         lora = tc.student.lora.enabled
@@ -164,8 +231,24 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
             teachers = TeacherPool(teacher_specs, tokenizer, device=device, dtype=teacher_dtype(autocast_dtype))
             schedule = make_schedule(tc.teachers, stage_starts(tc, len(examples)))
 
-        sampler = curriculum_sampler(tc, problems, examples, student=model, teacher_specs=teacher_specs,
-                                     tokenizer=tokenizer, device=device, run_dir=run_dir, console=console)
+        sampler, scores = curriculum_sampler(tc, problems, examples, student=model, teacher_specs=teacher_specs,
+                                             tokenizer=tokenizer, device=device, run_dir=run_dir, console=console)
+        in_use = teacher_specs if teachers is not None else []
+        manifest = make_manifest(cfg, teachers=[{"name": t.name, "source": t.path} for t in in_use],
+                                 data=fingerprint(examples), scores=scores)
+        resume = resume_student(tc, resume_from, manifest, model, run_dir, console) if resume_from else None
+
+        checkpoints = run_dir / "checkpoints"
+        saves: List[dict] = []
+
+        def save(step: int, state: dict) -> Path:
+            path = checkpoints / step_name(step)
+            seconds = write_checkpoint(path, model=model, tokenizer=tokenizer, cfg=cfg, base=scratch_base, state=state,
+                                       manifest=manifest, metrics=run_dir / "metrics.jsonl")
+            prune_checkpoints(checkpoints, tc.trainer.keep_last)
+            saves.append({"step": step, "seconds": round(seconds, 3)})
+            console.print(f"step {step}: checkpoint {path} ({seconds:.2f}s)", soft_wrap=True)
+            return path
         curve = None
         if tc.trainer.eval_every:
             curve_problems = load_problems(tc.benchmark, tc.benchmark.eval_split, tc.trainer.eval_every_limit)
@@ -174,14 +257,16 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
                 return score_problems(tc, student, tokenizer, curve_problems, device, autocast_dtype, console=None)[1]
         result = train(model, examples, sampler, tc.trainer, pad_id=tokenizer.pad_token_id, device=device,
                        autocast_dtype=autocast_dtype, metrics_path=run_dir / "metrics.jsonl", console=console,
-                       loss_fn=loss_fn, teachers=teachers, schedule=schedule, evaluate=curve)
+                       loss_fn=loss_fn, teachers=teachers, schedule=schedule, evaluate=curve,
+                       save=save if tc.trainer.save else None, resume=resume)
         if teachers is not None:
             teachers.release()
 
-        checkpoint = run_dir / "checkpoints" / "final"
+        checkpoint = checkpoints / FINAL
         if tc.trainer.save:
-            checkpoint.parent.mkdir(exist_ok=True)
-            save_checkpoint(model, tokenizer, cfg, checkpoint, base=scratch_base)
+            seconds = write_checkpoint(checkpoint, model=model, tokenizer=tokenizer, cfg=cfg, base=scratch_base,
+                                       state=result.state, manifest=manifest, metrics=run_dir / "metrics.jsonl")
+            saves.append({"step": result.steps, "seconds": round(seconds, 3), "final": True})
         final_eval = None
         if tc.trainer.eval_at_end:
             final_eval = evaluate_final(tc, model, tokenizer, device, autocast_dtype, run_dir, console)
@@ -190,13 +275,14 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
             console.print(_ladder_table([*ladder_rows, student_row],
                                         f"{tc.benchmark.name.value}/{tc.benchmark.eval_split}: teachers and the student"))
         if tc.trainer.save and lora and tc.student.lora.merge_on_save:  # last: merging rewrites the model
-            save_checkpoint(model.merge_and_unload(), tokenizer, cfg, run_dir / "checkpoints" / "merged")
+            write_checkpoint(checkpoints / "merged", model=model.merge_and_unload(), tokenizer=tokenizer, cfg=cfg)
         summary = {
             "steps": result.steps, "final_loss": result.final_loss, "tokens_seen": result.tokens_seen,
             "answer_tokens_seen": result.answer_tokens_seen, "train_time_s": round(result.wall_time_s, 2),
             "wall_time_s": round(time.perf_counter() - started, 2), "student_parameters": count_parameters(model),
-            "train_examples": len(examples), "truncated_examples": truncated,
-            "teacher_switches": result.teacher_switches,
+            "train_examples": len(examples), "overlong_examples": overlong, "skipped_steps": result.skipped_steps,
+            "teacher_switches": result.teacher_switches, "resumed_from": resume and resume["checkpoint"],
+            "checkpoint_saves": saves,
             "checkpoint": str(checkpoint) if tc.trainer.save else None,
             "eval": final_eval,
         }

@@ -98,7 +98,7 @@ def test_train_then_eval_through_the_cli_and_load_the_checkpoint_with_plain_tran
     out = clpd("train", "+experiment=arith_sft", *TINY_OVERRIDES, f"hydra.run.dir={run}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     final = run / "checkpoints" / "final"
-    assert (final / "clpd_config.yaml").exists() and json.loads((run / "status.json").read_text())["status"] == "completed"
+    assert (final / "clpd_config.yaml").exists() and json.loads((run / "status.json").read_text())["status"] == "ok"
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3  # log_every=1, 3 steps
 
     out = clpd("eval", f"checkpoint={final}", "benchmark.test_size=16", "benchmark.max_steps=2",

@@ -70,14 +70,22 @@ def test_labels_are_ignored_exactly_on_the_prompt(tok):
     assert tok.decode(ids[len(prompt):]) == " " + PROBLEM.solution + tok.eos_token
 
 
-def test_truncation_cuts_to_max_len_and_sets_the_flag(tok):
+def test_an_example_longer_than_max_len_is_dropped_by_default(tok):
     full = encode_example(PROBLEM, tok, False, max_len=512)
     n = len(full["input_ids"])
     exact = encode_example(PROBLEM, tok, False, max_len=n)
     assert exact["truncated"] is False and exact["input_ids"] == full["input_ids"]
-    cut = encode_example(PROBLEM, tok, False, max_len=n - 3)
+    assert encode_example(PROBLEM, tok, False, max_len=n - 3) is None
+
+
+def test_truncate_left_cuts_the_prompts_start_and_keeps_the_whole_answer(tok):
+    full = encode_example(PROBLEM, tok, False, max_len=512)
+    n = len(full["input_ids"])
+    cut = encode_example(PROBLEM, tok, False, max_len=n - 3, overlong="truncate_left")
     assert cut["truncated"] is True
-    assert cut["input_ids"] == full["input_ids"][: n - 3] and cut["labels"] == full["labels"][: n - 3]
+    assert cut["input_ids"] == full["input_ids"][3:] and cut["labels"] == full["labels"][3:]
+    answer = sum(1 for t in full["labels"] if t != IGNORE_INDEX)
+    assert encode_example(PROBLEM, tok, False, max_len=answer, overlong="truncate_left") is None  # no prompt left
 
 
 def test_chat_template_wraps_the_question(chat_tok):

@@ -22,7 +22,7 @@ from clpd.evaluate import evaluate
 from clpd.loop import train
 from clpd.losses import distill_loss_sum
 from clpd.models import apply_lora, load_model, load_tokenizer
-from clpd.runs import save_checkpoint
+from clpd.checkpoint import write_checkpoint
 from clpd.curriculum.stages import stage_starts
 from clpd.teachers import check_ladder_order, make_schedule, teacher_index, teacher_key
 from clpd.train import run_train
@@ -149,7 +149,8 @@ def test_progressive_distillation_switches_teachers_and_holds_one_at_a_time(tmp_
 def test_teachers_with_padded_output_rows_of_different_sizes_use_the_shared_rows(tmp_path):
     # Like Qwen2.5: 1.5B/3B have 151936 output rows, 7B 152064, the tokenizer fewer than both.
     qwen = ["student.arch=qwen2", "student.hidden_size=16", "student.num_heads=2", "student.intermediate_size=32",
-            "student.vocab_size=151936", "trainer.batch_size=2", "trainer.grad_accum=1", "trainer.max_seq_len=64"]
+            "student.vocab_size=151936", "trainer.batch_size=2", "trainer.grad_accum=1", "trainer.max_length=64",
+            "trainer.overlong=truncate_left"]
     teacher = ("teachers.ladder=[{name: wide, arch: qwen2, hidden_size: 16, num_layers: 1, num_heads: 2,"
                " intermediate_size: 32, vocab_size: 152064, tie_embeddings: false}]")
     cfg = compose_config("train", [*TINY_OVERRIDES, *qwen, "distill=forward_kl", teacher, "teachers.build.max_steps=1",
@@ -208,7 +209,7 @@ def test_a_lora_student_changes_only_its_adapters_and_reloads_with_the_same_pred
 
     from omegaconf import OmegaConf
 
-    save_checkpoint(model, tok, OmegaConf.create({"note": "test"}), tmp_path / "final", base=scratch)
+    write_checkpoint(tmp_path / "final", model=model, tokenizer=tok, cfg=OmegaConf.create({"note": "test"}), base=scratch)
     assert (tmp_path / "final" / "adapter_config.json").exists() and (tmp_path / "final" / "base").exists()
     reloaded_base = {k: v for k, v in load_model(ModelConfig(name="b", path=str(tmp_path / "final" / "base")), tok).state_dict().items()}
     assert all(torch.equal(reloaded_base[k], pristine[k]) for k in pristine)

@@ -19,7 +19,7 @@ QUIET = Console(quiet=True)
 def test_a_run_writes_metrics_summary_status_and_a_checkpoint_with_its_config(tiny_train_cfg, tmp_path):
     summary = run_train(tiny_train_cfg, tmp_path, QUIET)
     assert summary["steps"] == 3 and summary["tokens_seen"] > summary["answer_tokens_seen"] > 0
-    assert json.loads((tmp_path / "status.json").read_text()) == {"status": "completed"}
+    assert json.loads((tmp_path / "status.json").read_text()) == {"status": "ok"}
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     final = tmp_path / "checkpoints" / "final"
     assert {"config.json", "tokenizer.json", "clpd_config.yaml"} <= {p.name for p in final.iterdir()}
@@ -46,9 +46,11 @@ def test_a_failed_run_is_recorded_as_failed(tmp_path):
 def test_training_on_real_gsm8k_with_a_bpe_tokenizer(tmp_path):
     cfg = compose_config("train", [*TINY_OVERRIDES, "method=sft", "benchmark=gsm8k", f"benchmark.data_dir={needs(GSM8K_DIR)}",
                                    "benchmark.train_limit=16", f"student.tokenizer={needs(GPT2_DIR)}",
-                                   "trainer.max_steps=2", "trainer.max_seq_len=256", "trainer.save=false"])
+                                   "trainer.max_steps=2", "trainer.max_length=256", "trainer.save=false"])
     summary = run_train(cfg, tmp_path, QUIET)
-    assert summary["train_examples"] == 16 and summary["checkpoint"] is None
+    # One of the first 16 GSM8K problems is longer than 256 GPT-2 tokens: dropped (trainer.overlong=drop).
+    assert summary["overlong_examples"] == {"dropped": 1, "truncated": 0}
+    assert summary["train_examples"] == 15 and summary["checkpoint"] is None
 
 
 def test_eval_of_a_trained_checkpoint_on_arith_and_on_svamp(tiny_train_cfg, tmp_path):
