@@ -44,7 +44,7 @@ def test_two_steps_with_tiny_stand_ins(tmp_path):
     cfg = compose_config("train", ["+experiment=gsm8k", *[f"{k}={v}" for k, v in paths.items()],
                                    f"benchmark.data_dir={needs(GSM8K_DIR)}", "benchmark.train_limit=48",
                                    "benchmark.eval_limit=4", "trainer.max_steps=2", "trainer.batch_size=4",
-                                   "trainer.grad_accum=2", "trainer.max_seq_len=256", "trainer.eval_max_new_tokens=8",
+                                   "trainer.grad_accum=2", "trainer.max_length=256", "trainer.eval_max_new_tokens=8",
                                    "trainer.log_every=1"])
     summary = run_train(cfg, tmp_path / "run", QUIET)
     assert summary["steps"] == 2 and summary["eval"]["n"] == 4

@@ -24,15 +24,16 @@ def _wrap(label: str, width: int) -> str:
 
 
 def plot_report(runs: Sequence[dict], groups: Sequence[dict], kept: Sequence[str], path: Path) -> None:
-    """Three panels: (a) accuracy per group with the seeds as dots, (b) accuracy by difficulty,
-    (c) training loss curves. Written atomically."""
+    """Four panels: (a) accuracy per group with the seeds as dots, (b) accuracy by difficulty,
+    (c) training loss curves, (d) test accuracy during training (``trainer.eval_every``).
+    Written atomically."""
     from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas
 
     colors = [f"C{i % 10}" for i in range(len(groups))]
-    fig = Figure(figsize=(18, 5.6), layout="constrained")
-    ax_acc, ax_diff, ax_loss = fig.subplots(1, 3)
+    fig = Figure(figsize=(16, 10.5), layout="constrained")
+    (ax_acc, ax_diff), (ax_loss, ax_curve) = fig.subplots(2, 2)
     n_failed = sum(r["status"] in ("failed", "unreadable") for r in runs)
-    n_unfinished = sum(r["status"] == "unfinished" for r in runs)
+    n_unfinished = sum(r["status"] in ("unfinished", "interrupted") for r in runs)
     fig.suptitle(f"clpd report: {len(runs)} runs in {len(groups)} group{'s' * (len(groups) != 1)}"
                  f" ({n_failed} failed, {n_unfinished} unfinished); varied: {', '.join(kept) or 'nothing but seed'}",
                  fontsize=13)
@@ -129,6 +130,30 @@ def plot_report(runs: Sequence[dict], groups: Sequence[dict], kept: Sequence[str
     ax_loss.set_title("(c) training loss (thin: single seeds, dotted: not completed)")
     ax_loss.grid(alpha=0.3)
     ax_loss.grid(alpha=0.08, which="minor")
+
+    # (d) test accuracy during training
+    drawn = False
+    for i, g in enumerate(groups):
+        done = [dict(r["eval_curve"]) for r in g["runs"] if r["status"] == "completed" and r["eval_curve"]]
+        if not done:
+            continue
+        steps = sorted({s for c in done for s in c})
+        per = [[c[s] for c in done if s in c] for s in steps]
+        mean = np.array([np.mean(v) for v in per])
+        std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in per])
+        ax_curve.plot(steps, mean, marker="o", color=colors[i], label=f"{g['label']} (n={len(done)})")
+        ax_curve.fill_between(steps, mean - std, mean + std, color=colors[i], alpha=0.15, linewidth=0)
+        drawn = True
+    if drawn:
+        ax_curve.legend(fontsize=8)
+        ax_curve.set_ylim(bottom=0)
+    else:
+        ax_curve.text(0.5, 0.5, "no learning curves (trainer.eval_every)", ha="center", va="center",
+                      transform=ax_curve.transAxes, color="0.4")
+    ax_curve.set_xlabel("optimizer step")
+    ax_curve.set_ylabel("strict accuracy on the eval subset (fraction)")
+    ax_curve.set_title("(d) test accuracy during training: plateau or jump? (band: ± std over seeds)")
+    ax_curve.grid(alpha=0.3)
 
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, format="png", dpi=110)

@@ -68,19 +68,25 @@ def _read_json(path: Path) -> Optional[Any]:
         raise ValueError(f"{path.name} is unreadable: {exc}") from None
 
 
-def _loss_curve(path: Path) -> List[Tuple[int, float]]:
-    """(step, loss) of the logging lines; event lines and a half-written last line are skipped."""
-    curve: List[Tuple[int, float]] = []
+def _curves(path: Path) -> Tuple[List[Tuple[int, float]], List[Tuple[int, float]]]:
+    """(step, loss) of the logging lines and (step, strict accuracy) of the eval events
+    (``trainer.eval_every``); other events and a half-written last line are skipped."""
+    loss: List[Tuple[int, float]] = []
+    accuracy: List[Tuple[int, float]] = []
     if not path.is_file():
-        return curve
+        return loss, accuracy
     for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and "loss" in record and "step" in record and record["loss"] is not None:
-            curve.append((int(record["step"]), float(record["loss"])))
-    return curve
+        if not isinstance(record, dict) or "step" not in record:
+            continue
+        if record.get("event") == "eval" and isinstance(record.get("accuracy_strict"), (int, float)):
+            accuracy.append((int(record["step"]), float(record["accuracy_strict"])))
+        elif "event" not in record and isinstance(record.get("loss"), (int, float)):
+            loss.append((int(record["step"]), float(record["loss"])))
+    return loss, accuracy
 
 
 def _natural_key(path: Path) -> list:
@@ -101,7 +107,7 @@ def find_run_dirs(root: Path) -> List[Path]:
 def read_run(run_dir: Path) -> dict:
     """One run dir as a row: its parameters (config, group choices, overrides), status and metrics."""
     hydra_dir = run_dir / ".hydra"
-    run: Dict[str, Any] = {"run": str(run_dir), "command": None, "status": "unfinished", "error": None,
+    run: Dict[str, Any] = {"run": str(run_dir), "command": None, "status": "unfinished", "error": None, "eval_curve": [],
                            "params": {}, "override_keys": [], "choice_keys": [], "seed": None,
                            "metrics": {m: None for m in METRICS + EXTRA_METRICS}, "by_difficulty": {}, "curve": []}
     try:
@@ -132,8 +138,9 @@ def read_run(run_dir: Path) -> dict:
         run["seed"] = params.get("seed")
 
         status = _read_json(run_dir / "status.json") or {}
-        if status.get("status") in ("completed", "failed"):
-            run["status"] = status["status"]
+        # status.json says ok (older runs: completed), failed or interrupted; a report says completed.
+        if status.get("status") in ("ok", "completed", "failed", "interrupted"):
+            run["status"] = "completed" if status["status"] in ("ok", "completed") else status["status"]
         run["error"] = status.get("error")
 
         summary = _read_json(run_dir / "summary.json") or {}
@@ -146,7 +153,7 @@ def read_run(run_dir: Path) -> dict:
             run["metrics"][key] = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
         run["by_difficulty"] = {int(k): v for k, v in (metrics.get("by_difficulty") or {}).items()
                                 if str(k).lstrip("-").isdigit()}
-        run["curve"] = _loss_curve(run_dir / "metrics.jsonl")
+        run["curve"], run["eval_curve"] = _curves(run_dir / "metrics.jsonl")
     except Exception as exc:  # one broken run dir is a row that says so, not the end of the report
         run["status"], run["error"] = "unreadable", f"{type(exc).__name__}: {exc}"
     if run["status"] != "completed":  # metrics of a run that did not finish are not its results

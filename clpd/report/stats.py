@@ -149,7 +149,7 @@ def group_runs(runs: Sequence[dict]) -> List[dict]:
         done = [r for r in g["runs"] if r["status"] == "completed"]
         g["completed"] = len(done)
         g["failed"] = sum(r["status"] in ("failed", "unreadable") for r in g["runs"])
-        g["unfinished"] = sum(r["status"] == "unfinished" for r in g["runs"])
+        g["unfinished"] = sum(r["status"] in ("unfinished", "interrupted") for r in g["runs"])
         for m in METRICS:
             g[m] = _stats([r["metrics"][m] for r in done if r["metrics"][m] is not None])
         g["accuracy_by_seed"] = _accuracy_by_seed(g["runs"])
