@@ -60,7 +60,9 @@ def make_run(run_dir: Path, method: str, seed: int, status: str, acc: float | No
     (run_dir / "status.json").write_text(json.dumps({"status": status, **({"error": "boom"} if status == "failed" else {})}))
     lines = [{"step": 10, "loss": 2.0 - 0.1 * seed, "lr": 0.005, "tokens_seen": 500, "elapsed_s": 1.0, "pool": 10},
              {"event": "teacher_switch", "step": 10, "from": "small", "to": "large"},
-             {"step": 20, "loss": 1.0 - 0.1 * seed, "lr": 0.001, "tokens_seen": TOKENS[seed], "elapsed_s": 2.0, "pool": 20}]
+             {"event": "skip_nonfinite", "step": 15, "loss": "nan", "examples": ["a", "b"]},
+             {"step": 20, "loss": 1.0 - 0.1 * seed, "lr": 0.001, "tokens_seen": TOKENS[seed], "elapsed_s": 2.0, "pool": 20},
+             {"event": "eval", "step": 20, "accuracy_strict": 0.3 + 0.1 * seed, "n": 200}]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 30, "lo')
     if status == "completed":
         metrics = {"accuracy_strict": acc, "accuracy_flexible": acc + 0.05, "n": 100,
@@ -185,7 +187,8 @@ def test_metrics_are_read_from_summary_eval_or_eval_metrics_json(reported):
     (run,) = [r for r in reported["runs"] if r["params"]["method"] == "standard_kd" and r["seed"] == 1]
     assert not (Path(run["run"]) / "summary.json").read_text().count('"eval"')
     assert run["metrics"]["accuracy_strict"] == 0.5 and run["by_difficulty"][2]["accuracy_strict"] == pytest.approx(0.3)
-    assert run["curve"] == [(10, pytest.approx(1.9)), (20, pytest.approx(0.9))]  # event and half line skipped
+    assert run["curve"] == [(10, pytest.approx(1.9)), (20, pytest.approx(0.9))]  # events and half line skipped
+    assert run["eval_curve"] == [(20, pytest.approx(0.4))]  # the learning curve of trainer.eval_every
 
 
 def test_the_console_table_has_the_groups_and_the_comparison(reported):
@@ -197,11 +200,11 @@ def test_the_console_table_has_the_groups_and_the_comparison(reported):
     assert "boom" in text
 
 
-def test_report_png_is_a_three_panel_png(reported):
+def test_report_png_is_a_four_panel_png(reported):
     data = (reported["out"] / "report.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 30_000
     width, height = struct.unpack(">II", data[16:24])
-    assert width > 2 * height > 0  # three panels side by side
+    assert 1.2 * height < width < 2 * height  # 2 x 2 panels
     assert sorted(p.name for p in reported["out"].iterdir()) == ["report.csv", "report.md", "report.png"]
 
 
