@@ -127,7 +127,7 @@ def plot_report(runs: Sequence[dict], groups: Sequence[dict], kept: Sequence[str
         ax_loss.text(0.5, 0.5, "no training curves", ha="center", va="center", transform=ax_loss.transAxes, color="0.4")
     ax_loss.set_xlabel("optimizer step")
     ax_loss.set_ylabel("training loss per answer token (log scale)")
-    ax_loss.set_title("(c) training loss (thin: single seeds, dotted: not completed)")
+    ax_loss.set_title("(c) training loss, each run's own objective (thin: single seeds, dotted: not completed)")
     ax_loss.grid(alpha=0.3)
     ax_loss.grid(alpha=0.08, which="minor")
 
