@@ -23,6 +23,14 @@ def _wrap(label: str, width: int) -> str:
     return "\n".join(lines + [line.rstrip()])
 
 
+def _mean_band(ax, xs, per, color, label) -> None:
+    """Mean over seeds of each x's values as a line with markers, ± the sample std as a band."""
+    mean = np.array([np.mean(v) if v else np.nan for v in per])
+    std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in per])
+    ax.plot(xs, mean, marker="o", color=color, label=label)
+    ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
+
+
 def plot_report(runs: Sequence[dict], groups: Sequence[dict], kept: Sequence[str], path: Path) -> None:
     """Four panels: (a) accuracy per group with the seeds as dots, (b) accuracy by difficulty,
     (c) training loss curves, (d) test accuracy during training (``trainer.eval_every``).
@@ -76,10 +84,7 @@ def plot_report(runs: Sequence[dict], groups: Sequence[dict], kept: Sequence[str
             continue
         per = [[r["by_difficulty"][d]["accuracy_strict"] for r in done
                 if d in r["by_difficulty"] and r["by_difficulty"][d].get("accuracy_strict") is not None] for d in steps]
-        mean = np.array([np.mean(v) if v else np.nan for v in per])
-        std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in per])
-        ax_diff.plot(steps, mean, marker="o", color=colors[i], label=f"{g['label']} (n={len(done)})")
-        ax_diff.fill_between(steps, mean - std, mean + std, color=colors[i], alpha=0.15, linewidth=0)
+        _mean_band(ax_diff, steps, per, colors[i], f"{g['label']} (n={len(done)})")
         drawn = True
     if drawn:
         ax_diff.legend(fontsize=8)
@@ -139,10 +144,7 @@ def plot_report(runs: Sequence[dict], groups: Sequence[dict], kept: Sequence[str
             continue
         steps = sorted({s for c in done for s in c})
         per = [[c[s] for c in done if s in c] for s in steps]
-        mean = np.array([np.mean(v) for v in per])
-        std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in per])
-        ax_curve.plot(steps, mean, marker="o", color=colors[i], label=f"{g['label']} (n={len(done)})")
-        ax_curve.fill_between(steps, mean - std, mean + std, color=colors[i], alpha=0.15, linewidth=0)
+        _mean_band(ax_curve, steps, per, colors[i], f"{g['label']} (n={len(done)})")
         drawn = True
     if drawn:
         ax_curve.legend(fontsize=8)
