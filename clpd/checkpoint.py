@@ -133,11 +133,17 @@ def is_clpd_checkpoint(path: Path) -> bool:
     return path.is_dir() and ((path / CONFIG_FILE).exists() or (path / COMPLETE).exists())
 
 
+def checkpoint_step(path: Path) -> Optional[int]:
+    """N of a ``step-N`` checkpoint folder; None for ``final`` and anything else."""
+    m = STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else None
+
+
 def complete_checkpoints(folder: Path) -> List[Path]:
     """The ``step-N`` checkpoints of ``folder`` (a run's ``checkpoints/``) that finished, oldest first."""
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_DIR.match(p.name)) and (p / COMPLETE).exists()]
+    found = [(checkpoint_step(p), p) for p in folder.iterdir() if checkpoint_step(p) is not None and (p / COMPLETE).exists()]
     return [p for _, p in sorted(found)]
 
 

@@ -178,10 +178,11 @@ def train(model: torch.nn.Module, examples: Sequence[dict], sampler: Sampler, cf
             teachers.get(resume["teacher"])  # the teacher that was active: no switch is logged for it
 
     def state() -> dict:
-        return {"step": step, "schedule_step": schedule_step(step, tokens_seen, cfg), "tokens_seen": tokens_seen,
+        at = schedule_step(step, tokens_seen, cfg)
+        return {"step": step, "schedule_step": at, "tokens_seen": tokens_seen,
                 "answer_tokens_seen": answer_tokens_seen, "skipped_steps": skipped, "teacher_switches": switches,
                 "teacher": teachers.active_index if teachers is not None else None,
-                "train_time_s": time_before + time.perf_counter() - start, "next_lr": lr_at(schedule_step(step, tokens_seen, cfg), cfg),
+                "train_time_s": time_before + time.perf_counter() - start, "next_lr": lr_at(at, cfg),
                 "sampler": {"seed": sampler.seed, "next_step": step}, "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "rng": rng_state()}
 

@@ -30,9 +30,9 @@ from clpd.losses import distill_loss_sum
 from clpd.models import (apply_lora, count_parameters, load_model, load_tokenizer, resolve_device,
                          resolve_precision)
 from clpd.evaluate import evaluate
-from clpd.checkpoint import (FINAL, MANIFEST_FILE, METRICS_FILE, complete_checkpoints, load_student_weights,
-                             load_training_state, make_manifest, manifest_differences, prune_checkpoints, step_name,
-                             write_checkpoint)
+from clpd.checkpoint import (FINAL, MANIFEST_FILE, METRICS_FILE, checkpoint_step, complete_checkpoints,
+                             load_student_weights, load_training_state, make_manifest, manifest_differences,
+                             prune_checkpoints, step_name, write_checkpoint)
 from clpd.runs import recorded_status, run_command, write_json, write_jsonl
 from clpd.teachers import (TeacherPool, build_teacher, check_ladder_order, check_vocabularies, make_schedule,
                            summarize_ladder, teacher_accuracy, teacher_dtype)
@@ -139,19 +139,14 @@ def resume_source(tc: TrainConfig, run_dir: Path) -> Optional[Path]:
             log.info("trainer.resume=auto: no checkpoint in %s yet; starting from step 0", run_dir / "checkpoints")
         return steps[-1] if steps else None
     source = Path(tc.trainer.resume).expanduser().resolve()
-    later = [p.name for p in steps if p.resolve() != source and step_of(p) > step_of(source)]
+    source_step = checkpoint_step(source)  # None for ``final`` or a folder elsewhere: every step is later
+    later = [p.name for p in steps
+             if p.resolve() != source and (source_step is None or checkpoint_step(p) > source_step)]
     if later:
         raise ClpdError(f"trainer.resume={tc.trainer.resume}: {run_dir} already holds later checkpoints ({', '.join(later)}), "
                         f"which resuming from an earlier one would overwrite; resume with trainer.resume=auto or "
                         f"choose another hydra.run.dir")
     return source
-
-
-def step_of(checkpoint: Path) -> int:
-    try:
-        return int(checkpoint.name.split("-")[-1])
-    except ValueError:
-        return -1
 
 
 def resume_student(tc: TrainConfig, source: Path, manifest: dict, model, run_dir: Path, console: Console) -> dict:

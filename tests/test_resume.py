@@ -124,11 +124,13 @@ def test_only_the_newest_keep_last_step_checkpoints_are_kept_and_each_is_complet
     assert state["step"] == 8 and {"optimizer", "scaler", "rng", "sampler", "teacher", "tokens_seen"} <= set(state)
 
 
-def _stopped_run(tmp_path, cache) -> Path:
+def _stopped_run(tmp_path, cache, max_steps: int = 6, dies_in_step: int = 5) -> Path:
+    """A run that died in ``dies_in_step`` (a KeyboardInterrupt before any handler): with the
+    default arguments a run with the step-3 checkpoint only."""
     run = tmp_path / "run"
     run_train(compose_config("train", [*RUN, cache, "teachers.build_only=true"]), tmp_path / "teachers", QUIET)
-    cfg = compose_config("train", [*RUN, cache, "trainer.max_steps=6"])
-    with pytest.raises(KeyboardInterrupt):  # Ctrl-C in step 5, before any handler: a run with step-3 only
+    cfg = compose_config("train", [*RUN, cache, f"trainer.max_steps={max_steps}"])
+    with pytest.raises(KeyboardInterrupt):
         import clpd.loop
 
         original = clpd.loop.collate
@@ -136,8 +138,8 @@ def _stopped_run(tmp_path, cache) -> Path:
 
         def collate(*args, **kwargs):
             calls["n"] += 1
-            if calls["n"] == 2 * 4 + 1:
-                raise KeyboardInterrupt  # as if the process died in step 5
+            if calls["n"] == 2 * (dies_in_step - 1) + 1:  # grad_accum=2: the first micro-batch of that step
+                raise KeyboardInterrupt  # as if the process died there
             return original(*args, **kwargs)
 
         clpd.loop.collate = collate
@@ -164,6 +166,18 @@ def test_a_new_run_in_a_dir_with_unfinished_checkpoints_is_refused_and_nothing_i
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
     with pytest.raises(ClpdError, match="unfinished run .*trainer.resume=auto"):
         run_train(compose_config("train", [*RUN, cache, "trainer.max_steps=6"]), run, QUIET)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
+def test_resuming_an_earlier_checkpoint_into_a_dir_with_later_ones_is_refused_and_nothing_is_touched(tmp_path, cache):
+    run = _stopped_run(tmp_path, cache, max_steps=12, dies_in_step=11)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert before == ["step-0000006", "step-0000009"]  # keep_last=2
+    earlier = compose_config("train", [*RUN, cache, "trainer.max_steps=12",
+                                       f"trainer.resume={run / 'checkpoints' / 'step-0000006'}"])
+    with pytest.raises(ClpdError, match=r"already holds later checkpoints \(step-0000009\), which resuming from an "
+                                        r"earlier one would overwrite"):
+        run_train(earlier, run, QUIET)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
 
