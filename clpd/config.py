@@ -9,10 +9,11 @@ All problems found by one check are reported together, each naming its key (as l
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -245,6 +246,11 @@ class TeachersConfig:
     boundaries: Optional[List[float]] = None
     cache_dir: str = "outputs/teachers"  # trained from-scratch teachers, keyed by config and data
     build: TeacherBuildConfig = field(default_factory=TeacherBuildConfig)
+    # Changes to ``build`` for single teachers, by ladder name, e.g. {medium: {max_steps: 3000}}
+    # (on the command line: +teachers.build_overrides.medium.max_steps=3000): a rung that needs
+    # longer than the others to reach the plateau of its learning curve. Only that teacher's cache
+    # key changes, so the others are not retrained.
+    build_overrides: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     build_only: bool = False  # build (and evaluate) the ladder, then stop: +experiment=arith_teachers
 
     def __post_init__(self) -> None:
@@ -253,6 +259,12 @@ class TeachersConfig:
         _check(p, len(set(names)) == len(names), f"teachers.ladder names must be unique, got {names}")
         if self.schedule == Schedule.fixed:
             _check(p, self.fixed in names, f"teachers.fixed={self.fixed} must name a teacher of the ladder: {names}")
+        build_fields = [f.name for f in dataclasses.fields(TeacherBuildConfig)]
+        for name, changes in self.build_overrides.items():
+            _check(p, name in names, f"teachers.build_overrides.{name}: no teacher of that name in the ladder: {names}")
+            for key in changes:
+                _check(p, key in build_fields,
+                       f"teachers.build_overrides.{name}.{key}: not a build setting; allowed: {', '.join(build_fields)}")
         if self.boundaries is not None:
             b = list(self.boundaries)
             _check(p, len(b) == max(len(names) - 1, 0),

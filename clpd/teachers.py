@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from clpd.config import ModelConfig, Schedule, StudentConfig, TeachersConfig, TrainConfig
+from clpd.config import ModelConfig, Schedule, StudentConfig, TeacherBuildConfig, TeachersConfig, TrainConfig
 from clpd.curriculum.stages import stage_at
 from clpd.errors import ClpdError
 from clpd.models import architecture_config, load_model
@@ -41,10 +41,15 @@ def _plain(obj) -> dict:
     return json.loads(json.dumps(asdict(obj), default=lambda v: getattr(v, "value", str(v)), sort_keys=True))
 
 
+def build_config(spec: ModelConfig, tc: TrainConfig) -> TeacherBuildConfig:
+    """How ``spec`` is trained: ``teachers.build`` with its ``teachers.build_overrides`` entry."""
+    return replace(tc.teachers.build, **tc.teachers.build_overrides.get(spec.name, {}))
+
+
 def teacher_key(spec: ModelConfig, tc: TrainConfig) -> str:
     """Cache key of a from-scratch teacher: its architecture, the data it learns from, and how it
     is trained. The name is left out (renaming a teacher does not retrain it)."""
-    build = tc.teachers.build
+    build = build_config(spec, tc)
     data = replace(tc.benchmark, seed=build.data_seed)
     payload = {"teacher": {k: v for k, v in _plain(spec).items() if k != "name"},
                "data": _plain(data), "build": {k: v for k, v in _plain(build).items() if k != "eval"}}
@@ -56,7 +61,7 @@ def teacher_dir(spec: ModelConfig, tc: TrainConfig) -> Path:
 
 
 def _teacher_train_config(spec: ModelConfig, tc: TrainConfig):
-    build = tc.teachers.build
+    build = build_config(spec, tc)
     student = StudentConfig(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(ModelConfig)})
     trainer = replace(tc.trainer, max_steps=build.max_steps, batch_size=build.batch_size, grad_accum=build.grad_accum,
                       lr=build.lr, warmup_steps=build.warmup_steps, save=True, max_tokens=None,

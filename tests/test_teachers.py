@@ -24,7 +24,7 @@ from clpd.losses import distill_loss_sum
 from clpd.models import apply_lora, load_model, load_tokenizer
 from clpd.checkpoint import write_checkpoint
 from clpd.curriculum.stages import stage_starts
-from clpd.teachers import check_ladder_order, make_schedule, teacher_index, teacher_key
+from clpd.teachers import build_config, check_ladder_order, make_schedule, teacher_index, teacher_key
 from clpd.train import run_train
 from tests.conftest import GPT2_DIR, TINY_OVERRIDES, compose_config, needs
 
@@ -98,6 +98,23 @@ def test_the_cache_key_follows_config_data_and_build_but_not_the_name(tmp_path):
     tc.teachers.build.data_seed -= 1
     tc.teachers.build.max_steps += 1
     assert teacher_key(spec, tc) != key
+
+
+def test_a_build_override_trains_one_teacher_longer_and_changes_only_its_cache_key(tmp_path):
+    plain = to_object(ladder_cfg(tmp_path))
+    longer = to_object(ladder_cfg(tmp_path, "+teachers.build_overrides.b.max_steps=7"))
+    assert [build_config(t, longer).max_steps for t in longer.teachers.ladder] == [2, 7, 2]  # teachers.build.max_steps=2 elsewhere
+    keys = [teacher_key(t, plain) for t in plain.teachers.ladder]
+    assert [teacher_key(t, longer) == k for t, k in zip(longer.teachers.ladder, keys)] == [True, False, True]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("{d: {max_steps: 7}}", r"teachers.build_overrides.d: no teacher of that name in the ladder: \['a', 'b', 'c'\]"),
+    ("{b: {steps: 7}}", r"teachers.build_overrides.b.steps: not a build setting; allowed: data_seed, seed, max_steps"),
+])
+def test_a_build_override_must_name_a_teacher_and_a_build_setting(tmp_path, override, message):
+    with pytest.raises(ClpdError, match=message):
+        to_object(ladder_cfg(tmp_path, f"+teachers.build_overrides={override}"))
 
 
 def test_missing_teachers_are_trained_once_and_then_reused(tmp_path):
