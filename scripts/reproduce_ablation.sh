@@ -1,31 +1,62 @@
 #!/usr/bin/env bash
 # The paper's comparison at embedded scale: sft, standard_kd, curriculum_only, teacher_schedule_only
-# and clpd on arith (+experiment=arith: the 0.11M micro student, 1500 steps, the arith_plateau
-# ladder), 5 paired seeds each, then `clpd report` (per-arm mean +- std, tokens seen, paired
-# difference to standard_kd with a 95% CI, learning curves).
+# and clpd on arith (+experiment=arith: the 0.11M micro student, the arith_plateau ladder), 5 paired
+# seeds each, then `clpd report` (per-arm mean +- std, tokens seen, paired difference to standard_kd
+# with a 95% CI, learning curves).
 #
 #   bash scripts/reproduce_ablation.sh                 # SEEDS=0,1,2,3,4; OUT=multirun/ablation/arith
+#   JOBS=2 bash scripts/reproduce_ablation.sh          # two seeds at a time, one thread each
+#   ARMS=standard_kd,clpd bash scripts/reproduce_ablation.sh   # some of the arms
 #   OUT=multirun/ablation/arith-tokens bash scripts/reproduce_ablation.sh trainer.max_tokens=9000000
 #                                      # extra overrides go to every run: here, equal tokens, not steps
 #
 # Resumable: every job runs with trainer.resume=auto, so launching the script again with the same
 # OUT skips the jobs that finished, continues a stopped one from its checkpoint (Ctrl-C or SIGTERM
-# saves one) and runs the rest. Seeds are the outer loop, so a partial sweep holds complete pairs.
+# saves one) and runs the rest. Each seed is one sweep into $OUT/runs/seed<S>/<method> (its arms in
+# order), so a partial run holds complete pairs, and a later launch with more ARMS or SEEDS adds to
+# the same OUT.
+#
+# JOBS=N runs N seeds at once, each with OMP_NUM_THREADS=(cores / N); their output goes to
+# $OUT/lane-<i>.log. On 2 CPU cores, two one-thread lanes finish about 1.3 times as many runs per
+# hour as one two-thread job (the micro models are too small to keep two threads busy), but each
+# run's train time is then longer: compare train times within one setting only.
 #
 # Seeds are paired: seed s gives every arm the same initial student weights and, in the random-order
-# arms, the same batches. The teachers are trained once (first) and shared by all runs. On 2 CPU
-# cores one seed of the five arms takes about half an hour.
+# arms, the same batches. The teachers are trained once (first) and shared by all runs.
 set -uo pipefail
 SEEDS="${SEEDS:-0,1,2,3,4}"
 OUT="${OUT:-multirun/ablation/arith}"
+JOBS="${JOBS:-1}"
+ARMS="${ARMS:-sft,standard_kd,curriculum_only,teacher_schedule_only,clpd}"
 START=$SECONDS
 
 clpd train +experiment=arith_teachers "hydra.run.dir=$OUT/teachers" trainer.resume=auto "$@" || exit 1
-# A failed job does not stop the others; the report lists it as failed.
+
 # trainer.eval_every=150: a learning curve (200 test problems every 150 steps) in each run's
 # metrics.jsonl, to see whether the students end on a plateau or in the middle of a jump.
-clpd train -m +experiment=arith "seed=$SEEDS" method=sft,standard_kd,curriculum_only,teacher_schedule_only,clpd \
-    trainer.eval_every=150 trainer.save_every=500 trainer.resume=auto "hydra.sweep.dir=$OUT/runs" "$@" \
-    || echo "some runs failed or stopped: see the report"
+run_seed() {  # the arms of one seed; a failed job does not stop the others (the report lists it)
+    local seed=$1; shift
+    clpd train -m +experiment=arith "seed=$seed" "method=$ARMS" trainer.eval_every=150 trainer.save_every=500 \
+        trainer.resume=auto "hydra.sweep.dir=$OUT/runs/seed$seed" 'hydra.sweep.subdir=${hydra:runtime.choices.method}' "$@" \
+        || echo "seed $seed: some runs failed or stopped: see the report"
+}
+
+IFS=, read -r -a seeds <<< "$SEEDS"
+if [ "$JOBS" -le 1 ]; then
+    for seed in "${seeds[@]}"; do run_seed "$seed" "$@"; done
+else
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}"
+    # Stopping: Ctrl-C in the terminal reaches every run directly; a SIGTERM sent to this script is
+    # passed on to the runs of each lane. Either way each run saves a checkpoint and ends, and the
+    # same command resumes them.
+    stop() { for pid in $(jobs -p); do pkill -TERM -P "$pid"; done; }
+    trap 'trap "" TERM; stop; wait; exit 143' TERM
+    trap 'trap "" INT; wait; exit 130' INT
+    for ((lane = 0; lane < JOBS; lane++)); do
+        (for ((i = lane; i < ${#seeds[@]}; i += JOBS)); do run_seed "${seeds[i]}" "$@"; done) > "$OUT/lane-$lane.log" 2>&1 &
+    done
+    echo "$JOBS lanes of OMP_NUM_THREADS=$OMP_NUM_THREADS; their output: $OUT/lane-*.log"
+    wait
+fi
 clpd report "$OUT/runs" --out "$OUT"
 echo "ablation: $((SECONDS - START)) s in all; report in $OUT"
