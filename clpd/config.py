@@ -247,7 +247,7 @@ class TeachersConfig:
     cache_dir: str = "outputs/teachers"  # trained from-scratch teachers, keyed by config and data
     build: TeacherBuildConfig = field(default_factory=TeacherBuildConfig)
     # Changes to ``build`` for single teachers, by ladder name, e.g. {medium: {max_steps: 3000}}
-    # (on the command line: +teachers.build_overrides.medium.max_steps=3000): a rung that needs
+    # (on the command line: ++teachers.build_overrides.medium.max_steps=3000): a rung that needs
     # longer than the others to reach the plateau of its learning curve. Only that teacher's cache
     # key changes, so the others are not retrained.
     build_overrides: Dict[str, Dict[str, Any]] = field(default_factory=dict)
