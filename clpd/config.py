@@ -10,6 +10,7 @@ All problems found by one check are reported together, each naming its key (as l
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -261,7 +262,9 @@ class TeachersConfig:
             _check(p, self.fixed in names, f"teachers.fixed={self.fixed} must name a teacher of the ladder: {names}")
         build_fields = [f.name for f in dataclasses.fields(TeacherBuildConfig)]
         for name, changes in self.build_overrides.items():
-            _check(p, name in names, f"teachers.build_overrides.{name}: no teacher of that name in the ladder: {names}")
+            if name not in names:  # e.g. a ladder replaced on the command line: its preset's overrides stay behind
+                logging.getLogger("clpd.config").warning(
+                    "teachers.build_overrides.%s: no teacher of that name in the ladder %s; ignored", name, names)
             for key in changes:
                 _check(p, key in build_fields,
                        f"teachers.build_overrides.{name}.{key}: not a build setting; allowed: {', '.join(build_fields)}")
