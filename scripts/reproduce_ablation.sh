@@ -16,7 +16,7 @@
 # order), so a partial run holds complete pairs, and a later launch with more ARMS or SEEDS adds to
 # the same OUT.
 #
-# JOBS=N runs N seeds at once, each with OMP_NUM_THREADS=(cores / N); their output goes to
+# JOBS=N runs N seeds at once, each with OMP_NUM_THREADS=(cores / N); their output is appended to
 # $OUT/lane-<i>.log. On 2 CPU cores, two one-thread lanes finish about 1.3 times as many runs per
 # hour as one two-thread job (the micro models are too small to keep two threads busy), but each
 # run's train time is then longer: compare train times within one setting only.
@@ -53,7 +53,7 @@ else
     trap 'trap "" TERM; stop; wait; exit 143' TERM
     trap 'trap "" INT; wait; exit 130' INT
     for ((lane = 0; lane < JOBS; lane++)); do
-        (for ((i = lane; i < ${#seeds[@]}; i += JOBS)); do run_seed "${seeds[i]}" "$@"; done) > "$OUT/lane-$lane.log" 2>&1 &
+        (for ((i = lane; i < ${#seeds[@]}; i += JOBS)); do run_seed "${seeds[i]}" "$@"; done) >> "$OUT/lane-$lane.log" 2>&1 &
     done
     echo "$JOBS lanes of OMP_NUM_THREADS=$OMP_NUM_THREADS; their output: $OUT/lane-*.log"
     wait
