@@ -46,12 +46,19 @@ if [ "$JOBS" -le 1 ]; then
     for seed in "${seeds[@]}"; do run_seed "$seed" "$@"; done
 else
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}"
-    # Stopping: Ctrl-C in the terminal reaches every run directly; a SIGTERM sent to this script is
-    # passed on to the runs of each lane. Either way each run saves a checkpoint and ends, and the
-    # same command resumes them.
-    stop() { for pid in $(jobs -p); do pkill -TERM -P "$pid"; done; }
-    trap 'trap "" TERM; stop; wait; exit 143' TERM
-    trap 'trap "" INT; wait; exit 130' INT
+    # Stopping: the lanes are ended first, so that none starts its next seed; then the running
+    # runs get SIGTERM (Ctrl-C in the terminal has reached them already: a second signal would stop
+    # them before they save). Each run saves a checkpoint and ends; the same command resumes them.
+    stop() {
+        local lanes runs pid
+        lanes=$(jobs -p)
+        runs=$(for pid in $lanes; do pgrep -P "$pid"; done)
+        kill -TERM $lanes 2>/dev/null
+        [ "$1" = TERM ] && kill -TERM $runs 2>/dev/null
+        for pid in $runs; do while kill -0 "$pid" 2>/dev/null; do sleep 1; done; done
+    }
+    trap 'trap "" INT TERM; stop TERM; exit 143' TERM
+    trap 'trap "" INT TERM; stop INT; exit 130' INT
     for ((lane = 0; lane < JOBS; lane++)); do
         (for ((i = lane; i < ${#seeds[@]}; i += JOBS)); do run_seed "${seeds[i]}" "$@"; done) >> "$OUT/lane-$lane.log" 2>&1 &
     done
