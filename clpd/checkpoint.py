@@ -143,8 +143,8 @@ def complete_checkpoints(folder: Path) -> List[Path]:
     """The ``step-N`` checkpoints of ``folder`` (a run's ``checkpoints/``) that finished, oldest first."""
     if not folder.is_dir():
         return []
-    found = [(checkpoint_step(p), p) for p in folder.iterdir() if checkpoint_step(p) is not None and (p / COMPLETE).exists()]
-    return [p for _, p in sorted(found)]
+    steps = [(step, p) for p in folder.iterdir() if (step := checkpoint_step(p)) is not None]
+    return [p for _, p in sorted(steps) if (p / COMPLETE).exists()]
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:

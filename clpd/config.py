@@ -9,9 +9,8 @@ All problems found by one check are reported together, each naming its key (as l
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -260,7 +259,7 @@ class TeachersConfig:
         _check(p, len(set(names)) == len(names), f"teachers.ladder names must be unique, got {names}")
         if self.schedule == Schedule.fixed:
             _check(p, self.fixed in names, f"teachers.fixed={self.fixed} must name a teacher of the ladder: {names}")
-        build_fields = [f.name for f in dataclasses.fields(TeacherBuildConfig)]
+        build_fields = [f.name for f in fields(TeacherBuildConfig)]
         for name, changes in self.build_overrides.items():
             if name not in names:  # e.g. a ladder replaced on the command line: its preset's overrides stay behind
                 logging.getLogger("clpd.config").warning(
