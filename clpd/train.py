@@ -278,6 +278,9 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
             "train_examples": len(examples), "overlong_examples": overlong, "skipped_steps": result.skipped_steps,
             "teacher_switches": result.teacher_switches, "resumed_from": resume and resume["checkpoint"],
             "checkpoint_saves": saves,
+            # The same run on another thread count or torch version reaches other weights (another
+            # summation order): what a bit-for-bit rerun must match.
+            "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device)},
             "checkpoint": str(checkpoint) if tc.trainer.save else None,
             "eval": final_eval,
         }

@@ -12,14 +12,19 @@
 #
 # Resumable: every job runs with trainer.resume=auto, so launching the script again with the same
 # OUT skips the jobs that finished, continues a stopped one from its checkpoint (Ctrl-C or SIGTERM
-# saves one) and runs the rest. Each seed is one sweep into $OUT/runs/seed<S>/<method> (its arms in
-# order), so a partial run holds complete pairs, and a later launch with more ARMS or SEEDS adds to
+# saves one) and runs the rest. Each run goes to $OUT/runs/seed<S>/<method>, seeds outer and arms
+# inner, so a partial launch holds complete pairs, and a later launch with more ARMS or SEEDS adds to
 # the same OUT.
 #
-# JOBS=N runs N seeds at once, each with OMP_NUM_THREADS=(cores / N); their output is appended to
-# $OUT/lane-<i>.log. On 2 CPU cores, two one-thread lanes finish about 1.3 times as many runs per
-# hour as one two-thread job (the micro models are too small to keep two threads busy), but each
-# run's train time is then longer: compare train times within one setting only.
+# JOBS=N runs N runs at once, each with OMP_NUM_THREADS=(cores / N); their output is appended to
+# $OUT/lane-<i>.log. The runs (seeds outer, arms inner) are dealt to the lanes in turn, so the lanes
+# stay within one run of each other whatever the number of seeds (dealing whole seeds left one lane
+# idle for a seed's five runs when there were three seeds on two lanes). On 2 CPU cores, two
+# one-thread lanes finish about 1.3 times as many runs per hour as one two-thread job (the micro
+# models are too small to keep two threads busy), but each run's train time is then longer: compare
+# train times within one setting only. The thread count is part of the result: the same run on 1 and
+# on 2 threads reaches different weights (different summation orders), so rerun a table's runs with
+# its JOBS to reproduce it bit for bit.
 #
 # Seeds are paired: seed s gives every arm the same initial student weights and, in the random-order
 # arms, the same batches. The teachers are trained once (first) and shared by all runs.
@@ -34,19 +39,23 @@ clpd train +experiment=arith_teachers "hydra.run.dir=$OUT/teachers" trainer.resu
 
 # trainer.eval_every=150: a learning curve (200 test problems every 150 steps) in each run's
 # metrics.jsonl, to see whether the students end on a plateau or in the middle of a jump.
-run_seed() {  # the arms of one seed; a failed job does not stop the others (the report lists it)
-    local seed=$1; shift
-    clpd train -m +experiment=arith "seed=$seed" "method=$ARMS" trainer.eval_every=150 trainer.save_every=500 \
-        trainer.resume=auto "hydra.sweep.dir=$OUT/runs/seed$seed" 'hydra.sweep.subdir=${hydra:runtime.choices.method}' "$@" \
-        || echo "seed $seed: some runs failed or stopped: see the report"
+run_one() {  # one arm of one seed; a failed run does not stop the others (the report lists it)
+    local seed=$1 arm=$2; shift 2
+    clpd train +experiment=arith "seed=$seed" "method=$arm" trainer.eval_every=150 trainer.save_every=500 \
+        trainer.resume=auto "hydra.run.dir=$OUT/runs/seed$seed/$arm" "$@" \
+        || echo "seed $seed, $arm: failed or stopped: see the report"
 }
 
 IFS=, read -r -a seeds <<< "$SEEDS"
+IFS=, read -r -a arms <<< "$ARMS"
+todo=()  # "seed arm", seeds outer: a partial launch holds complete pairs
+for seed in "${seeds[@]}"; do for arm in "${arms[@]}"; do todo+=("$seed $arm"); done; done
+mkdir -p "$OUT"
 if [ "$JOBS" -le 1 ]; then
-    for seed in "${seeds[@]}"; do run_seed "$seed" "$@"; done
+    for job in "${todo[@]}"; do run_one $job "$@"; done
 else
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}"
-    # Stopping: the lanes are ended first, so that none starts its next seed; then the running
+    # Stopping: the lanes are ended first, so that none starts its next run; then the running
     # runs get SIGTERM (Ctrl-C in the terminal has reached them already: a second signal would stop
     # them before they save). Each run saves a checkpoint and ends; the same command resumes them.
     stop() {
@@ -60,7 +69,7 @@ else
     trap 'trap "" INT TERM; stop TERM; exit 143' TERM
     trap 'trap "" INT TERM; stop INT; exit 130' INT
     for ((lane = 0; lane < JOBS; lane++)); do
-        (for ((i = lane; i < ${#seeds[@]}; i += JOBS)); do run_seed "${seeds[i]}" "$@"; done) >> "$OUT/lane-$lane.log" 2>&1 &
+        (for ((i = lane; i < ${#todo[@]}; i += JOBS)); do run_one ${todo[i]} "$@"; done) >> "$OUT/lane-$lane.log" 2>&1 &
     done
     echo "$JOBS lanes of OMP_NUM_THREADS=$OMP_NUM_THREADS; their output: $OUT/lane-*.log"
     wait

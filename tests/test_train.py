@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from rich.console import Console
 
 from clpd.config import to_object
@@ -21,6 +22,8 @@ def test_a_run_writes_metrics_summary_status_and_a_checkpoint_with_its_config(ti
     assert summary["steps"] == 3 and summary["tokens_seen"] > summary["answer_tokens_seen"] > 0
     assert json.loads((tmp_path / "status.json").read_text()) == {"status": "ok"}
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    # what a bit-for-bit rerun has to match: the thread count changes the summation order
+    assert summary["environment"] == {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu"}
     final = tmp_path / "checkpoints" / "final"
     assert {"config.json", "tokenizer.json", "clpd_config.yaml"} <= {p.name for p in final.iterdir()}
     assert not (tmp_path / "checkpoints" / "final.tmp").exists()
