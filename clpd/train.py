@@ -6,6 +6,7 @@ import copy
 import functools
 import json
 import logging
+import platform
 import shutil
 import time
 from pathlib import Path
@@ -110,6 +111,21 @@ def evaluate_final(tc: TrainConfig, model, tokenizer, device, autocast_dtype, ru
     write_jsonl(run_dir / "eval" / "predictions.jsonl", records)
     write_json(run_dir / "eval" / "metrics.json", metrics)
     return metrics
+
+
+def environment(device: torch.device) -> dict:
+    """What else a bit-for-bit rerun must match: the same run on another thread count, torch
+    version or processor reaches other weights (another summation order, other kernels)."""
+    cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor() or platform.machine())
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device), "cpu": cpu}
+
+
+def _read_lines(path: str) -> List[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
 
 
 def finished_run(cfg: DictConfig, run_dir: Path, console: Console) -> dict:
@@ -278,9 +294,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
             "train_examples": len(examples), "overlong_examples": overlong, "skipped_steps": result.skipped_steps,
             "teacher_switches": result.teacher_switches, "resumed_from": resume and resume["checkpoint"],
             "checkpoint_saves": saves,
-            # The same run on another thread count or torch version reaches other weights (another
-            # summation order): what a bit-for-bit rerun must match.
-            "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device)},
+            "environment": environment(device),
             "checkpoint": str(checkpoint) if tc.trainer.save else None,
             "eval": final_eval,
         }

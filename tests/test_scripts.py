@@ -46,3 +46,36 @@ def test_the_ablation_script_runs_every_arm_for_every_seed_in_parallel_lanes_and
     assert again.returncode == 0
     lanes = "".join((out / f"lane-{i}.log").read_text() for i in (0, 1))
     assert lanes.count("already finished (trainer.resume=auto): nothing to resume") == 4
+
+
+def test_archiving_runs_keeps_what_the_report_reads_drops_checkpoints_and_never_overwrites(tmp_path):
+    from clpd.report import collect_runs, group_runs
+    from tests.test_report import make_sweep
+
+    sweep = make_sweep(tmp_path / "src")
+    job = sweep / "0"  # a completed standard_kd run: give it what a real run also leaves
+    (job / "checkpoints" / "final").mkdir(parents=True)
+    (job / "checkpoints" / "final" / "model.safetensors").write_bytes(b"weights")
+    (job / "eval").mkdir(exist_ok=True)
+    (job / "eval" / "predictions.jsonl").write_text('{"id": 1}\n')
+    (job / "train.log").write_text("log\n")
+
+    first = script("archive_runs.sh", str(sweep), "kept", env={}, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    kept = tmp_path / "kept"
+    copied = {str(p.relative_to(kept)) for p in kept.rglob("*") if p.is_file()}
+    assert {"0/.hydra/config.yaml", "0/.hydra/overrides.yaml", "0/.hydra/hydra.yaml", "0/status.json",
+            "0/summary.json", "0/metrics.jsonl"} <= copied
+    assert not any("checkpoints" in p or p.endswith(("predictions.jsonl", "train.log")) for p in copied)
+
+    def table(root):
+        return [(g["label"], g["accuracy_strict"]["values"], g["vs_baseline"]) for g in group_runs(collect_runs([root]))]
+    assert table(kept) == table(sweep)
+
+    (kept / "0" / "summary.json").write_text("{}")  # an archive edited by hand is not replaced
+    again = script("archive_runs.sh", str(sweep), "kept", env={}, cwd=tmp_path)
+    assert again.returncode == 0 and "keeping the existing" in again.stderr
+    assert (kept / "0" / "summary.json").read_text() == "{}"
+
+    missing = script("archive_runs.sh", str(tmp_path / "nowhere"), "kept", env={}, cwd=tmp_path)
+    assert missing.returncode == 1 and "is not a directory" in missing.stderr

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Copy the records of the runs under SRC -- resolved configs and overrides (.hydra/), status,
+# summary, metrics.jsonl (the loss and learning curves), eval metrics, and SRC's report -- without
+# checkpoints, predictions or logs, to keep a measured sweep small enough to commit or share:
+#
+#   bash scripts/archive_runs.sh multirun/ablation/arith outputs/results/ablation-arith
+#   clpd report outputs/results/ablation-arith/runs      # reads the copy as it read the runs
+#
+# Run outputs are lost with the machine; a table quoted in README.md should outlive it. A later
+# launch of a resumable sweep (scripts/reproduce_ablation.sh) can start from such a copy: a run dir
+# with summary.json is skipped as finished. Files already in DEST are never overwritten.
+set -euo pipefail
+usage="usage: bash scripts/archive_runs.sh SRC DEST"
+SRC="${1:?$usage}"
+DEST="${2:?$usage}"
+[ -d "$SRC" ] || { echo "archive_runs.sh: SRC '$SRC' is not a directory; $usage" >&2; exit 1; }
+mkdir -p "$DEST"
+DEST="$(cd "$DEST" && pwd)"
+cd "$SRC"
+n=0
+while IFS= read -r -d '' file; do
+    if [ -e "$DEST/$file" ]; then
+        echo "archive_runs.sh: keeping the existing $DEST/$file" >&2
+        continue
+    fi
+    mkdir -p "$DEST/$(dirname "$file")"
+    cp -p "$file" "$DEST/$file"
+    n=$((n + 1))
+done < <(find . \( -name checkpoints -o -name tensorboard -o -name '*.tmp' \) -prune -o -type f \
+    \( -path '*/.hydra/*.yaml' -o -name status.json -o -name summary.json -o -name metrics.jsonl \
+       -o -name metrics.json -o -name teachers.json -o -name 'report.md' -o -name 'report.csv' -o -name 'report.png' \) \
+    -print0)
+echo "archive_runs.sh: $n files copied into $DEST"
