@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Copy the records of the runs under SRC -- resolved configs and overrides (.hydra/), status,
-# summary, metrics.jsonl (the loss and learning curves), eval metrics, and SRC's report -- without
-# checkpoints, predictions or logs, to keep a measured sweep small enough to commit or share:
+# summary, metrics.jsonl (the loss and learning curves), eval metrics, the final checkpoint's
+# manifest.json (sha256 of the teachers' weights and of the training data), and SRC's report --
+# without weights, predictions or logs, to keep a measured sweep small enough to commit or share:
 #
 #   bash scripts/archive_runs.sh multirun/ablation/arith outputs/results/ablation-arith
 #   clpd report outputs/results/ablation-arith/runs      # reads the copy as it read the runs
@@ -26,8 +27,9 @@ while IFS= read -r -d '' file; do
     mkdir -p "$DEST/$(dirname "$file")"
     cp -p "$file" "$DEST/$file"
     n=$((n + 1))
-done < <(find . \( -name checkpoints -o -name tensorboard -o -name '*.tmp' \) -prune -o -type f \
-    \( -path '*/.hydra/*.yaml' -o -name status.json -o -name summary.json -o -name metrics.jsonl \
-       -o -name metrics.json -o -name teachers.json -o -name 'report.md' -o -name 'report.csv' -o -name 'report.png' \) \
+done < <(find . \( -name tensorboard -o -name '*.tmp' \) -prune -o -type f \
+    \( -path '*/checkpoints/final/manifest.json' -o \! -path '*/checkpoints/*' \
+       \( -path '*/.hydra/*.yaml' -o -name status.json -o -name summary.json -o -name metrics.jsonl \
+          -o -name metrics.json -o -name teachers.json -o -name 'report.md' -o -name 'report.csv' -o -name 'report.png' \) \) \
     -print0)
 echo "archive_runs.sh: $n files copied into $DEST"

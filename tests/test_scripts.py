@@ -56,6 +56,8 @@ def test_archiving_runs_keeps_what_the_report_reads_drops_checkpoints_and_never_
     job = sweep / "0"  # a completed standard_kd run: give it what a real run also leaves
     (job / "checkpoints" / "final").mkdir(parents=True)
     (job / "checkpoints" / "final" / "model.safetensors").write_bytes(b"weights")
+    (job / "checkpoints" / "final" / "manifest.json").write_text('{"ladder": []}')  # which teachers and data
+    (job / "checkpoints" / "final" / "metrics.jsonl").write_text("{}\n")
     (job / "eval").mkdir(exist_ok=True)
     (job / "eval" / "predictions.jsonl").write_text('{"id": 1}\n')
     (job / "train.log").write_text("log\n")
@@ -65,8 +67,9 @@ def test_archiving_runs_keeps_what_the_report_reads_drops_checkpoints_and_never_
     kept = tmp_path / "kept"
     copied = {str(p.relative_to(kept)) for p in kept.rglob("*") if p.is_file()}
     assert {"0/.hydra/config.yaml", "0/.hydra/overrides.yaml", "0/.hydra/hydra.yaml", "0/status.json",
-            "0/summary.json", "0/metrics.jsonl"} <= copied
-    assert not any("checkpoints" in p or p.endswith(("predictions.jsonl", "train.log")) for p in copied)
+            "0/summary.json", "0/metrics.jsonl", "0/checkpoints/final/manifest.json"} <= copied
+    assert not any(p.endswith(("model.safetensors", "predictions.jsonl", "train.log")) for p in copied)
+    assert "0/checkpoints/final/metrics.jsonl" not in copied
 
     def table(root):
         return [(g["label"], g["accuracy_strict"]["values"], g["vs_baseline"]) for g in group_runs(collect_runs([root]))]
