@@ -208,6 +208,15 @@ def test_report_png_is_a_four_panel_png(reported):
     assert sorted(p.name for p in reported["out"].iterdir()) == ["report.csv", "report.md", "report.png"]
 
 
+def test_the_seed_dots_have_their_legend_entry_when_the_first_group_has_no_completed_run(tmp_path, recwarn):
+    make_run(tmp_path / "a", "clpd", 0, "running", None)  # the first group: nothing to draw
+    make_run(tmp_path / "b", "standard_kd", 0, "completed", 0.4)
+    make_run(tmp_path / "c", "standard_kd", 1, "completed", 0.5)
+    write_report(collect_runs([tmp_path]), tmp_path / "out", Console(file=io.StringIO()))
+    assert not [w for w in recwarn if "No artists with labels" in str(w.message)]
+    assert (tmp_path / "out" / "report.png").exists()
+
+
 def test_no_status_json_is_unfinished_a_broken_file_is_a_row_and_eval_runs_are_rows(tmp_path):
     run = make_run(tmp_path / "a", "clpd", 0, "completed", 0.5, hydra_yaml=False)
     (run / "status.json").unlink()

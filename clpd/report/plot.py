@@ -49,7 +49,7 @@ def plot_report(runs: Sequence[dict], groups: Sequence[dict], kept: Sequence[str
     # (a) accuracy per group
     x = np.arange(len(groups))
     rng = np.random.default_rng(0)  # jitter of the seed dots, fixed so the figure is reproducible
-    top = 0.0
+    top, seed_labelled = 0.0, False
     for i, g in enumerate(groups):
         s = g["accuracy_strict"]
         if s["mean"] is None:
@@ -59,7 +59,8 @@ def plot_report(runs: Sequence[dict], groups: Sequence[dict], kept: Sequence[str
         ax_acc.bar(i, s["mean"], color=colors[i], alpha=0.6, width=0.6,
                    yerr=s["std"] if s["std"] is not None else None, capsize=6, ecolor="black")
         ax_acc.scatter(i + rng.uniform(-0.12, 0.12, len(s["values"])), s["values"], color="black", s=18, zorder=3,
-                       label="one seed" if i == 0 else None)
+                       label=None if seed_labelled else "one seed")  # on the first group drawn, not on group 0
+        seed_labelled = True
         top = max(top, s["mean"] + (s["std"] or 0), *s["values"])
     for i, g in enumerate(groups):  # how many seeds each bar stands for, at its foot
         extra = [f"+{g[k]} {k}" for k in ("failed", "unfinished") if g[k]]
