@@ -59,6 +59,7 @@ def make_run(run_dir: Path, method: str, seed: int, status: str, acc: float | No
                        run_dir / ".hydra" / "hydra.yaml")
     (run_dir / "status.json").write_text(json.dumps({"status": status, **({"error": "boom"} if status == "failed" else {})}))
     lines = [{"step": 10, "loss": 2.0 - 0.1 * seed, "lr": 0.005, "tokens_seen": 500, "elapsed_s": 1.0, "pool": 10},
+             {"event": "eval", "step": 10, "accuracy_strict": 0.2 if clpd else 0.1, "n": 200},  # clpd learns sooner
              {"event": "teacher_switch", "step": 10, "from": "small", "to": "large"},
              {"event": "skip_nonfinite", "step": 15, "loss": "nan", "examples": ["a", "b"]},
              {"step": 20, "loss": 1.0 - 0.1 * seed, "lr": 0.001, "tokens_seen": TOKENS[seed], "elapsed_s": 2.0, "pool": 20},
@@ -157,6 +158,17 @@ def test_the_paired_difference_uses_only_the_seeds_both_completed(reported):
     assert _group(reported, "standard_kd")["vs_baseline"] is None
 
 
+def test_the_learning_curve_mean_tells_a_faster_arm_from_one_that_only_ends_equal(reported):
+    """Curve acc: the mean of a run's eval_every accuracies. clpd's curves start 0.1 higher (0.2 vs
+    0.1 at step 10) and end where standard_kd's end, so each pair differs by 0.05."""
+    kd, clpd = _group(reported, "standard_kd"), _group(reported, "clpd")
+    assert kd["curve_accuracy"]["values"] == [pytest.approx(0.2), pytest.approx(0.25), pytest.approx(0.3)]
+    d = clpd["vs_baseline_curve"]
+    assert (d["n"], d["mean"], d["low"], d["high"]) == (2, pytest.approx(0.05), pytest.approx(0.05), pytest.approx(0.05))
+    md = (reported["out"] / "report.md").read_text()
+    assert "| curve acc | Δ curve vs standard_kd [95% CI] |" in md and "+0.050 [+0.050, +0.050] (2 pairs)" in md
+
+
 def test_paired_difference_by_hand():
     mean, low, high, n = paired_difference({0: 0.5, 1: 0.8, 2: 0.9}, {0: 0.4, 1: 0.5, 5: 0.1})
     assert (mean, n) == (pytest.approx(0.2), 2) and high - mean == pytest.approx(1.2706, abs=1e-4)
@@ -188,7 +200,8 @@ def test_metrics_are_read_from_summary_eval_or_eval_metrics_json(reported):
     assert not (Path(run["run"]) / "summary.json").read_text().count('"eval"')
     assert run["metrics"]["accuracy_strict"] == 0.5 and run["by_difficulty"][2]["accuracy_strict"] == pytest.approx(0.3)
     assert run["curve"] == [(10, pytest.approx(1.9)), (20, pytest.approx(0.9))]  # events and half line skipped
-    assert run["eval_curve"] == [(20, pytest.approx(0.4))]  # the learning curve of trainer.eval_every
+    assert run["eval_curve"] == [(10, pytest.approx(0.1)), (20, pytest.approx(0.4))]  # trainer.eval_every's curve
+    assert run["metrics"]["curve_accuracy"] == pytest.approx(0.25)  # its mean
 
 
 def test_the_console_table_has_the_groups_and_the_comparison(reported):

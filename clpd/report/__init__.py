@@ -72,8 +72,8 @@ def _fmt_stats(s: dict, kind: str) -> str:
     return f"{_fmt_number(mean, kind)} ± {_fmt_number(std, kind)}"
 
 
-def _fmt_delta(g: dict) -> str:
-    d = g["vs_baseline"]
+def _fmt_delta(g: dict, key: str = "vs_baseline") -> str:
+    d = g[key]
     if g["is_baseline"]:
         return "baseline"
     if d is None:
@@ -90,17 +90,26 @@ def _fmt_n(g: dict) -> str:
     return f"{g['completed']}" + (f" ({', '.join(extra)})" if extra else "")
 
 
+DELTA = f"Δ strict vs {BASELINE_VALUE} [95% CI]"
+CURVE, CURVE_DELTA = "curve acc", f"Δ curve vs {BASELINE_VALUE} [95% CI]"
+
+
 def group_table_rows(groups: Sequence[dict], kept: Sequence[str]) -> Tuple[List[str], List[List[str]]]:
     header = [*kept] if kept else ["runs"]
-    header += ["acc strict", "acc flexible", f"Δ strict vs {BASELINE_VALUE} [95% CI]", "tokens seen", "train time", "n"]
+    header += ["acc strict", "acc flexible", DELTA, CURVE, CURVE_DELTA, "tokens seen", "train time", "n"]
     rows = []
     for g in groups:
         rows.append([*(_display(g["params"][k]) for k in kept)] if kept else [g["label"]])
         rows[-1] += [_fmt_stats(g["accuracy_strict"], "acc"), _fmt_stats(g["accuracy_flexible"], "acc"),
-                     _fmt_delta(g), _fmt_stats(g["tokens_seen"], "tokens"), _fmt_stats(g["train_time_s"], "time"),
-                     _fmt_n(g)]
+                     _fmt_delta(g), _fmt_stats(g["curve_accuracy"], "acc"), _fmt_delta(g, "vs_baseline_curve"),
+                     _fmt_stats(g["tokens_seen"], "tokens"), _fmt_stats(g["train_time_s"], "time"), _fmt_n(g)]
+    drop = []
     if not any(g["is_baseline"] for g in groups):  # no comparison to show
-        i = header.index(f"Δ strict vs {BASELINE_VALUE} [95% CI]")
+        drop += [DELTA, CURVE_DELTA]
+    if not any(g["curve_accuracy"]["values"] for g in groups):  # no run has a learning curve
+        drop += [CURVE, CURVE_DELTA]
+    for column in dict.fromkeys(drop):
+        i = header.index(column)
         header.pop(i)
         for row in rows:
             row.pop(i)
@@ -204,6 +213,8 @@ def write_report(runs: Sequence[dict], out_dir: Path, console: Optional[Console]
         "last number of the output), mean ± sample std (ddof=1) over the completed seeds. "
         + (f"Δ is the paired difference of strict accuracy to `{METHOD_KEY}={BASELINE_VALUE}` over the seeds both "
            "completed, with a 95% t-interval. " if any(g["is_baseline"] for g in groups) else "")
+        + ("Curve acc is the mean test accuracy over a run's learning curve (its `trainer.eval_every` evaluations): "
+           "how soon it learned, where the final accuracy says how far. " if CURVE in header else "")
         + "n counts the completed seeds; failed and unfinished runs are listed below.", "",
         "## Groups", "", _md_table(header, rows), "",
         "## Runs", "", _md_table(run_header, run_rows), "",

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from clpd.errors import ClpdError
 
-METRICS = ("accuracy_strict", "accuracy_flexible", "n", "tokens_seen", "train_time_s", "final_loss")
+METRICS = ("accuracy_strict", "accuracy_flexible", "n", "tokens_seen", "train_time_s", "final_loss", "curve_accuracy")
 EXTRA_METRICS = ("steps", "answer_tokens_seen", "wall_time_s", "student_parameters")
 
 
@@ -89,6 +89,13 @@ def _curves(path: Path) -> Tuple[List[Tuple[int, float]], List[Tuple[int, float]
     return loss, accuracy
 
 
+def curve_mean(points: List[Tuple[int, float]]) -> Optional[float]:
+    """The mean test accuracy of a learning curve (``trainer.eval_every`` points, evenly spaced):
+    the area under the curve over its length. Two runs that end equal but learn at different speeds
+    differ here; None without a curve."""
+    return sum(acc for _, acc in points) / len(points) if points else None
+
+
 def _natural_key(path: Path) -> list:
     """Sweep job dirs 0, 1, ..., 10 in numeric order; dated run dirs in time order."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
@@ -154,6 +161,7 @@ def read_run(run_dir: Path) -> dict:
         run["by_difficulty"] = {int(k): v for k, v in (metrics.get("by_difficulty") or {}).items()
                                 if str(k).lstrip("-").isdigit()}
         run["curve"], run["eval_curve"] = _curves(run_dir / "metrics.jsonl")
+        run["metrics"]["curve_accuracy"] = curve_mean(run["eval_curve"])
     except Exception as exc:  # one broken run dir is a row that says so, not the end of the report
         run["status"], run["error"] = "unreadable", f"{type(exc).__name__}: {exc}"
     if run["status"] != "completed":  # metrics of a run that did not finish are not its results

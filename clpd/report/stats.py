@@ -114,13 +114,13 @@ def _display(value: Any) -> str:
     return str(value)
 
 
-def _accuracy_by_seed(runs: Sequence[dict]) -> Dict[Any, float]:
-    """Strict accuracy per seed of the completed runs (a seed run twice counts once, averaged)."""
+def _by_seed(runs: Sequence[dict], metric: str = "accuracy_strict") -> Dict[Any, float]:
+    """``metric`` per seed of the completed runs (a seed run twice counts once, averaged)."""
     by_seed: Dict[Any, List[float]] = {}
     for r in runs:
-        acc = r["metrics"]["accuracy_strict"]
-        if r["status"] == "completed" and acc is not None and r["seed"] is not None:
-            by_seed.setdefault(r["seed"], []).append(acc)
+        value = r["metrics"][metric]
+        if r["status"] == "completed" and value is not None and r["seed"] is not None:
+            by_seed.setdefault(r["seed"], []).append(value)
     return {s: float(np.mean(v)) for s, v in by_seed.items()}
 
 
@@ -129,9 +129,10 @@ def group_runs(runs: Sequence[dict]) -> List[dict]:
 
     Each group: ``params`` (its values of the varied keys), ``label``, ``runs``, the counts
     ``completed``, ``failed`` and ``unfinished``, one ``_stats`` dict (mean, std, n, values) per
-    metric of ``METRICS`` over the completed runs, ``accuracy_by_seed``, and
+    metric of ``METRICS`` over the completed runs, ``accuracy_by_seed``, ``curve_by_seed``, and
     ``vs_baseline``: the paired difference of strict accuracy to the ``method=standard_kd`` group
-    (None for that group itself, and where there is none).
+    (None for that group itself, and where there is none); ``vs_baseline_curve`` the same for the
+    learning-curve mean (``curve_accuracy``).
     """
     kept, _ = varied_keys(runs)
     groups: Dict[tuple, dict] = {}
@@ -152,8 +153,9 @@ def group_runs(runs: Sequence[dict]) -> List[dict]:
         g["unfinished"] = sum(r["status"] in ("unfinished", "interrupted") for r in g["runs"])
         for m in METRICS:
             g[m] = _stats([r["metrics"][m] for r in done if r["metrics"][m] is not None])
-        g["accuracy_by_seed"] = _accuracy_by_seed(g["runs"])
-        g["vs_baseline"] = None
+        g["accuracy_by_seed"] = _by_seed(g["runs"])
+        g["curve_by_seed"] = _by_seed(g["runs"], "curve_accuracy")
+        g["vs_baseline"] = g["vs_baseline_curve"] = None
         g["is_baseline"] = METHOD_KEY in kept and g["params"].get(METHOD_KEY) == BASELINE_VALUE
 
     baselines = [g for g in out if g["is_baseline"]]
@@ -165,8 +167,9 @@ def group_runs(runs: Sequence[dict]) -> List[dict]:
                                             for k in kept if k != METHOD_KEY)]
         base = same[0] if len(same) == 1 else baselines[0] if len(baselines) == 1 else None
         if base is not None:
-            mean, low, high, n = paired_difference(g["accuracy_by_seed"], base["accuracy_by_seed"])
-            g["vs_baseline"] = {"baseline": base["label"], "mean": mean, "low": low, "high": high, "n": n}
+            for key, by_seed in (("vs_baseline", "accuracy_by_seed"), ("vs_baseline_curve", "curve_by_seed")):
+                mean, low, high, n = paired_difference(g[by_seed], base[by_seed])
+                g[key] = {"baseline": base["label"], "mean": mean, "low": low, "high": high, "n": n}
     return out
 
 
