@@ -46,11 +46,13 @@ FINAL = "final"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 # Keys that may change between a run and its resume: where and how often it saves, logs and
-# evaluates, how it resumes, how many CPU threads it uses. Anything else changes what is trained.
+# evaluates, how it resumes, how many CPU threads it uses, and where the teacher cache lies (a sweep
+# continued from a copy, scripts/archive_runs.sh: the teachers' weights are compared by sha256, not
+# by folder). Anything else changes what is trained.
 RESUME_FREE_KEYS = ("trainer.resume", "trainer.resume_force", "trainer.save_every", "trainer.keep_last",
                     "trainer.num_threads", "trainer.tensorboard", "trainer.log_every", "trainer.eval_every",
                     "trainer.eval_every_limit", "trainer.eval_batch_size", "trainer.eval_max_new_tokens",
-                    "trainer.eval_at_end")
+                    "trainer.eval_at_end", "teachers.cache_dir")
 
 
 def step_name(step: int) -> str:

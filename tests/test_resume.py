@@ -246,3 +246,6 @@ def test_resume_auto_on_a_finished_run_does_nothing_so_a_relaunched_sweep_skips_
     assert (tmp_path / "summary.json").stat().st_mtime_ns == stamp
     with pytest.raises(ClpdError, match=r"finished run with another config \(trainer.lr: 0.005 -> 0.001\)"):
         run_train(compose_config("train", [*base, "trainer.lr=0.001"]), tmp_path, QUIET)
+    # a copy of the sweep (scripts/archive_runs.sh) continued with its teachers in another folder
+    moved = run_train(compose_config("train", [*base, f"teachers.cache_dir={tmp_path / 'elsewhere'}"]), tmp_path, QUIET)
+    assert moved == summary
