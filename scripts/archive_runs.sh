@@ -2,12 +2,13 @@
 # Copy the records of the runs under SRC -- resolved configs and overrides (.hydra/), status,
 # summary, metrics.jsonl (the loss and learning curves), eval metrics, the final checkpoint's
 # manifest.json (sha256 of the teachers' weights and of the training data), and SRC's report --
-# without weights, predictions or logs, to keep a measured sweep small enough to commit or share:
+# without weights, predictions or logs, a few hundred kB a run, to keep or share a measured sweep
+# outside the machine that ran it (not in the repository):
 #
-#   bash scripts/archive_runs.sh multirun/ablation/arith outputs/results/ablation-arith
-#   clpd report outputs/results/ablation-arith/runs      # reads the copy as it read the runs
+#   bash scripts/archive_runs.sh multirun/ablation/arith /data/kept/ablation-arith
+#   clpd report /data/kept/ablation-arith/runs      # reads the copy as it read the runs
 #
-# Run outputs are lost with the machine; a table quoted in README.md should outlive it. A later
+# Run outputs are lost with the machine. A later
 # launch of a resumable sweep (scripts/reproduce_ablation.sh) can start from such a copy: a run dir
 # with summary.json is skipped as finished. Files already in DEST are never overwritten.
 set -euo pipefail
