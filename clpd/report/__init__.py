@@ -164,11 +164,6 @@ def _csv_value(run: dict, column: str) -> Any:
     return "" if value is None else value
 
 
-# ----------------------------------------------------------------------------------------------
-# The figure
-
-
-
 def write_report(runs: Sequence[dict], out_dir: Path, console: Optional[Console] = None) -> dict:
     """Print the group table and write report.md, report.csv and report.png into ``out_dir``.
 
