@@ -2,7 +2,8 @@
 # The paper's comparison at embedded scale: sft, standard_kd, curriculum_only, teacher_schedule_only
 # and clpd on arith (+experiment=arith: the 0.11M micro student, the arith_plateau ladder), 5 paired
 # seeds each, then `clpd report` (per-arm mean +- std, tokens seen, paired difference to standard_kd
-# with a 95% CI, learning curves).
+# with a 95% CI, learning curves). Cost on 2 CPU cores with JOBS=2 (measured 2026-12-01/02): about
+# 4 to 4.5 hours, the ladder's build (30-60 min) and 25 runs of 10-23 min each on one thread.
 #
 #   bash scripts/reproduce_ablation.sh                 # SEEDS=0,1,2,3,4; OUT=multirun/ablation/arith
 #   JOBS=2 bash scripts/reproduce_ablation.sh          # two seeds at a time, one thread each
