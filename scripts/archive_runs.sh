@@ -8,9 +8,9 @@
 #   bash scripts/archive_runs.sh multirun/ablation/arith /data/kept/ablation-arith
 #   clpd report /data/kept/ablation-arith/runs      # reads the copy as it read the runs
 #
-# Run outputs are lost with the machine. A later
-# launch of a resumable sweep (scripts/reproduce_ablation.sh) can start from such a copy: a run dir
-# with summary.json is skipped as finished. Files already in DEST are never overwritten.
+# Run outputs are lost with the machine. A later launch of a resumable sweep
+# (scripts/reproduce_ablation.sh) can start from such a copy: a run dir with summary.json is skipped
+# as finished. Files already in DEST are never overwritten.
 set -euo pipefail
 usage="usage: bash scripts/archive_runs.sh SRC DEST"
 SRC="${1:?$usage}"

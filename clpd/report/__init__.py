@@ -95,24 +95,22 @@ CURVE, CURVE_DELTA = "curve acc", f"Δ curve vs {BASELINE_VALUE} [95% CI]"
 
 
 def group_table_rows(groups: Sequence[dict], kept: Sequence[str]) -> Tuple[List[str], List[List[str]]]:
+    compared = any(g["is_baseline"] for g in groups)  # else no Δ columns: nothing to compare with
+    curves = any(g["curve_accuracy"]["values"] for g in groups)  # else no run has a learning curve
+    columns = [("acc strict", True, lambda g: _fmt_stats(g["accuracy_strict"], "acc")),
+               ("acc flexible", True, lambda g: _fmt_stats(g["accuracy_flexible"], "acc")),
+               (DELTA, compared, _fmt_delta),
+               (CURVE, curves, lambda g: _fmt_stats(g["curve_accuracy"], "acc")),
+               (CURVE_DELTA, compared and curves, lambda g: _fmt_delta(g, "vs_baseline_curve")),
+               ("tokens seen", True, lambda g: _fmt_stats(g["tokens_seen"], "tokens")),
+               ("train time", True, lambda g: _fmt_stats(g["train_time_s"], "time")),
+               ("n", True, _fmt_n)]
+    columns = [(name, cell) for name, shown, cell in columns if shown]
     header = [*kept] if kept else ["runs"]
-    header += ["acc strict", "acc flexible", DELTA, CURVE, CURVE_DELTA, "tokens seen", "train time", "n"]
-    rows = []
-    for g in groups:
-        rows.append([*(_display(g["params"][k]) for k in kept)] if kept else [g["label"]])
-        rows[-1] += [_fmt_stats(g["accuracy_strict"], "acc"), _fmt_stats(g["accuracy_flexible"], "acc"),
-                     _fmt_delta(g), _fmt_stats(g["curve_accuracy"], "acc"), _fmt_delta(g, "vs_baseline_curve"),
-                     _fmt_stats(g["tokens_seen"], "tokens"), _fmt_stats(g["train_time_s"], "time"), _fmt_n(g)]
-    drop = []
-    if not any(g["is_baseline"] for g in groups):  # no comparison to show
-        drop += [DELTA, CURVE_DELTA]
-    if not any(g["curve_accuracy"]["values"] for g in groups):  # no run has a learning curve
-        drop += [CURVE, CURVE_DELTA]
-    for column in dict.fromkeys(drop):
-        i = header.index(column)
-        header.pop(i)
-        for row in rows:
-            row.pop(i)
+    header += [name for name, _ in columns]
+    rows = [[*(_display(g["params"][k]) for k in kept)] if kept else [g["label"]] for g in groups]
+    for row, g in zip(rows, groups):
+        row += [cell(g) for _, cell in columns]
     return header, rows
 
 
