@@ -4,18 +4,18 @@ A checkpoint is a folder that ``clpd eval`` and ``AutoModelForCausalLM.from_pret
 it is (the student's weights or LoRA adapter, its tokenizer, ``base/`` for a from-scratch LoRA
 base), plus what resuming needs:
 
-- ``training_state.pt``: optimizer, GradScaler, RNG states (python, numpy, torch, CUDA), the
-  step, the schedule step and tokens read (the sampler's position: its batches are a function of
-  (seed, step), see :class:`~clpd.curriculum.sampler.Sampler`), the active teacher, the skipped
-  steps and the teacher switches so far. The LR schedule is a pure function of the schedule step
-  (:func:`clpd.loop.lr_at`), so the step is its whole state;
+- ``training_state.pt``: the loop's :class:`~clpd.loop.TrainState` as a dict: optimizer,
+  GradScaler, RNG states (python, numpy, torch, CUDA), the step and tokens read (the sampler's
+  batches are a function of (seed, step), the LR schedule one of the schedule step), the active
+  teacher, the skipped steps and the teacher switches so far. States written before TrainState
+  existed hold the same keys and are read as well;
 - ``metrics.jsonl``: the run's log up to this step (a resumed run continues it line for line);
 - ``manifest.json``: the resolved config and hashes of the teacher ladder (names and weight
   files), of the training data and of the difficulty scores, which resume compares;
 - ``COMPLETE``, written last: every file's size and sha256.
 
-Everything is written into ``<name>.tmp`` and renamed into place, so a save killed half-way never
-looks like a checkpoint; the marker also catches a checkpoint truncated or corrupted afterwards
+Everything is written into a ``.tmp`` folder beside it and renamed into place
+(:func:`clpd.files.atomic_path`), so a save killed half-way never looks like a checkpoint; the marker also catches a checkpoint truncated or corrupted afterwards
 (a partial copy, a bad disk).
 """
 
@@ -24,18 +24,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from clpd.errors import ClpdError
+from clpd.files import atomic_path
+from clpd.loop import TrainState
 
 CONFIG_FILE = "clpd_config.yaml"  # the resolved run config
 STATE_FILE = "training_state.pt"
@@ -71,7 +71,7 @@ def _files(folder: Path) -> List[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE)
 
 
-def write_checkpoint(path: Path, *, model, tokenizer, cfg: DictConfig, base=None, state: Optional[dict] = None,
+def write_checkpoint(path: Path, *, model, tokenizer, cfg: DictConfig, base=None, state: Optional[TrainState] = None,
                      manifest: Optional[dict] = None, metrics: Optional[Path] = None) -> float:
     """Write a checkpoint into ``path`` atomically; returns the seconds it took.
 
@@ -83,34 +83,33 @@ def write_checkpoint(path: Path, *, model, tokenizer, cfg: DictConfig, base=None
     if path.exists():
         raise ClpdError(f"{path} already exists; refusing to overwrite a checkpoint (choose another hydra.run.dir)")
     started = time.perf_counter()
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if base is not None:
-            base.save_pretrained(tmp / "base")
-            tokenizer.save_pretrained(tmp / "base")
-        OmegaConf.save(cfg, tmp / CONFIG_FILE, resolve=True)
-        if state is not None:
-            torch.save(state, tmp / STATE_FILE)
-        if manifest is not None:
-            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        if metrics is not None and metrics.exists():
-            shutil.copyfile(metrics, tmp / METRICS_FILE)
-        files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in _files(tmp)}
-        (tmp / COMPLETE).write_text(json.dumps({"files": files}, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if base is not None:
+                base.save_pretrained(tmp / "base")
+                tokenizer.save_pretrained(tmp / "base")
+            OmegaConf.save(cfg, tmp / CONFIG_FILE, resolve=True)
+            if state is not None:
+                torch.save(state.to_dict(), tmp / STATE_FILE)
+            if manifest is not None:
+                (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+            if metrics is not None and metrics.exists():
+                shutil.copyfile(metrics, tmp / METRICS_FILE)
+            files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in _files(tmp)}
+            (tmp / COMPLETE).write_text(json.dumps({"files": files}, indent=1, sort_keys=True) + "\n")
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         kept = [p.name for p in complete_checkpoints(path.parent)]
         intact = f"the checkpoints written before are intact ({', '.join(kept)})" if kept else "no earlier checkpoint exists"
         raise ClpdError(f"could not write checkpoint {path}: {exc.strerror or exc}; {intact}") from exc
     return time.perf_counter() - started
 
 
-def verify_checkpoint(path: Path) -> None:
-    """Raise a ClpdError naming the problem when ``path`` is not a complete, intact checkpoint."""
+def verify_checkpoint(path: Path, *, hashes: bool = True) -> None:
+    """Raise a ClpdError naming the problem when ``path`` is not a complete, intact checkpoint:
+    its marker, every file it lists, their sizes and (``hashes``) their sha256. Without hashes
+    the check reads no file's content: cheap enough for a check before any work."""
     marker = path / COMPLETE
     if not marker.exists():
         raise ClpdError(f"checkpoint {path} is incomplete: it has no {COMPLETE} marker (the save did not finish, "
@@ -127,7 +126,7 @@ def verify_checkpoint(path: Path) -> None:
         if size != expected["bytes"]:
             raise ClpdError(f"checkpoint {path} is damaged: {name} has {size} bytes, {expected['bytes']} were written "
                             f"(truncated?)")
-        if sha256_file(file) != expected["sha256"]:
+        if hashes and sha256_file(file) != expected["sha256"]:
             raise ClpdError(f"checkpoint {path} is damaged: {name} does not match the sha256 written with it")
 
 
@@ -170,28 +169,12 @@ def prune_checkpoints(folder: Path, keep_last: int) -> List[Path]:
 
 # --- what a checkpoint holds besides the weights ------------------------------------------------
 
-def rng_state() -> dict:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_training_state(path: Path) -> dict:
+def load_training_state(path: Path) -> TrainState:
     verify_checkpoint(path)
     if not (path / STATE_FILE).exists():
         raise ClpdError(f"checkpoint {path} has no {STATE_FILE}: it holds weights only and cannot be resumed from")
     # weights_only: a checkpoint is data, never code (tensors, numbers, strings, lists, dicts)
-    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    return TrainState.from_dict(torch.load(path / STATE_FILE, map_location="cpu", weights_only=True), str(path))
 
 
 def load_student_weights(model, path: Path) -> None:

@@ -9,6 +9,7 @@ bug and keeps its traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import sys
@@ -20,7 +21,7 @@ COMMANDS = {
     "train": ("clpd.train", "distil (or fine-tune) a student; Hydra overrides, -m sweeps, +experiment=NAME"),
     "eval": ("clpd.eval", "accuracy of a checkpoint or HF model: checkpoint=PATH benchmark=arith|gsm8k|svamp"),
     "plan": ("clpd.plan", "the train config's timeline (stages, teachers, pool sizes) and plan.png, no training"),
-    "report": ("clpd.report", "tables and plots over run dirs: clpd report PATH..."),
+    "report": ("clpd.report.command", "tables and plots over run dirs: clpd report PATH..."),
 }
 
 USAGE = "usage: clpd <command> [hydra overrides]   (clpd <command> --help shows that command's config)"
@@ -50,6 +51,7 @@ def _complete_command_word() -> bool:
 def one_line(exc: BaseException) -> str:
     """Hydra's and OmegaConf's errors as one line: the message and its cause, with the allowed values."""
     from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and exc.options:
         return f"{str(exc).strip().splitlines()[0]}; available: {', '.join(exc.options)}"
@@ -59,6 +61,9 @@ def one_line(exc: BaseException) -> str:
         text = str(cause).strip().splitlines()
         key = next((ln.split(":", 1)[1].strip() for ln in text if ln.strip().startswith("full_key:")), None)
         parts.append(f"{key}: {text[0]}" if key else text[0])
+        schema = getattr(cause, "object_type", None)  # an unknown key of a typed section: list the known ones
+        if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and dataclasses.is_dataclass(schema):
+            parts[-1] += f"; allowed: {', '.join(f.name for f in dataclasses.fields(schema))}"
     return ": ".join(parts)
 
 

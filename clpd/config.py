@@ -13,12 +13,13 @@ import logging
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from clpd.errors import ClpdError
+from clpd.losses import LOSS_NAMES
 
 
 class Arch(str, Enum):
@@ -57,14 +58,11 @@ class LrSchedule(str, Enum):
     constant = "constant"
 
 
-class DistillLoss(str, Enum):
-    sft = "sft"  # cross-entropy on the gold solution, no teacher
-    forward_kl = "forward_kl"  # KL(teacher || student)
-    reverse_kl = "reverse_kl"  # KL(student || teacher)
-    jsd = "jsd"  # generalized JSD (GKD, Agarwal et al. 2024), beta weighs the teacher
-    skew_forward_kl = "skew_forward_kl"  # DistiLLM's SKL with skew_lambda
-    skew_reverse_kl = "skew_reverse_kl"  # DistiLLM's SRKL with skew_lambda
-    tvd = "tvd"  # total variation distance
+# The token-level losses: "sft" (cross-entropy on the gold solution, no teacher) and every divergence
+# of clpd/losses.py (forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl, tvd; each
+# function's docstring says what it is). Built from the losses module, so a new divergence is
+# allowed here, and by Hydra's validation, as soon as it is in ``DIVERGENCES``.
+DistillLoss = Enum("DistillLoss", {name: name for name in LOSS_NAMES}, type=str)
 
 
 class Schedule(str, Enum):
@@ -136,19 +134,24 @@ class ModelConfig:
     # Qwen2.5 0.5B-3B have 151936 rows, 7B 152064, for a tokenizer of 151665 tokens.
     vocab_size: Optional[int] = None
     trust_remote_code: bool = False
+    # Where this config sits, for error messages: "student." names the full key (student.num_heads);
+    # a teacher is named by its ladder name instead. Not a field (ClassVar), so not in the config.
+    KEY_PREFIX: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         p: List[str] = []
+        k = self.KEY_PREFIX
         if self.path is None:
             for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
-                _check(p, getattr(self, key) > 0, f"{key}={getattr(self, key)} must be > 0")
+                _check(p, getattr(self, key) > 0, f"{k}{key}={getattr(self, key)} must be > 0")
             _check(p, self.num_heads <= 0 or self.hidden_size % self.num_heads == 0,
-                   f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
+                   f"{k}hidden_size={self.hidden_size} must be divisible by {k}num_heads={self.num_heads}")
             kv = self.num_kv_heads or self.num_heads
             _check(p, kv > 0 and self.num_heads % kv == 0,
-                   f"num_heads={self.num_heads} must be divisible by num_kv_heads={self.num_kv_heads}")
-        _check(p, self.gguf_file is None or self.path is not None, "gguf_file needs path (the repo or folder that holds it)")
-        _raise_if(p, f"model '{self.name}'")
+                   f"{k}num_heads={self.num_heads} must be divisible by {k}num_kv_heads={self.num_kv_heads}")
+        _check(p, self.gguf_file is None or self.path is not None,
+               f"{k}gguf_file needs {k}path (the repo or folder that holds it)")
+        _raise_if(p, k.rstrip(".") or f"model '{self.name}'")
 
 
 @dataclass
@@ -174,6 +177,7 @@ class LoraConfig:
 @dataclass
 class StudentConfig(ModelConfig):
     lora: LoraConfig = field(default_factory=LoraConfig)
+    KEY_PREFIX: ClassVar[str] = "student."
 
 
 @dataclass

@@ -1,9 +1,16 @@
-"""Generation, answer extraction and accuracy, scored as lm-evaluation-harness scores gsm8k."""
+"""Generation, answer extraction and accuracy, scored as lm-evaluation-harness scores gsm8k.
+
+``evaluate`` scores a model in memory; ``evaluate_into`` also writes ``predictions.jsonl`` and
+``metrics.json``; ``evaluate_checkpoint`` loads a checkpoint (or any model) first. ``clpd eval``,
+the final evaluation of ``clpd train`` and the teacher ladder's accuracies all go through them, so
+a student and its teachers are scored the same way.
+"""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -13,8 +20,13 @@ from rich.table import Table
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from clpd.answers import extract_flexible, extract_strict, is_correct
-from clpd.data import Problem
+from clpd.checkpoint import is_clpd_checkpoint, verify_checkpoint
+from clpd.config import BenchmarkConfig, BenchmarkName, Device, ModelConfig, Precision
+from clpd.data import Problem, load_problems
 from clpd.data.prompts import STOP_STRINGS, cut_at_stop, encode_prompt
+from clpd.errors import ClpdError
+from clpd.files import write_json, write_jsonl
+from clpd.models import check_source, load_model, load_tokenizer, resolve_device, resolve_precision
 
 
 @torch.inference_mode()
@@ -83,13 +95,49 @@ def score(problems: Sequence[Problem], outputs: Sequence[str], numeric: bool = F
     return records, metrics
 
 
-def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem], *,
-             chat_template: bool, numeric: bool, batch_size: int, max_new_tokens: int, device: torch.device,
+def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem],
+             benchmark: BenchmarkConfig, *, batch_size: int, max_new_tokens: int, device: torch.device,
              autocast_dtype: Optional[torch.dtype] = None, console: Optional[Console] = None) -> tuple[List[dict], Dict]:
-    prompts = [encode_prompt(p, tokenizer, chat_template) for p in problems]
+    """Greedy answers to ``problems``, prompted as ``benchmark`` says, scored: (records, metrics)."""
+    prompts = [encode_prompt(p, tokenizer, benchmark.chat_template) for p in problems]
     outputs = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
                        device=device, autocast_dtype=autocast_dtype, console=console)
-    return score(problems, outputs, numeric)
+    return score(problems, outputs, numeric=benchmark.name == BenchmarkName.svamp)
+
+
+def evaluate_into(out_dir: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, benchmark: BenchmarkConfig,
+                  *, header: Dict, **generation) -> Dict:
+    """``model`` on the benchmark's eval split (``benchmark.eval_limit`` problems), written into
+    ``out_dir`` as ``predictions.jsonl`` and ``metrics.json`` (``header`` first in the metrics)."""
+    problems = load_problems(benchmark, benchmark.eval_split, benchmark.eval_limit)
+    if not problems:
+        raise ClpdError(f"benchmark={benchmark.name.value} split {benchmark.eval_split} has no problems")
+    records, metrics = evaluate(model, tokenizer, problems, benchmark, **generation)
+    metrics = {**header, "benchmark": benchmark.name.value, "split": benchmark.eval_split, **metrics}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out_dir / "predictions.jsonl", records)
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def evaluate_checkpoint(checkpoint: str, benchmark: BenchmarkConfig, out_dir: Path, console: Optional[Console], *,
+                        device: Device = Device.auto, precision: Precision = Precision.auto, batch_size: int = 128,
+                        max_new_tokens: int = 256, gguf_file: Optional[str] = None) -> Dict:
+    """Load ``checkpoint`` (a clpd checkpoint, any ``save_pretrained`` folder or a hub id) and
+    :func:`evaluate_into` ``out_dir``."""
+    check_source(checkpoint, "checkpoint")  # before the (possibly slow) data loading
+    folder = Path(checkpoint).expanduser()
+    if is_clpd_checkpoint(folder) or folder.name.endswith(".tmp"):
+        verify_checkpoint(folder)  # a truncated or half-written checkpoint: one line that says which file
+    torch_device = resolve_device(device)
+    autocast_dtype = resolve_precision(precision, torch_device)
+    spec = ModelConfig(name=checkpoint, path=checkpoint, gguf_file=gguf_file)
+    tokenizer = load_tokenizer(spec)
+    # Weights in the autocast dtype on CUDA halve memory; generation needs no fp32 master copy.
+    model = load_model(spec, tokenizer, dtype=autocast_dtype or torch.float32)
+    return evaluate_into(out_dir, model, tokenizer, benchmark, header={"checkpoint": checkpoint}, batch_size=batch_size,
+                         max_new_tokens=max_new_tokens, device=torch_device, autocast_dtype=autocast_dtype,
+                         console=console)
 
 
 def metrics_table(metrics: Dict, title: str) -> Table:

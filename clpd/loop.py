@@ -1,22 +1,27 @@
 """The training loop, written out top to bottom.
 
 One optimizer step = ``trainer.grad_accum`` micro-batches of the batch the sampler draws for that
-step. The loss is summed over answer tokens and divided by the answer tokens of the *whole*
-accumulated batch, so splitting a batch into micro-batches does not change the update.
+step (:func:`optimizer_step`). The loss is summed over answer tokens and divided by the answer
+tokens of the *whole* accumulated batch, so splitting a batch into micro-batches does not change
+the update. :func:`train` repeats it: learning rate, batch, teacher, step, log, checkpoint.
+Everything the loop reports goes through :class:`TrainLog`; where it is goes into a
+:class:`TrainState`, which it returns and resumes from (``clpd.checkpoint`` saves and loads it).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
 import signal
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -24,11 +29,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from clpd.config import LrSchedule, TrainerConfig
 from clpd.curriculum.sampler import Sampler
 from clpd.data.batching import collate
-from clpd.checkpoint import rng_state, set_rng_state
 from clpd.errors import ClpdError, Interrupted
-from clpd.losses import IGNORE_INDEX, cross_entropy_sum
+from clpd.losses import IGNORE_INDEX, LossTerms, cross_entropy_sum
 from clpd.teachers import TeacherPool
 
+
+# --- schedules -----------------------------------------------------------------------------------
 
 def lr_at(step: int, cfg: TrainerConfig) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warmup, then decay to
@@ -67,17 +73,261 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainerConfig, fused: bool) -> 
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused)
 
 
+# --- the training state --------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class TrainState:
+    """Where a run is after an optimizer step: what the loop returns, a checkpoint saves and a
+    resume starts from. The sampler's batches are a function of (seed, step) and the LR schedule
+    one of the schedule step, so the counters are their whole state."""
+
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0  # non-padding tokens read by the student
+    answer_tokens_seen: int = 0  # tokens the loss was taken on
+    skipped_steps: int = 0  # steps skipped for a non-finite loss (trainer.skip_nonfinite)
+    teacher_switches: List[dict] = field(default_factory=list)
+    teacher: Optional[int] = None  # the active teacher's index in the ladder
+    train_time_s: float = 0.0  # training time, summed over the segments of a resumed run
+    optimizer: Optional[dict] = None
+    scaler: Optional[dict] = None
+    rng: Optional[dict] = None  # python, numpy, torch and CUDA generators
+    checkpoint: Optional[str] = None  # the checkpoint this state was read from (not saved with it)
+
+    SAVED = ("step", "tokens_seen", "answer_tokens_seen", "skipped_steps", "teacher_switches", "teacher",
+             "train_time_s", "optimizer", "scaler", "rng")
+
+    def to_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.SAVED}
+
+    @classmethod
+    def from_dict(cls, saved: dict, checkpoint: Optional[str] = None) -> "TrainState":
+        """Also reads the string-keyed states of checkpoints written before TrainState existed:
+        they hold the same keys, plus three derived ones (schedule_step, next_lr, sampler)."""
+        missing = [name for name in cls.SAVED if name not in saved]
+        if missing:
+            raise ClpdError(f"checkpoint {checkpoint}: its training state lacks {', '.join(missing)}; it was written by "
+                            f"another version of clpd and cannot be resumed from")
+        return cls(**{name: saved[name] for name in cls.SAVED}, checkpoint=checkpoint)
+
+
 @dataclass
 class TrainResult:
-    steps: int
-    final_loss: float
-    tokens_seen: int  # non-padding tokens read by the student
-    answer_tokens_seen: int  # tokens the loss was taken on
-    wall_time_s: float  # training time, summed over the segments of a resumed run
+    state: TrainState  # after the last step
+    final_loss: float  # the loss of the last logged step
     history: List[dict]  # the logged records of this segment
-    teacher_switches: List[dict]
-    skipped_steps: int  # steps skipped for a non-finite loss (trainer.skip_nonfinite)
-    state: dict  # the training state after the last step (see clpd.checkpoint)
+
+
+# --- one optimizer step ----------------------------------------------------------------------------
+
+LossFn = Callable[[torch.Tensor, Optional[torch.Tensor], torch.Tensor], LossTerms]
+
+
+def sft_loss(student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], targets: torch.Tensor) -> LossTerms:
+    ce = cross_entropy_sum(student_logits, targets)
+    return LossTerms(ce, ce=ce)
+
+
+@dataclass
+class StepResult:
+    loss: float  # per answer token; nan/inf when the step was not applied
+    terms: Dict[str, torch.Tensor]  # "ce" and "kd" per answer token, when both were computed (on the device)
+    grad_norm: float  # before clipping; nan when the step was not applied
+    answer_tokens: int
+
+    @property
+    def applied(self) -> bool:
+        return math.isfinite(self.loss)
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   micro_batches: Sequence[Dict[str, torch.Tensor]], *, loss_fn: LossFn,
+                   teacher: Optional[torch.nn.Module], autocast, grad_clip: float) -> StepResult:
+    """Accumulate the gradients of ``micro_batches`` (one step's batch) and update the weights.
+
+    Each micro-batch's summed loss is divided by the answer tokens of the whole step, so two
+    micro-batches give the update of one batch of the same examples. A non-finite loss never
+    reaches the weights: the step is then not applied (the caller decides what that means).
+    """
+    answer_tokens = sum(int((mb["targets"] != IGNORE_INDEX).sum()) for mb in micro_batches)
+    device = next(model.parameters()).device
+    step_loss = torch.zeros((), device=device)
+    terms: Dict[str, torch.Tensor] = {}
+    for mb in micro_batches:
+        mb = {k: v.to(device) for k, v in mb.items()}
+        teacher_logits = None
+        if teacher is not None:
+            with torch.inference_mode(), autocast:
+                teacher_logits = teacher(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+        with autocast:
+            logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+        parts = loss_fn(logits, teacher_logits, mb["targets"])
+        loss = parts.total / max(answer_tokens, 1)
+        # Free both models' logits before backward: they are the largest activations, and
+        # keeping them would raise the backward's peak memory.
+        del logits, teacher_logits
+        scaler.scale(loss).backward()
+        step_loss += loss.detach()  # stays on the device: .item() here would sync every micro-batch
+        if parts.ce is not None and parts.kd is not None:  # both terms of a mixed loss: logged apart
+            for name in ("ce", "kd"):
+                terms[name] = terms.get(name, 0.0) + getattr(parts, name).detach() / max(answer_tokens, 1)
+
+    # One sync per optimizer step, before the update (under fp16 the scaler skips inf *gradients*
+    # by itself; this is the loss).
+    loss_now = step_loss.item()
+    grad_norm = float("nan")
+    if math.isfinite(loss_now):
+        scaler.unscale_(optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf")))
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_now, terms, grad_norm, answer_tokens)
+
+
+# --- what the loop reads and where it reports --------------------------------------------------
+
+@dataclass
+class Batches:
+    """The training examples and the sampler that owns their order."""
+    examples: Sequence[dict]
+    sampler: Sampler
+    pad_id: int
+
+    def step(self, step: int, at: int, micro_size: int) -> tuple[List[dict], List[Dict[str, torch.Tensor]]]:
+        """The examples of optimizer step ``step`` (pool of schedule step ``at``) and their micro-batches.
+
+        Sorting the step's batch by length before splitting it only changes how much padding each
+        micro-batch carries, not the update: the loss is normalised by the whole step's answer tokens."""
+        batch = sorted((self.examples[i] for i in self.sampler.batch(step, at)), key=lambda e: len(e["input_ids"]))
+        return batch, [collate(batch[i:i + micro_size], self.pad_id) for i in range(0, len(batch), micro_size)]
+
+
+@dataclass
+class Supervision:
+    """What the student learns from: ``loss_fn(student_logits, teacher_logits or None, targets)``,
+    and for distillation the teachers with ``schedule(schedule_step)`` naming each step's teacher."""
+    loss_fn: LossFn = sft_loss
+    teachers: Optional[TeacherPool] = None
+    schedule: Optional[Callable[[int], int]] = None
+
+
+@dataclass
+class Outputs:
+    """Where the loop reports: ``metrics.jsonl``, the console, checkpoints (``save(step, state)``
+    writes one and returns its path) and a learning curve (``evaluate(model)`` every
+    ``trainer.eval_every`` steps)."""
+    metrics_path: Path
+    console: Console
+    save: Optional[Callable[[int, TrainState], Path]] = None
+    evaluate: Optional[Callable[[torch.nn.Module], dict]] = None
+
+
+def require_tensorboard() -> None:
+    """One clear error, before any work, when the optional tensorboard package is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ClpdError("trainer.tensorboard=true needs the tensorboard package: pip install tensorboard "
+                        "(or set trainer.tensorboard=false; metrics.jsonl has the same numbers)")
+
+
+class TrainLog:
+    """Everything the loop reports: lines of ``metrics.jsonl`` (events and logged steps), the
+    progress bar (or plain lines when the console is not a terminal), TensorBoard scalars, and
+    the tokens/s of each logging window. A context manager: it opens and closes all of them."""
+
+    COLUMNS = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    BOARD_KEYS = ("loss", "ce", "kd", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "pool")
+
+    def __init__(self, cfg: TrainerConfig, outputs: Outputs, state: TrainState) -> None:
+        self.cfg, self.console, self.path = cfg, outputs.console, outputs.metrics_path
+        self.budget = cfg.max_tokens is not None
+        self.completed = state.tokens_seen if self.budget else state.step
+        self.history: List[dict] = []
+        self.window_tokens, self.window_start = 0, time.perf_counter()
+
+    def __enter__(self) -> "TrainLog":
+        self.file = self.path.open("a")
+        self.board = None
+        if self.cfg.tensorboard:
+            require_tensorboard()
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.board = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"))
+        self.progress = Progress(*self.COLUMNS, console=self.console).__enter__()
+        total = self.cfg.max_tokens if self.budget else self.cfg.max_steps
+        self.bar = self.progress.add_task("train", total=total, completed=self.completed, stats="")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+        if self.board is not None:
+            self.board.close()
+        self.file.close()
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def event(self, record: dict, message: str) -> None:
+        self.write(record)
+        self.console.print(message, soft_wrap=True)
+
+    def step(self, state: TrainState, result: StepResult, *, lr: float, at: int, pool: dict, teacher: Optional[str],
+             elapsed_s: float) -> dict:
+        """Log optimizer step ``state.step`` (just done): a metrics line, the progress line, tensorboard."""
+        now = time.perf_counter()
+        loss = result.loss
+        record = {"step": state.step, "loss": round(loss, 6) if math.isfinite(loss) else str(loss),
+                  **{name: round(value.item(), 6) for name, value in result.terms.items()},
+                  "lr": lr, "grad_norm": round(result.grad_norm, 6) if math.isfinite(result.grad_norm) else None,
+                  "tokens_seen": state.tokens_seen, "answer_tokens_seen": state.answer_tokens_seen,
+                  "tokens_per_s": round(self.window_tokens / max(now - self.window_start, 1e-9), 1),
+                  "elapsed_s": round(elapsed_s, 3), **pool, **({"schedule_step": at} if self.budget else {}),
+                  "teacher": teacher}
+        self.write(record)
+        self.history.append(record)
+        if self.board is not None:
+            for key in self.BOARD_KEYS:
+                if isinstance(record.get(key), (int, float)):
+                    self.board.add_scalar(f"train/{key}", record[key], state.step)
+        self.window_tokens, self.window_start = 0, now
+        stats = f"loss {loss:.4f}"
+        if result.terms:
+            stats += f" (ce {record['ce']:.4f} kd {record['kd']:.4f})"
+        stats += f"  lr {lr:.2e}  {record['tokens_per_s']:,.0f} tok/s  pool {pool['pool']}"
+        if "difficulty" in pool:
+            stats += f" [{pool['difficulty'][0]:g}..{pool['difficulty'][1]:g}]"
+        if teacher:
+            stats += f"  teacher {teacher}"
+        self.progress.update(self.bar, stats=stats)
+        if not self.console.is_terminal:  # no live bar in a log file or CI: print the numbers instead
+            of = (f"{state.step} ({state.tokens_seen:,}/{self.cfg.max_tokens:,} tokens)" if self.budget
+                  else f"{state.step}/{self.cfg.max_steps}")
+            self.console.print(f"step {of}  {stats}  {record['elapsed_s']:.0f}s", soft_wrap=True)
+        return record
+
+    def read(self, tokens: int) -> None:
+        """One more optimizer step, which read ``tokens`` tokens: the progress bar and tokens/s."""
+        self.window_tokens += tokens
+        self.progress.advance(self.bar, tokens if self.budget else 1)
 
 
 class StopSignals:
@@ -112,204 +362,100 @@ class StopSignals:
         self.previous = {}
 
 
-def require_tensorboard() -> None:
-    """One clear error, before any work, when the optional tensorboard package is missing."""
-    import importlib.util
-
-    if importlib.util.find_spec("tensorboard") is None:
-        raise ClpdError("trainer.tensorboard=true needs the tensorboard package: pip install tensorboard "
-                        "(or set trainer.tensorboard=false; metrics.jsonl has the same numbers)")
-
-
-def tensorboard_writer(log_dir: Path):
-    require_tensorboard()
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=str(log_dir))
+def refuse_nonfinite(cfg: TrainerConfig, state: TrainState, loss: float, batch: Sequence[dict]) -> dict:
+    """A step whose loss is nan/inf (its update was not applied): stop the run with one line, or,
+    with ``trainer.skip_nonfinite``, count it and return the event to log."""
+    ids = [e.get("id", "?") for e in batch]
+    if not cfg.skip_nonfinite:
+        where = f"the last good checkpoint is {state.checkpoint}" if state.checkpoint else "no checkpoint was written yet"
+        raise ClpdError(f"the training loss became {loss} at step {state.step + 1} (examples {', '.join(map(str, ids))}); "
+                        f"{where}. Lower trainer.lr (now {cfg.lr}), check trainer.precision, or set "
+                        f"trainer.skip_nonfinite=true to skip such steps")
+    state.skipped_steps += 1
+    return {"event": "skip_nonfinite", "step": state.step + 1, "loss": str(loss), "examples": ids}
 
 
-LossFn = Callable[[torch.Tensor, Optional[torch.Tensor], torch.Tensor], torch.Tensor]
+# --- the loop --------------------------------------------------------------------------------------
 
-
-def sft_loss(student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-    return cross_entropy_sum(student_logits, targets)
-
-
-def train(model: torch.nn.Module, examples: Sequence[dict], sampler: Sampler, cfg: TrainerConfig, *,
-          pad_id: int, device: torch.device, autocast_dtype: Optional[torch.dtype],
-          metrics_path: Path, console: Console, loss_fn: LossFn = sft_loss,
-          teachers: Optional[TeacherPool] = None, schedule: Optional[Callable[[int], int]] = None,
-          evaluate: Optional[Callable[[torch.nn.Module], dict]] = None,
-          save: Optional[Callable[[int, dict], Path]] = None, resume: Optional[dict] = None) -> TrainResult:
+def train(model: torch.nn.Module, batches: Batches, cfg: TrainerConfig, supervision: Supervision, outputs: Outputs, *,
+          device: torch.device, autocast_dtype: Optional[torch.dtype] = None,
+          resume: Optional[TrainState] = None) -> TrainResult:
     """Train ``model`` for ``cfg.max_steps`` optimizer steps (or until ``cfg.max_tokens`` tokens
-    have been read) on the sampler's batches.
+    have been read) on the sampler's batches, from ``resume`` if given: same batches, same RNG,
+    same optimizer, so the same weights as without the stop.
 
-    With ``teachers``, ``schedule(step)`` names the teacher of each step; the pool loads it (after
-    releasing the previous one) and each switch is logged to the console and ``metrics.jsonl``.
-    ``loss_fn(student_logits, teacher_logits or None, targets)`` returns a sum over answer tokens.
-    With ``evaluate`` and ``cfg.eval_every``, ``evaluate(model)`` runs every ``eval_every`` steps
-    (a learning curve: is the student on a plateau or in the middle of a jump?) and its metrics
-    are logged as ``{"event": "eval", "step", ...}`` lines.
-
-    ``save(step, state)`` writes a checkpoint and returns its path; it is called every
-    ``cfg.save_every`` steps and when SIGINT/SIGTERM stops the run (which then raises
-    :class:`~clpd.errors.Interrupted`). ``resume``, a state that ``save`` was given, continues the
-    run from there: same batches, same RNG, same optimizer, so the same weights as without the stop.
+    SIGINT/SIGTERM stop the run after the current step with a checkpoint (``outputs.save``) and
+    raise :class:`~clpd.errors.Interrupted`.
     """
     model.to(device).train()
     optimizer = build_optimizer(model, cfg, fused=device.type == "cuda")
     # autocast is chosen once; fp16 needs loss scaling, bf16 and fp32 do not.
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
-    micro_size = cfg.batch_size // cfg.grad_accum
-    budget = cfg.max_tokens is not None
-
-    step = tokens_seen = answer_tokens_seen = skipped = 0
-    switches: List[dict] = []
-    time_before = 0.0  # training time of the segments before a resume
-    last_checkpoint: Optional[Path] = None
+    teachers = supervision.teachers
+    state = TrainState() if resume is None else replace(resume, teacher_switches=list(resume.teacher_switches),
+                                                        optimizer=None, scaler=None, rng=None)
     if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
-        step, tokens_seen, answer_tokens_seen = resume["step"], resume["tokens_seen"], resume["answer_tokens_seen"]
-        skipped, switches, time_before = resume["skipped_steps"], list(resume["teacher_switches"]), resume["train_time_s"]
-        last_checkpoint = Path(resume["checkpoint"])
-        if teachers is not None and resume["teacher"] is not None:
-            teachers.get(resume["teacher"])  # the teacher that was active: no switch is logged for it
+        optimizer.load_state_dict(resume.optimizer)
+        scaler.load_state_dict(resume.scaler)
+        if teachers is not None and resume.teacher is not None:
+            teachers.get(resume.teacher)  # the teacher that was active: no switch is logged for it
+        set_rng_state(resume.rng)  # last: building the optimizer, loading the teacher must not move the RNG
+    time_before, start = state.train_time_s, time.perf_counter()
 
-    def state() -> dict:
-        at = schedule_step(step, tokens_seen, cfg)
-        return {"step": step, "schedule_step": at, "tokens_seen": tokens_seen,
-                "answer_tokens_seen": answer_tokens_seen, "skipped_steps": skipped, "teacher_switches": switches,
-                "teacher": teachers.active_index if teachers is not None else None,
-                "train_time_s": time_before + time.perf_counter() - start, "next_lr": lr_at(at, cfg),
-                "sampler": {"seed": sampler.seed, "next_step": step}, "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rng_state()}
+    def snapshot() -> TrainState:
+        return replace(state, teacher_switches=list(state.teacher_switches), train_time_s=time_before + time.perf_counter() - start,
+                       teacher=teachers.active_index if teachers is not None else None, optimizer=optimizer.state_dict(),
+                       scaler=scaler.state_dict(), rng=rng_state())
 
-    history: List[dict] = []
-    window_tokens, window_start = 0, time.perf_counter()
-    start = time.perf_counter()
-    loss_value = float("nan")
-    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-    board = tensorboard_writer(metrics_path.parent / "tensorboard") if cfg.tensorboard else None
-    if resume is not None:  # last: building the optimizer, loading the teacher must not move the RNG
-        set_rng_state(resume["rng"])
-    with metrics_path.open("a") as metrics_file, Progress(*columns, console=console) as progress, \
-            StopSignals(console) as stop:
-        def log(record: dict) -> None:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-
-        bar = progress.add_task("train", total=cfg.max_tokens if budget else cfg.max_steps,
-                                completed=tokens_seen if budget else step, stats="")
-        while not finished(step, tokens_seen, cfg):
-            at = schedule_step(step, tokens_seen, cfg)  # == step without a token budget
+    final_loss = float("nan")
+    with TrainLog(cfg, outputs, state) as log, StopSignals(outputs.console) as stop:
+        while not finished(state.step, state.tokens_seen, cfg):
+            at = schedule_step(state.step, state.tokens_seen, cfg)  # == step without a token budget
             lr = lr_at(at, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-
-            # Sorting the step's batch by length before splitting it into micro-batches only
-            # changes how much padding each micro-batch carries, not the update: the loss is
-            # normalised by the answer tokens of the whole step.
-            batch = sorted((examples[i] for i in sampler.batch(step, at)), key=lambda e: len(e["input_ids"]))
-            micro_batches = [collate(batch[i:i + micro_size], pad_id) for i in range(0, len(batch), micro_size)]
-            answer_tokens = sum(int((mb["targets"] != IGNORE_INDEX).sum()) for mb in micro_batches)
-            teacher = None
-            pool = sampler.describe(at)
-            if teachers is not None:
-                previous = teachers.active_index
-                teacher, switched = teachers.get(schedule(at))
-                if switched:
-                    event = {"event": "teacher_switch", "step": step, "from": teachers.name(previous),
-                             "to": teachers.name(teachers.active_index)}
-                    log(event)
-                    switches.append(event)
-                    console.print(f"step {step}: teacher {event['from']} -> {event['to']}", soft_wrap=True)
+            batch, micro_batches = batches.step(state.step, at, cfg.batch_size // cfg.grad_accum)
             step_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)  # counted on the CPU: no sync
-            step_loss = torch.zeros((), device=device)
-            for mb in micro_batches:
-                mb = {k: v.to(device) for k, v in mb.items()}
-                teacher_logits = None
-                if teacher is not None:
-                    with torch.inference_mode(), autocast:
-                        teacher_logits = teacher(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-                with autocast:
-                    logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-                loss = loss_fn(logits, teacher_logits, mb["targets"]) / max(answer_tokens, 1)
-                # Free both models' logits before backward: they are the largest activations, and
-                # keeping them would raise the backward's peak memory.
-                del logits, teacher_logits
-                scaler.scale(loss).backward()
-                step_loss += loss.detach()  # stays on the device: .item() here would sync every micro-batch
-            tokens_seen += step_tokens
-            window_tokens += step_tokens
-            answer_tokens_seen += answer_tokens
+            # The teacher is not kept in a variable of the loop: a switch must free the old one before it loads the next.
+            result = optimizer_step(model, optimizer, scaler, micro_batches, loss_fn=supervision.loss_fn,
+                                    teacher=switch_teacher(supervision, at, state, log) if teachers is not None else None,
+                                    autocast=autocast, grad_clip=cfg.grad_clip)
+            if not result.applied:
+                event = refuse_nonfinite(cfg, state, result.loss, batch)
+                log.event(event, f"step {state.step + 1}: loss {result.loss}, step skipped ({state.skipped_steps} so far)")
+            state.step += 1
+            state.tokens_seen += step_tokens
+            state.answer_tokens_seen += result.answer_tokens
+            log.read(step_tokens)
+            last = finished(state.step, state.tokens_seen, cfg)
 
-            # One sync per optimizer step, before the update: a non-finite loss must never reach
-            # the weights (under fp16 the scaler skips inf *gradients* by itself; this is the loss).
-            loss_now = step_loss.item()
-            if math.isfinite(loss_now):
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                ids = [e.get("id", "?") for e in batch]
-                if not cfg.skip_nonfinite:
-                    where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
-                    raise ClpdError(f"the training loss became {loss_now} at step {step + 1} (examples {', '.join(map(str, ids))}); "
-                                    f"{where}. Lower trainer.lr (now {cfg.lr}), check trainer.precision, or set "
-                                    f"trainer.skip_nonfinite=true to skip such steps")
-                skipped += 1
-                log({"event": "skip_nonfinite", "step": step + 1, "loss": str(loss_now), "examples": ids})
-                console.print(f"step {step + 1}: loss {loss_now}, step skipped ({skipped} so far)", soft_wrap=True)
-                grad_norm = torch.tensor(float("nan"))
-            optimizer.zero_grad(set_to_none=True)
-
-            done = step = step + 1
-            last = finished(done, tokens_seen, cfg)
-            if done % cfg.log_every == 0 or last:
-                loss_value = loss_now
-                now = time.perf_counter()
-                record = {"step": done, "loss": round(loss_now, 6) if math.isfinite(loss_now) else str(loss_now),
-                          "lr": lr, "grad_norm": round(float(grad_norm), 6) if math.isfinite(grad_norm) else None,
-                          "tokens_seen": tokens_seen, "answer_tokens_seen": answer_tokens_seen,
-                          "tokens_per_s": round(window_tokens / max(now - window_start, 1e-9), 1),
-                          "elapsed_s": round(time_before + now - start, 3), **pool, **({"schedule_step": at} if budget else {}),
-                          "teacher": teachers.name(teachers.active_index) if teachers is not None else None}
-                log(record)
-                history.append(record)
-                if board is not None:
-                    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "pool"):
-                        if isinstance(record.get(key), (int, float)):
-                            board.add_scalar(f"train/{key}", record[key], done)
-                window_tokens, window_start = 0, now
-                stats = f"loss {loss_now:.4f}  lr {lr:.2e}  {record['tokens_per_s']:,.0f} tok/s  pool {pool['pool']}"
-                if "difficulty" in pool:
-                    stats += f" [{pool['difficulty'][0]:g}..{pool['difficulty'][1]:g}]"
-                if record["teacher"]:
-                    stats += f"  teacher {record['teacher']}"
-                progress.update(bar, stats=stats)
-                if not console.is_terminal:  # no live bar in a log file or CI: print the numbers instead
-                    of = f"{done} ({tokens_seen:,}/{cfg.max_tokens:,} tokens)" if budget else f"{done}/{cfg.max_steps}"
-                    console.print(f"step {of}  {stats}  {record['elapsed_s']:.0f}s", soft_wrap=True)
-            if evaluate is not None and cfg.eval_every and done % cfg.eval_every == 0:
-                event = {"event": "eval", "step": done, **evaluate(model)}
+            if state.step % cfg.log_every == 0 or last:
+                final_loss = result.loss
+                log.step(state, result, lr=lr, at=at, pool=batches.sampler.describe(at),
+                         teacher=teachers.name(teachers.active_index) if teachers is not None else None,
+                         elapsed_s=time_before + time.perf_counter() - start)
+            if outputs.evaluate is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
+                curve = {"event": "eval", "step": state.step, **outputs.evaluate(model)}
                 model.train()  # evaluate() leaves the model in eval mode
-                log(event)
-                console.print(f"step {done}: eval strict accuracy {event['accuracy_strict']:.3f} "
-                              f"(n={event['n']})", soft_wrap=True)
-            progress.advance(bar, step_tokens if budget else 1)
-            if save is not None and not last and (stop.requested or (cfg.save_every and done % cfg.save_every == 0)):
-                last_checkpoint = save(done, state())
+                log.event(curve, f"step {state.step}: eval strict accuracy {curve['accuracy_strict']:.3f} (n={curve['n']})")
+            if outputs.save is not None and not last and (stop.requested or (cfg.save_every and state.step % cfg.save_every == 0)):
+                state.checkpoint = str(outputs.save(state.step, snapshot()))
             if stop.requested and not last:
-                name = signal.Signals(stop.requested).name
-                where = f"checkpoint {last_checkpoint}" if save is not None else "no checkpoint (trainer.save=false)"
-                raise Interrupted(stop.requested, f"stopped by {name} after step {done}; {where}", resumable=save is not None)
+                where = f"checkpoint {state.checkpoint}" if outputs.save is not None else "no checkpoint (trainer.save=false)"
+                raise Interrupted(stop.requested, f"stopped by {signal.Signals(stop.requested).name} after step "
+                                                  f"{state.step}; {where}", resumable=outputs.save is not None)
+    return TrainResult(snapshot(), final_loss, log.history)
 
-    if board is not None:
-        board.close()
-    return TrainResult(steps=step, final_loss=loss_value, tokens_seen=tokens_seen,
-                       answer_tokens_seen=answer_tokens_seen, wall_time_s=time_before + time.perf_counter() - start,
-                       history=history, teacher_switches=switches, skipped_steps=skipped, state=state())
+
+def switch_teacher(supervision: Supervision, at: int, state: TrainState, log: TrainLog) -> torch.nn.Module:
+    """The teacher of schedule step ``at``, loaded if it is not the active one (a logged switch)."""
+    teachers = supervision.teachers
+    previous = teachers.active_index
+    teacher, switched = teachers.get(supervision.schedule(at))
+    if switched:
+        event = {"event": "teacher_switch", "step": state.step, "from": teachers.name(previous),
+                 "to": teachers.name(teachers.active_index)}
+        state.teacher_switches.append(event)
+        log.event(event, f"step {state.step}: teacher {event['from']} -> {event['to']}")
+    return teacher

@@ -12,8 +12,13 @@ Three layers:
 * ``kd_loss_sum``: logits in, summed divergence out; aligns vocabularies, keeps only answer
   positions, and works through them in checkpointed chunks so memory stays bounded for a
   152k-row vocabulary.
-* ``distill_loss_sum``: what the loop calls; ``alpha * CE + (1 - alpha) * KD``, or plain CE for
-  ``"sft"``.
+* ``distill_loss``: what the loop calls; ``alpha * CE + (1 - alpha) * KD``, or plain CE for
+  ``"sft"``, returned with its two terms apart (:class:`LossTerms`) so that both can be logged.
+
+Adding a divergence is one function and one entry in ``DIVERGENCES``: ``distill.loss`` takes its
+allowed values from ``LOSS_NAMES`` (clpd/config.py builds its enum from it). A divergence takes
+``(s_logp, t_logp, **knobs)``: the knobs are ``beta`` and ``lam`` (``distill.beta``,
+``distill.skew_lambda``); each function names the one it uses and ignores the others.
 
 Zero probabilities. A ``-inf`` logit (a masked vocabulary row) gives a zero probability and a
 ``-inf`` log-probability, and large logit gaps underflow probabilities to zero. Inside the
@@ -30,13 +35,13 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the target of tokens no loss is taken on (prompt, padding), as torch's cross_entropy expects
 
 # log of the smallest normal fp32 number (~ -87.34): see the module docstring.
 LOG_PROB_FLOOR = math.log(torch.finfo(torch.float32).tiny)
@@ -81,18 +86,18 @@ def _check_unit_interval(name: str, value: float, *, include_one: bool) -> None:
         raise ValueError(f"{name} must be in [0, 1{']' if include_one else ')'}, got {value}")
 
 
-def forward_kl(s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+def forward_kl(s_logp: torch.Tensor, t_logp: torch.Tensor, **_) -> torch.Tensor:
     """KL(teacher || student) = sum_v p_t (log p_t - log p_s): mean-seeking; the classic KD loss
     (Hinton et al. 2015). Its gradient w.r.t. the student logits is p_s - p_t."""
     return _kl(t_logp, s_logp)
 
 
-def reverse_kl(s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+def reverse_kl(s_logp: torch.Tensor, t_logp: torch.Tensor, **_) -> torch.Tensor:
     """KL(student || teacher) = sum_v p_s (log p_s - log p_t): mode-seeking (MiniLLM, GKD)."""
     return _kl(s_logp, t_logp)
 
 
-def jsd(s_logp: torch.Tensor, t_logp: torch.Tensor, *, beta: float = 0.5) -> torch.Tensor:
+def jsd(s_logp: torch.Tensor, t_logp: torch.Tensor, *, beta: float = 0.5, **_) -> torch.Tensor:
     """Generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024, "On-Policy Distillation
     of Language Models: Learning from Self-Generated Mistakes", Eq. 1), ``beta`` weighting the
     TEACHER:
@@ -121,7 +126,7 @@ def jsd(s_logp: torch.Tensor, t_logp: torch.Tensor, *, beta: float = 0.5) -> tor
     return beta * _kl(t_logp, log_m) + (1.0 - beta) * _kl(s_logp, log_m)
 
 
-def skew_forward_kl(s_logp: torch.Tensor, t_logp: torch.Tensor, *, lam: float = 0.1) -> torch.Tensor:
+def skew_forward_kl(s_logp: torch.Tensor, t_logp: torch.Tensor, *, lam: float = 0.1, **_) -> torch.Tensor:
     """Skew KL of DistiLLM (Ko et al. 2024, "DistiLLM: Towards Streamlined Distillation for Large
     Language Models", ICML): with p = teacher and q = student,
 
@@ -139,7 +144,7 @@ def skew_forward_kl(s_logp: torch.Tensor, t_logp: torch.Tensor, *, lam: float = 
     return _kl(t_logp, _log_mixture(t_logp, s_logp, lam))
 
 
-def skew_reverse_kl(s_logp: torch.Tensor, t_logp: torch.Tensor, *, lam: float = 0.1) -> torch.Tensor:
+def skew_reverse_kl(s_logp: torch.Tensor, t_logp: torch.Tensor, *, lam: float = 0.1, **_) -> torch.Tensor:
     """Skew reverse KL of DistiLLM (Ko et al. 2024): with p = teacher and q = student,
 
         SRKL(lam) = KL(q || (1 - lam) * p + lam * q)
@@ -153,7 +158,7 @@ def skew_reverse_kl(s_logp: torch.Tensor, t_logp: torch.Tensor, *, lam: float = 
     return _kl(s_logp, _log_mixture(s_logp, t_logp, lam))
 
 
-def tvd(s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+def tvd(s_logp: torch.Tensor, t_logp: torch.Tensor, **_) -> torch.Tensor:
     """Total variation distance 0.5 * sum_v |p_t - p_s|, in [0, 1] and symmetric (DistiLLM's
     ``tv_distance``)."""
     return 0.5 * (t_logp.exp() - s_logp.exp()).abs().sum(-1)
@@ -198,16 +203,6 @@ def _kd_problems(divergence: str, temperature: float, beta: float, lam: float, c
 def _raise_if(problems: List[str]) -> None:
     if problems:
         raise ValueError("; ".join(problems))
-
-
-def _bind(divergence: str, beta: float, lam: float) -> Divergence:
-    """The divergence with its own knob (if any) filled in."""
-    fn = DIVERGENCES[divergence]
-    if fn is jsd:
-        return partial(jsd, beta=beta)
-    if fn in (skew_forward_kl, skew_reverse_kl):
-        return partial(fn, lam=lam)
-    return fn
 
 
 def _chunk_sum(student: torch.Tensor, teacher: torch.Tensor, fn: Divergence, temperature: float) -> torch.Tensor:
@@ -261,7 +256,7 @@ def kd_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targ
     if student.size(0) == 0:
         return student.float().sum()  # 0, still attached to the graph so backward() works
 
-    per_chunk = partial(_chunk_sum, fn=_bind(divergence, beta, lam), temperature=temperature)
+    per_chunk = partial(_chunk_sum, fn=partial(DIVERGENCES[divergence], beta=beta, lam=lam), temperature=temperature)
     # Recompute each chunk in backward instead of keeping its fp32 [chunk, V] temporaries.
     recompute = torch.is_grad_enabled() and student.requires_grad
     sums = [checkpoint(per_chunk, s, t, use_reentrant=False) if recompute else per_chunk(s, t)
@@ -270,13 +265,21 @@ def kd_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targ
     return torch.stack(sums).sum() * temperature ** 2
 
 
-def distill_loss_sum(student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], targets: torch.Tensor, *,
-                     loss: str, alpha: float, temperature: float = 1.0, beta: float = 0.5, lam: float = 0.1,
-                     chunk_size: int = 1024, vocab_size: Optional[int] = None) -> torch.Tensor:
-    """The loop's loss, summed over answer tokens.
+class LossTerms(NamedTuple):
+    """A loss summed over answer tokens, and its two terms unweighted (None where not computed):
+    ``total = alpha * ce + (1 - alpha) * kd``."""
+    total: torch.Tensor
+    ce: Optional[torch.Tensor] = None
+    kd: Optional[torch.Tensor] = None
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], targets: torch.Tensor, *,
+                 loss: str, alpha: float, temperature: float = 1.0, beta: float = 0.5, lam: float = 0.1,
+                 chunk_size: int = 1024, vocab_size: Optional[int] = None) -> LossTerms:
+    """The loop's loss, summed over answer tokens, with its terms.
 
     ``loss == "sft"``: cross-entropy on the gold tokens; ``teacher_logits`` and the KD knobs are
-    ignored (the teacher may be None). Otherwise ``loss`` names a divergence and the result is
+    ignored (the teacher may be None). Otherwise ``loss`` names a divergence and the total is
     ``alpha * CE + (1 - alpha) * KD`` (``alpha`` weighs the CE term, the opposite of torchtune's
     ``kd_ratio``); the CE term is skipped entirely at alpha = 0 and the KD term at alpha = 1 (the
     teacher may then be None). CE always uses the student's full vocabulary; ``vocab_size`` only
@@ -285,7 +288,8 @@ def distill_loss_sum(student_logits: torch.Tensor, teacher_logits: Optional[torc
     if loss not in LOSS_NAMES:
         raise ValueError(f"unknown loss {loss!r}; expected one of: {', '.join(LOSS_NAMES)}")
     if loss == "sft":
-        return cross_entropy_sum(student_logits, targets)
+        ce = cross_entropy_sum(student_logits, targets)
+        return LossTerms(ce, ce=ce)
     problems = _kd_problems(loss, temperature, beta, lam, chunk_size, vocab_size)
     if not 0.0 <= alpha <= 1.0:
         problems.append(f"alpha must be in [0, 1], got {alpha}")
@@ -293,12 +297,13 @@ def distill_loss_sum(student_logits: torch.Tensor, teacher_logits: Optional[torc
         problems.append(f"loss {loss!r} with alpha {alpha} needs teacher_logits")
     _raise_if(problems)
 
-    total = None
-    if alpha > 0.0:
-        total = alpha * cross_entropy_sum(student_logits, targets)
-    if alpha < 1.0:
-        kd = (1.0 - alpha) * kd_loss_sum(student_logits, teacher_logits, targets, divergence=loss,
-                                         temperature=temperature, beta=beta, lam=lam, chunk_size=chunk_size,
-                                         vocab_size=vocab_size)
-        total = kd if total is None else total + kd
-    return total
+    ce = cross_entropy_sum(student_logits, targets) if alpha > 0.0 else None
+    kd = kd_loss_sum(student_logits, teacher_logits, targets, divergence=loss, temperature=temperature, beta=beta,
+                     lam=lam, chunk_size=chunk_size, vocab_size=vocab_size) if alpha < 1.0 else None
+    if kd is None:
+        total = alpha * ce
+    elif ce is None:
+        total = (1.0 - alpha) * kd
+    else:
+        total = alpha * ce + (1.0 - alpha) * kd
+    return LossTerms(total, ce=ce, kd=kd)

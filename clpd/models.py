@@ -134,23 +134,25 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def resolve_device(device: Device) -> torch.device:
+def resolve_device(device: Device, key: str = "device") -> torch.device:
+    """``key``: the config key the value came from, for the error message (``trainer.device`` in train)."""
     if device == Device.cuda and not torch.cuda.is_available():
-        raise ClpdError("device=cuda but no CUDA device is available; allowed: auto, cpu, cuda")
+        raise ClpdError(f"{key}=cuda but no CUDA device is available; allowed here: auto, cpu")
     if device == Device.auto:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device.value)
 
 
-def resolve_precision(precision: Precision, device: torch.device) -> Optional[torch.dtype]:
+def resolve_precision(precision: Precision, device: torch.device, key: str = "precision") -> Optional[torch.dtype]:
     """The autocast dtype for ``precision`` on ``device`` (None: plain fp32).
 
     ``auto`` is bf16 on CUDA devices that support it and fp32 everywhere else: on a CPU, bf16
-    autocast is slower than fp32 on most machines and fp16 is not supported.
+    autocast is slower than fp32 on most machines and fp16 is not supported. ``key``: the config
+    key the value came from, for the error message (``trainer.precision`` in train).
     """
     if precision == Precision.auto:
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if cuda_bf16 else None
     if precision == Precision.fp16 and device.type != "cuda":
-        raise ClpdError("precision=fp16 needs a CUDA device (it uses a GradScaler); on a CPU use fp32 or bf16")
+        raise ClpdError(f"{key}=fp16 needs a CUDA device (it uses a GradScaler); allowed on a CPU: auto, fp32, bf16")
     return {Precision.fp32: None, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}[precision]

@@ -17,13 +17,15 @@ from rich.console import Console
 from rich.table import Table
 
 from clpd.config import Difficulty, DistillLoss, TrainConfig, register_configs, to_object
-from clpd.curriculum.scoring import compute_scores, is_curriculum, needs_model, scorers
-from clpd.curriculum.stages import build_sampler, stage_at, stage_starts
+from clpd.curriculum.sampler import build_sampler
+from clpd.curriculum.scorers import compute_scores, is_curriculum, needs_model, scorers
+from clpd.curriculum.stages import stage_at, stage_starts
 from clpd.data import load_problems
 from clpd.data.prompts import encode_problems
 from clpd.errors import ClpdError
 from clpd.models import load_tokenizer
-from clpd.runs import run_command, write_json
+from clpd.files import atomic_path, write_json
+from clpd.runs import run_command
 from clpd.teachers import make_schedule
 
 register_configs()
@@ -101,10 +103,9 @@ def plot_plan(tc: TrainConfig, plan: dict, path: Path) -> None:
                  f"saturate {tc.curriculum.saturate}; teachers: {tc.teachers.schedule.value}")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)  # the format: tmp's suffix is .tmp
     plt.close(fig)
-    tmp.replace(path)
 
 
 def run_plan(cfg: DictConfig, run_dir: Path, console: Console | None = None) -> dict:

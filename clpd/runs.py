@@ -1,9 +1,8 @@
-"""Run directories and what is written into them: atomically, so nothing is ever half-written."""
+"""Run directories: the one Hydra chose, its ``status.json``, and a command run inside a Hydra job
+(files are written through :mod:`clpd.files`, atomically)."""
 
 from __future__ import annotations
 
-import json
-import os
 import shlex
 import sys
 import traceback
@@ -15,26 +14,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from clpd.errors import ClpdError, Interrupted
-
+from clpd.files import write_json
 
 
 def hydra_run_dir() -> Path:
     """The run dir Hydra chose (``hydra.run.dir`` or the sweep subdir); the cwd is not changed."""
     return Path(HydraConfig.get().runtime.output_dir)
-
-
-def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-
-
-def write_jsonl(path: Path, rows: list) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
 
 
 @contextmanager
@@ -84,3 +69,22 @@ def run_command(command: str, run, cfg: DictConfig) -> Any:
         if HydraConfig.get().mode == RunMode.RUN:
             raise SystemExit(f"clpd {command}: error: {exc}") from None
         raise
+
+
+def environment(device) -> dict:
+    """What else a bit-for-bit rerun must match: the same run on another thread count, torch
+    version or processor reaches other weights (another summation order, other kernels)."""
+    import platform
+
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor() or platform.machine())
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device), "cpu": cpu}
+
+
+def _read_lines(path: str) -> list:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []

@@ -29,9 +29,9 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clpd.checkpoint import rng_state, verify_checkpoint, write_checkpoint  # noqa: E402
+from clpd.checkpoint import verify_checkpoint, write_checkpoint  # noqa: E402
 from clpd.config import LoraConfig, ModelConfig, TrainerConfig  # noqa: E402
-from clpd.loop import build_optimizer  # noqa: E402
+from clpd.loop import TrainState, build_optimizer, rng_state  # noqa: E402
 from clpd.models import apply_lora, count_parameters, load_model, load_tokenizer  # noqa: E402
 
 MODELS = {
@@ -74,8 +74,8 @@ def main() -> None:
                 if p.requires_grad:
                     p.grad = torch.randn_like(p) * 1e-3
             optimizer.step()
-            state = {"step": 1, "optimizer": optimizer.state_dict(),
-                     "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(), "rng": rng_state()}
+            state = TrainState(step=1, optimizer=optimizer.state_dict(),
+                               scaler=torch.amp.GradScaler("cpu", enabled=False).state_dict(), rng=rng_state())
             cfg = OmegaConf.create({"student": name})
             writes, verifies = [], []
             for i in range(args.repeat):

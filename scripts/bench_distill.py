@@ -41,7 +41,7 @@ import torch
 # Runnable as `python scripts/bench_distill.py` from a checkout that is not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clpd.losses import IGNORE_INDEX, LOSS_NAMES, distill_loss_sum  # noqa: E402
+from clpd.losses import IGNORE_INDEX, LOSS_NAMES, distill_loss  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -259,9 +259,9 @@ def main(argv: Optional[list] = None) -> int:
         # Plain SFT (or alpha = 1) needs no teacher: the loop would not run one either.
         teacher_logits = timer.run("teacher_forward", teacher_forward if needs_teacher else lambda: None, record)
         student_logits = timer.run("student_forward", student_forward, record)
-        loss = timer.run("loss", lambda s=student_logits, t=teacher_logits: distill_loss_sum(
+        loss = timer.run("loss", lambda s=student_logits, t=teacher_logits: distill_loss(
             s, t, targets, loss=args.loss, alpha=args.alpha, temperature=args.temperature,
-            chunk_size=args.chunk_size, vocab_size=vocab_size) / answer_tokens, record)
+            chunk_size=args.chunk_size, vocab_size=vocab_size).total / answer_tokens, record)
         del teacher_logits, student_logits  # free the [B, T, V] logits before backward: they peak its memory
         timer.run("backward", loss.backward, record)
 

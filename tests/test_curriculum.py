@@ -9,8 +9,9 @@ import pytest
 from rich.console import Console
 
 from clpd.config import to_object
-from clpd.curriculum.sampler import Sampler
-from clpd.curriculum.stages import pool_function, stage_starts
+from clpd.curriculum.order import order_indices
+from clpd.curriculum.sampler import Sampler, pool_function
+from clpd.curriculum.stages import stage_starts
 from clpd.errors import ClpdError
 from clpd.plan import run_plan
 from clpd.train import run_train
@@ -97,6 +98,17 @@ def test_same_seed_same_batches_and_another_seed_other_batches():
 
     assert batches(0) == batches(0)
     assert batches(0) != batches(1)
+
+
+def test_the_sampler_describes_the_difficulty_range_of_the_head_of_the_order():
+    scores = [0.5, 0.1, 0.9, 0.3]
+    pool = {0: 1, 1: 3, 2: 99}.__getitem__  # step -> pool size; 99 is capped at the 4 examples
+    easy_first = Sampler(order_indices(scores, "easy_to_hard", seed=0), 2, seed=0, pool_size=pool, scores=scores)
+    assert [easy_first.describe(s) for s in range(3)] == [
+        {"pool": 1, "difficulty": [0.1, 0.1]}, {"pool": 3, "difficulty": [0.1, 0.5]}, {"pool": 4, "difficulty": [0.1, 0.9]}]
+    unordered = Sampler([0, 2, 1, 3], 2, seed=0, pool_size=pool, scores=scores)  # min and max, not the ends
+    assert unordered.describe(1) == {"pool": 3, "difficulty": [0.1, 0.9]}
+    assert Sampler([0, 2, 1, 3], 2, seed=0, pool_size=pool).describe(1) == {"pool": 3}  # no scores, no range
 
 
 @pytest.mark.parametrize("override, message", [

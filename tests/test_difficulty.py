@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from clpd.config import ModelConfig
-from clpd.curriculum.difficulty import (cot_length, cot_steps, difficulty_range, fingerprint, load_scores,
-                                        order_indices, per_example_loss, random_scores, rrf, save_scores)
+from clpd.curriculum.order import order_indices
+from clpd.curriculum.score_cache import load_scores, save_scores
+from clpd.curriculum.scorers import cot_length, cot_steps, per_example_loss, random_scores, rrf
 from clpd.data.prompts import IGNORE_INDEX, encode_example
 from clpd.data.records import Problem
 from clpd.models import load_model, load_tokenizer
@@ -133,14 +134,6 @@ def test_a_str_enum_names_an_order_like_its_value():
     assert order_indices([1, 3, 2], Order.hard_to_easy, seed=0) == [1, 2, 0]
 
 
-def test_difficulty_range_spans_the_head_of_the_order():
-    scores = [0.5, 0.1, 0.9, 0.3]
-    order = order_indices(scores, "easy_to_hard", seed=0)  # [1, 3, 0, 2]
-    assert difficulty_range(scores, order, 1) == (0.1, 0.1)
-    assert difficulty_range(scores, order, 3) == (0.1, 0.5)
-    assert difficulty_range(scores, order, 99) == (0.1, 0.9)
-
-
 # ---------------------------------------------------------------------------------------------
 # Loss under a model
 # ---------------------------------------------------------------------------------------------
@@ -249,9 +242,3 @@ def test_saving_again_replaces_the_cache(tmp_path):
     save_scores(path, np.zeros(3), META)
     save_scores(path, np.ones(3), META)
     assert load_scores(path, META).tolist() == [1.0, 1.0, 1.0]
-
-
-def test_fingerprint_changes_with_the_data():
-    assert fingerprint(PROBLEMS) == fingerprint(list(PROBLEMS))
-    assert fingerprint(PROBLEMS) != fingerprint(PROBLEMS[:3])
-    assert fingerprint([{"input_ids": [1, 2], "labels": [-100, 2]}]) != fingerprint([{"input_ids": [1, 2], "labels": [1, 2]}])

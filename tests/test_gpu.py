@@ -2,7 +2,7 @@
 
 A tiny from-scratch Qwen2 student (fp32 master weights, run under autocast) learns from a slightly
 larger from-scratch teacher whose weights are stored in the low precision, on one fixed batch of
-random tokens, through ``clpd.losses.distill_loss_sum`` and the loop's ``build_optimizer`` (fused
+random tokens, through ``clpd.losses.distill_loss`` and the loop's ``build_optimizer`` (fused
 AdamW on CUDA). The whole module is skipped without CUDA; ``scripts/device_check.sh`` runs it on a
 lent GPU machine.
 """
@@ -18,7 +18,7 @@ import torch
 
 from clpd.config import Arch, ModelConfig, Precision, TrainerConfig
 from clpd.loop import build_optimizer
-from clpd.losses import IGNORE_INDEX, distill_loss_sum
+from clpd.losses import IGNORE_INDEX, distill_loss
 from clpd.models import load_model, resolve_precision
 from clpd.tokenizer import build_char_tokenizer
 
@@ -66,8 +66,8 @@ def distill_steps(device: torch.device, precision: Precision, steps: int, lr: fl
         with autocast:
             student_logits = student(input_ids=input_ids, attention_mask=attention_mask).logits
         logit_dtypes.update({("teacher", teacher_logits.dtype), ("student", student_logits.dtype)})
-        loss = distill_loss_sum(student_logits, teacher_logits, targets, loss="forward_kl", alpha=0.0,
-                                vocab_size=len(tokenizer)) / answer_tokens
+        loss = distill_loss(student_logits, teacher_logits, targets, loss="forward_kl", alpha=0.0,
+                            vocab_size=len(tokenizer)).total / answer_tokens
         del teacher_logits, student_logits
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)

@@ -13,14 +13,14 @@ from rich.console import Console
 
 from clpd.checkpoint import write_checkpoint
 from clpd.config import TrainerConfig
-from clpd.curriculum.sampler import Sampler
 from clpd.errors import ClpdError
-from clpd.loop import sft_loss, train
+from clpd.loop import Supervision, sft_loss
+from clpd.losses import LossTerms
 from clpd.models import load_model, load_tokenizer
 from clpd.train import run_train
 from tests.conftest import TINY_OVERRIDES, compose_config
 from tests.test_cli import clpd
-from tests.test_loop import SPEC, examples
+from tests.test_loop import SPEC, examples, run_loop
 
 QUIET = Console(quiet=True)
 
@@ -32,16 +32,13 @@ def _train_with_a_nan_at(tmp_path, bad_step: int, **trainer):
 
     def loss_fn(logits, teacher_logits, targets):
         calls["n"] += 1
-        loss = sft_loss(logits, teacher_logits, targets)
-        return loss * float("nan") if (calls["n"] + 1) // 2 == bad_step else loss  # 2 micro-batches a step
+        loss = sft_loss(logits, teacher_logits, targets).total
+        return LossTerms(loss * float("nan") if (calls["n"] + 1) // 2 == bad_step else loss)  # 2 micro-batches a step
 
-    tok = load_tokenizer(SPEC)
     torch.manual_seed(0)
-    model = load_model(SPEC, tok)
+    model = load_model(SPEC, load_tokenizer(SPEC))
     data = [{**e, "id": f"p{i}"} for i, e in enumerate(examples())]
-    result = train(model, data, Sampler(range(len(data)), cfg.batch_size, seed=0), cfg, pad_id=tok.pad_token_id,
-                   device=torch.device("cpu"), autocast_dtype=None, metrics_path=tmp_path / "metrics.jsonl",
-                   console=QUIET, loss_fn=loss_fn)
+    result = run_loop(model, data, cfg, tmp_path / "metrics.jsonl", supervision=Supervision(loss_fn))
     return model, result
 
 
@@ -53,7 +50,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_the_examples_and_the_la
 
 def test_with_skip_nonfinite_the_bad_step_is_skipped_counted_and_the_weights_stay_finite(tmp_path):
     model, result = _train_with_a_nan_at(tmp_path, bad_step=3, skip_nonfinite=True)
-    assert result.steps == 6 and result.skipped_steps == 1
+    assert result.state.step == 6 and result.state.skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     (skip,) = [e for e in events if e.get("event") == "skip_nonfinite"]
@@ -88,12 +85,13 @@ def test_eval_of_a_damaged_checkpoint_is_one_clear_line(tmp_path, damage, messag
     out = clpd("eval", f"checkpoint={path}", "benchmark.test_size=4", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
     assert out.returncode == 1
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("clpd eval: error: checkpoint ") and "Traceback" not in out.stderr
+    assert len(lines) == 1 and lines[0].startswith("clpd eval: error: checkpoint") and "Traceback" not in out.stderr
     assert re.search(message, lines[0]), lines[0]
 
 
 @pytest.mark.parametrize("override, message", [
-    ("benchmark.train_size=0", "split train has no problems"),
+    ("benchmark.train_size=0", r"benchmark.train_size=0: the train split \(benchmark.train_split\) would have no "
+                               r"problems; allowed: >= 1"),
     ("trainer.max_length=20", r"no training examples left: all 64 are longer than trainer.max_length=20 "
                               r"\(trainer.overlong=drop\); raise trainer.max_length or set trainer.overlong=truncate_left"),
 ])

@@ -1,7 +1,9 @@
-"""The training loop's pieces: schedule, batching, accumulation, determinism."""
+"""The training loop's pieces: schedule, batching, one optimizer step, accumulation, the logged
+terms, the training state, determinism."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -12,9 +14,11 @@ from clpd.config import LrSchedule, ModelConfig, TrainerConfig
 from clpd.curriculum.sampler import Sampler
 from clpd.errors import ClpdError
 from clpd.data.batching import collate
-from clpd.loop import lr_at, schedule_step, train
-from clpd.losses import IGNORE_INDEX, cross_entropy_sum
+from clpd.loop import (Batches, Outputs, Supervision, TrainState, build_optimizer, lr_at, optimizer_step,
+                       schedule_step, sft_loss, train)
+from clpd.losses import IGNORE_INDEX, cross_entropy_sum, distill_loss
 from clpd.models import load_model, load_tokenizer
+from clpd.teachers import TeacherPool
 
 SPEC = ModelConfig(name="t", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_position_embeddings=64)
 
@@ -55,15 +59,19 @@ def test_cross_entropy_ignores_masked_targets():
     assert masked == pytest.approx(direct.item(), rel=1e-5) and masked < full
 
 
+def run_loop(model, data, cfg: TrainerConfig, metrics_path, *, seed: int = 0, supervision: Supervision | None = None,
+             **outputs):
+    """The loop on ``data`` in the given order, on the CPU, quietly."""
+    batches = Batches(data, Sampler(range(len(data)), cfg.batch_size, seed=seed), pad_id=load_tokenizer(SPEC).pad_token_id)
+    return train(model, batches, cfg, supervision or Supervision(), Outputs(metrics_path, Console(quiet=True), **outputs),
+                 device=torch.device("cpu"))
+
+
 def _run(tmp_path, name: str, seed: int = 0, **trainer) -> list[float]:
     cfg = TrainerConfig(**{"max_steps": 4, "batch_size": 8, "warmup_steps": 1, "log_every": 1, **trainer})
-    tok = load_tokenizer(SPEC)
     torch.manual_seed(seed)
-    model = load_model(SPEC, tok)
-    data = examples()
-    result = train(model, data, Sampler(range(len(data)), cfg.batch_size, seed=seed), cfg, pad_id=tok.pad_token_id,
-                   device=torch.device("cpu"), autocast_dtype=None, metrics_path=tmp_path / f"{name}.jsonl",
-                   console=Console(quiet=True))
+    model = load_model(SPEC, load_tokenizer(SPEC))
+    result = run_loop(model, examples(), cfg, tmp_path / f"{name}.jsonl", seed=seed)
     return [h["loss"] for h in result.history]
 
 
@@ -126,3 +134,89 @@ def test_tensorboard_logging_writes_event_files_or_says_what_is_missing(tmp_path
         return
     _run(tmp_path, "tb", tensorboard=True)
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+# --- one optimizer step --------------------------------------------------------------------------
+
+def _step(micro_batches):
+    # SGD: its update is the gradient itself, so float rounding in the sums stays rounding (Adam's
+    # first step is about lr * sign(g), which turns a rounding difference in a gradient near 0 into lr).
+    torch.manual_seed(0)
+    model = load_model(SPEC, load_tokenizer(SPEC))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    result = optimizer_step(model, optimizer, scaler, micro_batches, loss_fn=sft_loss, teacher=None,
+                            autocast=torch.autocast("cpu", enabled=False), grad_clip=1.0)
+    return model, result
+
+
+def test_two_micro_batches_give_the_update_of_one_batch_of_the_same_examples():
+    data = examples(8)
+    pad = load_tokenizer(SPEC).pad_token_id
+    whole, one = _step([collate(data, pad)])
+    split, two = _step([collate(data[:3], pad), collate(data[3:], pad)])
+    assert one.answer_tokens == two.answer_tokens == sum(sum(t != IGNORE_INDEX for t in e["labels"][1:]) for e in data)
+    assert two.loss == pytest.approx(one.loss, rel=1e-6) and two.grad_norm == pytest.approx(one.grad_norm, rel=1e-5)
+    for (name, a), b in zip(whole.named_parameters(), split.parameters()):
+        assert torch.allclose(a, b, atol=1e-7), name
+
+
+def test_a_step_with_a_non_finite_loss_leaves_the_weights_alone():
+    pad = load_tokenizer(SPEC).pad_token_id
+    torch.manual_seed(0)
+    model = load_model(SPEC, load_tokenizer(SPEC))
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = build_optimizer(model, TrainerConfig(), fused=False)
+    nan_loss = lambda logits, teacher, targets: sft_loss(logits * float("nan"), teacher, targets)  # noqa: E731
+    result = optimizer_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), [collate(examples(4), pad)],
+                            loss_fn=nan_loss, teacher=None, autocast=torch.autocast("cpu", enabled=False), grad_clip=1.0)
+    assert not result.applied and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())  # nothing carried into the next step
+
+
+def test_a_mixed_loss_logs_its_ce_and_kd_terms_beside_the_total(tmp_path):
+    tok = load_tokenizer(SPEC)
+    teacher_spec = ModelConfig(name="teacher", hidden_size=48, num_layers=1, num_heads=2, intermediate_size=96,
+                               max_position_embeddings=64)
+    supervision = Supervision(functools.partial(distill_loss, loss="forward_kl", alpha=0.5, vocab_size=len(tok)),
+                              TeacherPool([teacher_spec], tok, device=torch.device("cpu"), dtype=torch.float32),
+                              schedule=lambda step: 0)
+    torch.manual_seed(0)
+    cfg = TrainerConfig(max_steps=3, batch_size=8, warmup_steps=1, log_every=1)
+    run_loop(load_model(SPEC, tok), examples(), cfg, tmp_path / "m.jsonl", supervision=supervision)
+    lines = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "event" not in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        assert r["ce"] > 0 and r["kd"] > 0
+        assert r["loss"] == pytest.approx(0.5 * r["ce"] + 0.5 * r["kd"], abs=2e-6)  # each rounded to 6 digits
+    assert lines[0] == {"event": "teacher_switch", "step": 0, "from": None, "to": "teacher"}
+
+
+def test_a_pure_loss_logs_no_terms(tmp_path):
+    _run(tmp_path, "sft", max_steps=2)
+    lines = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    assert all("ce" not in r and "kd" not in r for r in lines)
+
+
+# --- the training state ---------------------------------------------------------------------------
+
+def test_the_state_round_trips_through_its_saved_dict_without_the_checkpoint_it_came_from():
+    state = TrainState(step=3, tokens_seen=10, answer_tokens_seen=4, teacher=1, optimizer={"a": 1}, scaler={},
+                       rng={"torch": 0}, checkpoint="/run/checkpoints/step-3")
+    saved = state.to_dict()
+    assert "checkpoint" not in saved
+    assert TrainState.from_dict(saved, "/elsewhere") == TrainState(**{**saved, "checkpoint": "/elsewhere"})
+
+
+def test_a_state_written_before_train_state_existed_is_read():
+    old = {"step": 5, "schedule_step": 5, "tokens_seen": 100, "answer_tokens_seen": 40, "skipped_steps": 0,
+           "teacher_switches": [], "teacher": None, "train_time_s": 1.5, "next_lr": 0.1,
+           "sampler": {"seed": 0, "next_step": 5}, "optimizer": {}, "scaler": {}, "rng": {}}
+    state = TrainState.from_dict(old, "ckpt")
+    assert (state.step, state.tokens_seen, state.train_time_s, state.checkpoint) == (5, 100, 1.5, "ckpt")
+
+
+def test_a_state_lacking_a_field_is_refused_in_one_line():
+    with pytest.raises(ClpdError, match=r"^checkpoint ckpt: its training state lacks rng; .*cannot be resumed from$"):
+        TrainState.from_dict({name: 0 for name in TrainState.SAVED if name != "rng"}, "ckpt")

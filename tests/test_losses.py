@@ -1,4 +1,4 @@
-"""Distillation losses: the divergences' defining properties, and how kd_loss_sum / distill_loss_sum
+"""Distillation losses: the divergences' defining properties, and how kd_loss_sum / distill_loss
 turn logits into a summed, chunked, vocabulary-aligned loss."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clpd.losses import (DIVERGENCES, IGNORE_INDEX, LOSS_NAMES, cross_entropy_sum, distill_loss_sum, forward_kl, jsd,
+from clpd.losses import (DIVERGENCES, IGNORE_INDEX, LOSS_NAMES, cross_entropy_sum, distill_loss, forward_kl, jsd,
                          kd_loss_sum, reverse_kl, skew_forward_kl, skew_reverse_kl, tvd)
 
 NAMES = list(DIVERGENCES)
@@ -304,7 +304,7 @@ def test_bad_settings_are_reported_together():
 
 
 # ---------------------------------------------------------------------------------------------
-# distill_loss_sum
+# distill_loss
 # ---------------------------------------------------------------------------------------------
 
 def test_distill_alpha_one_is_ce_alpha_zero_is_kd_and_between_the_mix():
@@ -312,25 +312,44 @@ def test_distill_alpha_one_is_ce_alpha_zero_is_kd_and_between_the_mix():
     ce = cross_entropy_sum(student, targets)
     kd = kd_loss_sum(student, teacher, targets, divergence="skew_reverse_kl", temperature=2.0, lam=0.2)
     kw = dict(loss="skew_reverse_kl", temperature=2.0, lam=0.2)
-    assert torch.allclose(distill_loss_sum(student, teacher, targets, alpha=1.0, **kw), ce)
-    assert torch.allclose(distill_loss_sum(student, None, targets, alpha=1.0, **kw), ce)  # KD skipped: no teacher needed
-    assert torch.allclose(distill_loss_sum(student, teacher, targets, alpha=0.0, **kw), kd)
-    assert torch.allclose(distill_loss_sum(student, teacher, targets, alpha=0.3, **kw), 0.3 * ce + 0.7 * kd)
+    assert torch.allclose(distill_loss(student, teacher, targets, alpha=1.0, **kw).total, ce)
+    assert torch.allclose(distill_loss(student, None, targets, alpha=1.0, **kw).total, ce)  # KD skipped: no teacher needed
+    assert torch.allclose(distill_loss(student, teacher, targets, alpha=0.0, **kw).total, kd)
+    assert torch.allclose(distill_loss(student, teacher, targets, alpha=0.3, **kw).total, 0.3 * ce + 0.7 * kd)
+
+
+def test_the_terms_are_the_unweighted_ce_and_kd_where_they_were_computed():
+    student, teacher, targets = batch()
+    ce = cross_entropy_sum(student, targets)
+    kd = kd_loss_sum(student, teacher, targets, divergence="jsd", beta=0.3)
+    mixed = distill_loss(student, teacher, targets, loss="jsd", alpha=0.3, beta=0.3)
+    assert torch.equal(mixed.ce, ce) and torch.equal(mixed.kd, kd)
+    assert torch.equal(mixed.total, 0.3 * ce + 0.7 * kd)  # the same operations: bit for bit
+    only_kd = distill_loss(student, teacher, targets, loss="jsd", alpha=0.0, beta=0.3)
+    assert only_kd.ce is None and torch.equal(only_kd.kd, kd)
+    only_ce = distill_loss(student, None, targets, loss="jsd", alpha=1.0)
+    assert only_ce.kd is None and torch.equal(only_ce.ce, ce)
 
 
 def test_sft_ignores_the_teacher():
     student, teacher, targets = batch()
     ce = cross_entropy_sum(student, targets)
-    assert torch.allclose(distill_loss_sum(student, None, targets, loss="sft", alpha=0.0), ce)
-    assert torch.allclose(distill_loss_sum(student, torch.full_like(teacher, math.nan), targets, loss="sft", alpha=0.5), ce)
+    assert torch.allclose(distill_loss(student, None, targets, loss="sft", alpha=0.0).total, ce)
+    assert torch.allclose(distill_loss(student, torch.full_like(teacher, math.nan), targets, loss="sft", alpha=0.5).total, ce)
+
+
+def test_the_configs_allowed_losses_are_the_losses_module_s():
+    from clpd.config import DistillLoss
+
+    assert [loss.value for loss in DistillLoss] == list(LOSS_NAMES) == ["sft", *DIVERGENCES]
 
 
 def test_distill_rejects_unknown_losses_bad_alpha_and_a_missing_teacher():
     student, teacher, targets = batch()
     assert LOSS_NAMES == ("sft", *DIVERGENCES)
     with pytest.raises(ValueError, match="unknown loss 'kd'.*sft, forward_kl"):
-        distill_loss_sum(student, teacher, targets, loss="kd", alpha=0.5)
+        distill_loss(student, teacher, targets, loss="kd", alpha=0.5)
     with pytest.raises(ValueError, match="alpha must be in"):
-        distill_loss_sum(student, teacher, targets, loss="jsd", alpha=1.5)
+        distill_loss(student, teacher, targets, loss="jsd", alpha=1.5)
     with pytest.raises(ValueError, match="needs teacher_logits"):
-        distill_loss_sum(student, None, targets, loss="jsd", alpha=0.5)
+        distill_loss(student, None, targets, loss="jsd", alpha=0.5)

@@ -17,8 +17,8 @@ import pytest
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from clpd import report
 from clpd.report import collect_runs, group_runs, paired_difference, t_quantile_975, write_report
+from clpd.report.command import main
 
 CLPD = str(Path(sys.executable).parent / "clpd")
 
@@ -258,7 +258,7 @@ def test_bad_input_is_one_line_and_exit_1(tmp_path, capsys):
     (tmp_path / "empty" / "outputs").mkdir(parents=True)
     for argv, message in (([str(tmp_path / "empty")], "no runs under"), ([], "give at least one PATH"),
                           ([str(tmp_path / "nope")], "does not exist"), (["--bogus", str(tmp_path)], "unrecognized")):
-        assert report.main(argv) == 1
+        assert main(argv) == 1
         err = capsys.readouterr().err
         assert err.startswith("clpd report: error: ") and message in err and len(err.strip().splitlines()) == 1
 

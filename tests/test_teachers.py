@@ -13,20 +13,20 @@ from rich.console import Console
 
 import clpd.teachers as teachers_module
 from clpd.config import LoraConfig, ModelConfig, Schedule, StudentConfig, TrainerConfig, to_object
-from clpd.curriculum.sampler import Sampler
 from clpd.data import load_problems
 from clpd.data.prompts import encode_example
 from clpd.errors import ClpdError
 from clpd.eval import run_eval
 from clpd.evaluate import evaluate
-from clpd.loop import train
-from clpd.losses import distill_loss_sum
+from clpd.ladder import build_config, check_ladder_order, teacher_key
+from clpd.losses import distill_loss
 from clpd.models import apply_lora, load_model, load_tokenizer
 from clpd.checkpoint import write_checkpoint
 from clpd.curriculum.stages import stage_starts
-from clpd.teachers import build_config, check_ladder_order, make_schedule, teacher_index, teacher_key
+from clpd.teachers import make_schedule, teacher_index
 from clpd.train import run_train
 from tests.conftest import GPT2_DIR, TINY_OVERRIDES, compose_config, needs
+from tests.test_loop import run_loop
 
 QUIET = Console(quiet=True)
 LADDER = [
@@ -189,7 +189,7 @@ def test_teachers_with_padded_output_rows_of_different_sizes_use_the_shared_rows
     targets = torch.randint(0, tokens, (1, 4))
     changed = teacher_logits.clone()
     changed[..., tokens:] += 50.0
-    loss = lambda t: distill_loss_sum(student, t, targets, loss="forward_kl", alpha=0.0, vocab_size=tokens)
+    loss = lambda t: distill_loss(student, t, targets, loss="forward_kl", alpha=0.0, vocab_size=tokens).total
     assert torch.equal(loss(teacher_logits), loss(changed))
 
 
@@ -223,8 +223,7 @@ def test_a_lora_student_changes_only_its_adapters_and_reloads_with_the_same_pred
     bench = BenchmarkConfig(train_size=64, test_size=8, max_steps=2)
     examples = [encode_example(p, tok, False, 256) for p in load_problems(bench, "train")]
     cfg = TrainerConfig(max_steps=3, batch_size=4, grad_accum=1, warmup_steps=0, lr=1e-2, log_every=1)
-    train(model, examples, Sampler(range(len(examples)), 4, seed=0), cfg, pad_id=tok.pad_token_id,
-          device=torch.device("cpu"), autocast_dtype=None, metrics_path=tmp_path / "m.jsonl", console=QUIET)
+    run_loop(model, examples, cfg, tmp_path / "m.jsonl")
 
     changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert changed and all("lora_" in n for n in changed)
@@ -238,13 +237,11 @@ def test_a_lora_student_changes_only_its_adapters_and_reloads_with_the_same_pred
     assert all(torch.equal(reloaded_base[k], pristine[k]) for k in pristine)
 
     problems = load_problems(bench, "test")
-    _, in_memory = evaluate(model, tok, problems, chat_template=False, numeric=False, batch_size=8, max_new_tokens=12,
-                            device=torch.device("cpu"))
+    _, in_memory = evaluate(model, tok, problems, bench, batch_size=8, max_new_tokens=12, device=torch.device("cpu"))
     metrics = run_eval(compose_config("eval", [f"checkpoint={tmp_path / 'final'}", "benchmark.train_size=64",
                                                "benchmark.test_size=8", "benchmark.max_steps=2", "max_new_tokens=12"]),
                        tmp_path / "eval", QUIET)
     saved_outputs = [json.loads(line)["output"] for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
-    memory_records, _ = evaluate(model, tok, problems, chat_template=False, numeric=False, batch_size=8,
-                                 max_new_tokens=12, device=torch.device("cpu"))
+    memory_records, _ = evaluate(model, tok, problems, bench, batch_size=8, max_new_tokens=12, device=torch.device("cpu"))
     assert saved_outputs == [r["output"] for r in memory_records]
     assert metrics["accuracy_strict"] == in_memory["accuracy_strict"]

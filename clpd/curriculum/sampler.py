@@ -1,10 +1,18 @@
-"""The batch sampler. It owns the order of the training data: nothing else shuffles."""
+"""The batch sampler. It owns the order of the training data: nothing else shuffles.
+
+:func:`build_sampler` makes a run's sampler from its config: the examples ordered by difficulty
+(:mod:`clpd.curriculum.order`) and paced by ``curriculum.pacing`` (:func:`pool_function`).
+"""
 
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
+
+from clpd.config import TrainConfig
+from clpd.curriculum.order import order_indices
+from clpd.curriculum.pacing import pool_size
 
 
 def full_pool(n: int) -> Callable[[int], int]:
@@ -47,8 +55,25 @@ class Sampler:
         return self.order[picks].tolist()
 
     def describe(self, step: int) -> Dict:
+        """For the log and the plan: ``{"pool": n}``, and with scores ``"difficulty": [min, max]``
+        of the first n examples of the order (rounded to 4 decimals)."""
         n = self.pool(step)
         info: Dict = {"pool": n}
         if self._low is not None:
             info["difficulty"] = [round(float(self._low[n - 1]), 4), round(float(self._high[n - 1]), 4)]
         return info
+
+
+def pool_function(tc: TrainConfig, n: int) -> Callable[[int], int]:
+    """Examples available at each optimizer step under ``curriculum.pacing``."""
+    c = tc.curriculum
+    return lambda step: pool_size(c.pacing.value, step, tc.trainer.max_steps, n, start=c.start,
+                                  saturate=c.saturate, root_p=c.root_p, num_buckets=c.num_buckets)
+
+
+def build_sampler(tc: TrainConfig, scores: Optional[np.ndarray], n: int) -> Sampler:
+    """The run's sampler: ``n`` examples ordered by ``scores`` (None: no scores, random order
+    only) and paced by ``curriculum.pacing``. ``clpd train`` and ``clpd plan`` both build it here,
+    which is why a plan matches its run step by step."""
+    order = order_indices(scores if scores is not None else np.zeros(n), tc.curriculum.order, tc.seed)
+    return Sampler(order, tc.trainer.batch_size, seed=tc.seed, pool_size=pool_function(tc, n), scores=scores)

@@ -9,29 +9,10 @@ Without pacing, stages split training evenly or follow the explicit boundaries.
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Sequence
-
-import numpy as np
+from typing import List, Sequence
 
 from clpd.config import Pacing, TrainConfig
-from clpd.curriculum.difficulty import order_indices
-from clpd.curriculum.pacing import pool_size
-from clpd.curriculum.sampler import Sampler
-
-
-def pool_function(tc: TrainConfig, n: int) -> Callable[[int], int]:
-    """Examples available at each optimizer step under ``curriculum.pacing``."""
-    c = tc.curriculum
-    return lambda step: pool_size(c.pacing.value, step, tc.trainer.max_steps, n, start=c.start,
-                                  saturate=c.saturate, root_p=c.root_p, num_buckets=c.num_buckets)
-
-
-def build_sampler(tc: TrainConfig, scores: Optional[np.ndarray], n: int) -> Sampler:
-    """The run's sampler: ``n`` examples ordered by ``scores`` (None: no scores, random order
-    only) and paced by ``curriculum.pacing``. ``clpd train`` and ``clpd plan`` both build it here,
-    which is why a plan matches its run step by step."""
-    order = order_indices(scores if scores is not None else np.zeros(n), tc.curriculum.order, tc.seed)
-    return Sampler(order, tc.trainer.batch_size, seed=tc.seed, pool_size=pool_function(tc, n), scores=scores)
+from clpd.curriculum.sampler import pool_function
 
 
 def even_boundaries(num_stages: int) -> List[float]:

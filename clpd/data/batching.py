@@ -6,7 +6,7 @@ from typing import Dict, Sequence
 
 import torch
 
-from clpd.data.prompts import IGNORE_INDEX
+from clpd.losses import IGNORE_INDEX
 
 
 def collate(examples: Sequence[dict], pad_id: int) -> Dict[str, torch.Tensor]:

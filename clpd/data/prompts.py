@@ -12,11 +12,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from clpd.data.records import Problem
 from clpd.errors import ClpdError
+from clpd.losses import IGNORE_INDEX
 
 log = logging.getLogger("clpd.data")
 
 PROMPT = "Question: {question}\nAnswer:"
-IGNORE_INDEX = -100  # label of the tokens the loss skips (the prompt), as torch's cross_entropy expects
 
 # lm-eval's gsm8k ``until`` ("Question:", "</s>", "<|im_end|>"), plus "\n\n" of its earlier versions:
 # a solution never contains a blank line, so a model that writes one has started something else.

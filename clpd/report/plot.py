@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 import re
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from clpd.files import atomic_path
 
 
 def _wrap(label: str, width: int) -> str:
@@ -158,12 +158,5 @@ def plot_report(runs: Sequence[dict], groups: Sequence[dict], kept: Sequence[str
     ax_curve.set_title("(d) test accuracy during training: plateau or jump? (band: ± std over seeds)")
     ax_curve.grid(alpha=0.3)
 
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------
-# The report
-
-
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)

@@ -1,29 +1,25 @@
-"""Difficulty scorers, their fusion, and the easy-to-hard order of the training set.
+"""Difficulty scorers, their fusion, and which of them a run's config uses.
 
 Every scorer returns a numpy float array with one score per problem, in the problems' order;
-HIGHER means HARDER. Scores that need a model (:func:`per_example_loss`) are worth caching
-(:func:`save_scores` / :func:`load_scores`); the others are cheap to recompute.
+HIGHER means HARDER. :func:`compute_scores` applies the config's ``curriculum.difficulty``
+(``rrf`` fuses several scorers). Scorers that need a model (``student_loss``, ``teacher_loss``:
+:func:`per_example_loss`) get it lazily from the caller, so ``clpd plan`` can show everything
+else offline and mark those scores as computed at train time; their scores are worth caching
+(:mod:`clpd.curriculum.score_cache`), the others are cheap to recompute.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import os
-import tempfile
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clpd.config import CurriculumConfig, Difficulty, Order, Pacing
 from clpd.data.batching import collate
 from clpd.data.prompts import IGNORE_INDEX
 from clpd.data.records import Problem
-
-ORDERS = ("easy_to_hard", "hard_to_easy", "random")
 
 
 # --- scorers -----------------------------------------------------------------------------------
@@ -121,97 +117,36 @@ def rrf(score_arrays: Sequence[np.ndarray], k: float = 60.0) -> np.ndarray:
     return -np.asarray(easiness, dtype=np.float64)
 
 
-# --- order ---------------------------------------------------------------------------------------
+# --- the config's scorers ------------------------------------------------------------------
 
-def order_indices(scores: Sequence[float], order: Any, seed: int) -> List[int]:
-    """The example indices in training order.
-
-    ``easy_to_hard``: ascending difficulty; ``hard_to_easy``: descending; ``random``: a seeded
-    permutation that ignores the scores. Ties are broken by a random key drawn from ``seed``
-    (``np.lexsort`` by (key, score)), so the same seed gives the same order and another seed may
-    order tied examples differently; a curriculum over a coarse scorer is not ordered by index.
-    """
-    key = getattr(order, "value", order)  # the config's str Enum or a plain string
-    if key not in ORDERS:
-        raise ValueError(f"unknown order {key!r}; allowed: {', '.join(ORDERS)}")
-    s = np.asarray(scores, dtype=np.float64)
-    if s.ndim != 1:
-        raise ValueError(f"scores must be 1-D, got shape {s.shape}")
-    rng = np.random.default_rng(seed)
-    if key == "random":
-        return rng.permutation(len(s)).tolist()
-    if np.isnan(s).any():
-        raise ValueError(f"scores hold NaN at positions {np.flatnonzero(np.isnan(s))[:10].tolist()}")
-    tie_break = rng.random(len(s))
-    primary = s if key == "easy_to_hard" else -s
-    return np.lexsort((tie_break, primary)).tolist()  # the last key is the primary one
+MODEL_SCORERS = {Difficulty.student_loss, Difficulty.teacher_loss}
 
 
-def difficulty_range(scores: Sequence[float], ordered_indices: Sequence[int], pool: int) -> Tuple[float, float]:
-    """(min, max) difficulty of the first ``pool`` examples of the order, for the log."""
-    if pool < 1:
-        raise ValueError(f"pool={pool} must be >= 1")
-    head = np.asarray(scores, dtype=np.float64)[np.asarray(ordered_indices[:pool], dtype=np.int64)]
-    if head.size == 0:
-        raise ValueError("ordered_indices is empty")
-    return float(head.min()), float(head.max())
+def scorers(c: CurriculumConfig) -> list:
+    return list(c.rrf_scorers) if c.difficulty == Difficulty.rrf else [c.difficulty]
 
 
-# --- cache -----------------------------------------------------------------------------------------
-
-def fingerprint(items: Sequence[Any]) -> str:
-    """A short hash of problems (dataclasses) or encoded examples (dicts of lists), for the
-    ``data`` entry of a cache's meta: different data or tokenization, different fingerprint."""
-    h = hashlib.sha256()
-    for item in items:
-        obj = dataclasses.asdict(item) if dataclasses.is_dataclass(item) else item
-        h.update(json.dumps(obj, sort_keys=True, default=str).encode())
-        h.update(b"\n")
-    return h.hexdigest()[:16]
+def needs_model(c: CurriculumConfig) -> bool:
+    return any(s in MODEL_SCORERS for s in scorers(c))
 
 
-def _jsonable(meta: Dict[str, Any]) -> Any:
-    # What the meta reads back as (tuples become lists, Enums their values): compared on load.
-    return json.loads(json.dumps(meta, sort_keys=True, default=lambda o: getattr(o, "value", str(o))))
+def is_curriculum(c: CurriculumConfig) -> bool:
+    """Whether the order or the pool depends on difficulty (random order, no pacing: it does not)."""
+    return c.order != Order.random or c.pacing != Pacing.none
 
 
-def save_scores(path: str | os.PathLike, scores: np.ndarray, meta: Dict[str, Any]) -> None:
-    """Write ``{"meta": meta, "scores": [...]}`` as JSON, atomically (a temporary file in the same
-    folder, then ``os.replace``), so a crash leaves the old file or the new one, never half of one.
+def compute_scores(c: CurriculumConfig, problems: Sequence[Problem], examples: Optional[Sequence[dict]], seed: int,
+                   model_scores: Optional[Dict[Difficulty, Callable[[], np.ndarray]]] = None) -> np.ndarray:
+    """Difficulty per example, higher = harder. ``model_scores`` maps the model scorers to
+    functions that compute them (one batched pass each)."""
+    def one(name: Difficulty) -> np.ndarray:
+        if name == Difficulty.cot_steps:
+            return cot_steps(problems)
+        if name == Difficulty.cot_length:
+            return cot_length(examples)
+        if name == Difficulty.random:
+            return random_scores(len(problems), seed)
+        return model_scores[name]()
 
-    ``meta`` says what the scores were computed from, e.g. ``{"scorer": "student_loss", "model":
-    "...", "data": fingerprint(examples), "num_examples": n}``; :func:`load_scores` returns them
-    only for the same meta. Floats round-trip exactly (JSON floats are ``repr``).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"meta": _jsonable(meta), "scores": [float(x) for x in np.asarray(scores, dtype=np.float64).ravel()]}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_scores(path: str | os.PathLike, meta: Dict[str, Any]) -> Optional[np.ndarray]:
-    """The cached scores at ``path`` if they were saved with the same ``meta``; else None (no
-    file, an unreadable file, another meta, or a ``num_examples`` that the scores do not match),
-    so a changed config recomputes instead of reusing stale scores."""
-    try:
-        payload = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(payload, dict) or not isinstance(payload.get("scores"), list):
-        return None
-    if payload.get("meta") != _jsonable(meta):
-        return None
-    scores = np.asarray(payload["scores"], dtype=np.float64)
-    expected = payload["meta"].get("num_examples") if isinstance(payload["meta"], dict) else None
-    if expected is not None and expected != len(scores):
-        return None
-    return scores
+    arrays = [one(s) for s in scorers(c)]
+    return rrf(arrays) if c.difficulty == Difficulty.rrf else arrays[0]

@@ -1,0 +1,272 @@
+"""``clpd report PATH... [--out DIR]``: tables and plots over run dirs.
+
+PATH is a run dir, a sweep dir, or any folder above them: every dir holding ``.hydra/config.yaml``
+and ``.hydra/overrides.yaml`` is a run (teacher caches have no ``.hydra`` and are not). Each run
+becomes a row, failed and unfinished ones included. Runs whose configs differ only by ``seed`` form a
+group (mean ± sample std over the completed seeds); when the groups differ by ``method`` and one of
+them is ``standard_kd``, every other group gets the paired difference of strict accuracy to it over
+the seeds both completed, with a 95% t-interval. Written into ``--out`` (default: the single PATH, or
+the current directory): ``report.md``, ``report.csv`` (one row per run) and ``report.png``.
+
+Which columns a table shows: the config keys that differ between the runs, minus the ones that a
+key shown before them already explains. Keys are considered in the order the user chose them (the
+command-line overrides, e.g. ``method``), then Hydra's group choices, then the composed config; so a
+sweep over ``method`` shows ``method`` and not the ``distill.loss``/``curriculum.*`` values that each
+method preset sets.
+
+This is a plain argparse command, not a Hydra app: it reads runs, it does not make one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import sys
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Tuple
+
+from rich.console import Console
+from rich.table import Table
+
+from clpd.errors import ClpdError
+from clpd.files import write_text
+from clpd.report.plot import plot_report
+from clpd.report.runs import EXTRA_METRICS, METRICS, _compact, collect_runs
+from clpd.report.stats import BASELINE_VALUE, METHOD_KEY, _display, group_runs, varied_keys
+
+
+def _fmt_number(x: Optional[float], kind: str) -> str:
+    if x is None:
+        return "-"
+    if kind == "acc":
+        return f"{x:.3f}"
+    if kind == "tokens":
+        for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+            if abs(x) >= size:
+                return f"{x / size:.2f}{unit}"
+        return f"{x:.0f}"
+    if kind == "time":
+        return f"{x:.0f} s" if abs(x) >= 10 else f"{x:.1f} s"
+    if kind == "loss":
+        return f"{x:.4f}"
+    return _display(x)
+
+
+def _fmt_stats(s: dict, kind: str) -> str:
+    if s["mean"] is None:
+        return "-"
+    if s["std"] is None:
+        return _fmt_number(s["mean"], kind)
+    mean, std = s["mean"], s["std"]
+    if kind == "time":  # "123 ± 4 s", "12.0 ± 2.0 s"
+        digits = 0 if abs(mean) >= 100 else 1
+        return f"{mean:.{digits}f} ± {std:.{digits}f} s"
+    if kind == "tokens":  # the std in the mean's unit: "1.10M ± 0.01M"
+        unit, size = next(((u, z) for u, z in (("G", 1e9), ("M", 1e6), ("k", 1e3)) if abs(mean) >= z), ("", 1))
+        return f"{mean / size:.2f}{unit} ± {std / size:.2f}{unit}" if unit else f"{mean:.0f} ± {std:.0f}"
+    return f"{_fmt_number(mean, kind)} ± {_fmt_number(std, kind)}"
+
+
+def _fmt_delta(g: dict, key: str = "vs_baseline") -> str:
+    d = g[key]
+    if g["is_baseline"]:
+        return "baseline"
+    if d is None:
+        return "-"
+    if d["n"] == 0:
+        return "no paired seeds"
+    if d["low"] is None:
+        return f"{d['mean']:+.3f} (1 pair, no CI)"
+    return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] ({d['n']} pairs)"
+
+
+def _fmt_n(g: dict) -> str:
+    extra = [f"+{g['failed']} failed"] * bool(g["failed"]) + [f"+{g['unfinished']} unfinished"] * bool(g["unfinished"])
+    return f"{g['completed']}" + (f" ({', '.join(extra)})" if extra else "")
+
+
+DELTA = f"Δ strict vs {BASELINE_VALUE} [95% CI]"
+CURVE, CURVE_DELTA = "curve acc", f"Δ curve vs {BASELINE_VALUE} [95% CI]"
+
+
+def group_table_rows(groups: Sequence[dict], kept: Sequence[str]) -> Tuple[List[str], List[List[str]]]:
+    compared = any(g["is_baseline"] for g in groups)  # else no Δ columns: nothing to compare with
+    curves = any(g["curve_accuracy"]["values"] for g in groups)  # else no run has a learning curve
+    columns = [("acc strict", True, lambda g: _fmt_stats(g["accuracy_strict"], "acc")),
+               ("acc flexible", True, lambda g: _fmt_stats(g["accuracy_flexible"], "acc")),
+               (DELTA, compared, _fmt_delta),
+               (CURVE, curves, lambda g: _fmt_stats(g["curve_accuracy"], "acc")),
+               (CURVE_DELTA, compared and curves, lambda g: _fmt_delta(g, "vs_baseline_curve")),
+               ("tokens seen", True, lambda g: _fmt_stats(g["tokens_seen"], "tokens")),
+               ("train time", True, lambda g: _fmt_stats(g["train_time_s"], "time")),
+               ("n", True, _fmt_n)]
+    columns = [(name, cell) for name, shown, cell in columns if shown]
+    header = [*kept] if kept else ["runs"]
+    header += [name for name, _ in columns]
+    rows = [[*(_display(g["params"][k]) for k in kept)] if kept else [g["label"]] for g in groups]
+    for row, g in zip(rows, groups):
+        row += [cell(g) for _, cell in columns]
+    return header, rows
+
+
+def _one_line(text: Optional[str], limit: int = 300) -> str:
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _rel(path: str, out_dir: Path) -> str:
+    try:
+        return os.path.relpath(path, out_dir.resolve())
+    except ValueError:
+        return path
+
+
+def _csv_columns(runs: Sequence[dict], kept: Sequence[str], differing: Sequence[str]) -> List[str]:
+    difficulties = sorted({d for r in runs for d in r["by_difficulty"]})
+    columns = ["run", "status", "error", "group", *kept, "seed", *METRICS, *EXTRA_METRICS]
+    columns += [f"accuracy_strict_steps_{d}" for d in difficulties]
+    columns += [k for k in differing if k not in columns]
+    return columns
+
+
+def _csv_value(run: dict, column: str) -> Any:
+    if column in ("run", "status", "error", "group", "seed"):
+        value = run.get(column)
+    elif column in run["metrics"]:
+        value = run["metrics"][column]
+    elif column.startswith("accuracy_strict_steps_"):
+        value = (run["by_difficulty"].get(int(column.rsplit("_", 1)[1])) or {}).get("accuracy_strict")
+    else:
+        value = run["params"].get(column)
+    return "" if value is None else value
+
+
+def write_report(runs: Sequence[dict], out_dir: Path, console: Optional[Console] = None) -> dict:
+    """Print the group table and write report.md, report.csv and report.png into ``out_dir``.
+
+    Returns {"varied": the group keys, "groups": group_runs' groups, "files": the written paths}."""
+    console = console or Console()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups = group_runs(runs)
+    kept, differing = varied_keys(runs)
+    header, rows = group_table_rows(groups, kept)
+
+    table = Table(title=f"{len(runs)} runs, {len(groups)} group{'s' * (len(groups) != 1)}")
+    for i, column in enumerate(header):
+        table.add_column(column, justify="left" if i < max(len(kept), 1) else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    problems = [r for r in runs if r["status"] != "completed"]
+    for r in problems:
+        console.print(f"[yellow]{r['status']}[/] {r['run']}" + (f": {_one_line(r['error'], 200)}" if r["error"] else ""),
+                      soft_wrap=True, markup=True, highlight=False)
+
+    # report.md
+    done = sum(r["status"] == "completed" for r in runs)
+    failed = sum(r["status"] in ("failed", "unreadable") for r in runs)
+    run_header = ["run", *kept, "seed", "status", "acc strict", "acc flexible", "test problems", "tokens seen",
+                  "train time", "final loss", "error"]
+    run_rows = []
+    for g in groups:
+        for r in sorted(g["runs"], key=lambda r: (_compact(r["seed"]), r["run"])):
+            m = r["metrics"]
+            run_rows.append([_rel(r["run"], out_dir), *(_display(r["params"].get(k)) for k in kept), _display(r["seed"]),
+                             r["status"], _fmt_number(m["accuracy_strict"], "acc"),
+                             _fmt_number(m["accuracy_flexible"], "acc"), _display(m["n"]),
+                             _fmt_number(m["tokens_seen"], "tokens"), _fmt_number(m["train_time_s"], "time"),
+                             _fmt_number(m["final_loss"], "loss"), _one_line(r["error"])])
+    md = [
+        "# clpd report", "",
+        f"{len(runs)} runs: {done} completed, {failed} failed, {len(runs) - done - failed} unfinished. "
+        f"Varied: {', '.join(f'`{k}`' for k in kept) or 'only the seed'}.", "",
+        "Accuracy is the final student's test accuracy as a fraction (strict: the `#### N` answer; flexible: the "
+        "last number of the output), mean ± sample std (ddof=1) over the completed seeds. "
+        + (f"Δ is the paired difference of strict accuracy to `{METHOD_KEY}={BASELINE_VALUE}` over the seeds both "
+           "completed, with a 95% t-interval. " if any(g["is_baseline"] for g in groups) else "")
+        + ("Curve acc is the mean test accuracy over a run's learning curve (its `trainer.eval_every` evaluations): "
+           "how soon it learned, where the final accuracy says how far. " if CURVE in header else "")
+        + "n counts the completed seeds; failed and unfinished runs are listed below.", "",
+        "## Groups", "", _md_table(header, rows), "",
+        "## Runs", "", _md_table(run_header, run_rows), "",
+        "![accuracy per group, by difficulty, training loss](report.png)", "",
+    ]
+    write_text(out_dir / "report.md", "\n".join(md))
+
+    # report.csv: one row per run, every column, full precision
+    columns = _csv_columns(runs, kept, differing)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(columns)
+    for g in groups:
+        for r in g["runs"]:
+            writer.writerow([_csv_value(r, c) for c in columns])
+    write_text(out_dir / "report.csv", buffer.getvalue())
+
+    plot_report(runs, groups, kept, out_dir / "report.png")
+    files = [out_dir / f"report.{ext}" for ext in ("md", "csv", "png")]
+    console.print(f"report written to {out_dir / 'report.md'} (.csv, .png)", soft_wrap=True, highlight=False)
+    return {"varied": kept, "groups": groups, "files": files}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line through the usual error path, not usage + exit 2
+        raise ClpdError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="clpd report", description="Tables and plots over clpd run dirs: report.md, report.csv and "
+                                                   "report.png, and a table on the console.")
+    p.add_argument("paths", nargs="*", metavar="PATH",
+                   help="a run dir, a sweep dir, or a folder containing them (searched at any depth)")
+    p.add_argument("--out", metavar="DIR",
+                   help="where report.md/.csv/.png go (default: the PATH when one is given, else the current dir)")
+    return p
+
+
+def run_report(argv: Sequence[str], console: Optional[Console] = None) -> dict:
+    args = _parser().parse_args(list(argv))
+    if not args.paths:
+        raise ClpdError("give at least one PATH: a run dir, a sweep dir, or a folder containing them")
+    runs = collect_runs(args.paths)
+    if not runs:
+        raise ClpdError(f"no runs under {', '.join(args.paths)} (a run dir holds .hydra/config.yaml and "
+                        ".hydra/overrides.yaml)")
+    out = Path(args.out) if args.out else Path(args.paths[0]) if len(args.paths) == 1 else Path.cwd()
+    if out.exists() and not out.is_dir():
+        raise ClpdError(f"--out {out} is not a directory")
+    return write_report(runs, out, console)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``clpd report PATH... [--out DIR]``; returns the exit status (0, or 1 after a one-line error).
+
+    The ``clpd`` dispatcher calls ``main()`` with the arguments in ``sys.argv`` and ignores the
+    return value, so in that case a failure leaves through ``SystemExit(1)``."""
+    try:
+        run_report(sys.argv[1:] if argv is None else argv)
+        code = 0
+    except ClpdError as exc:
+        print(f"clpd report: error: {exc}", file=sys.stderr)
+        code = 1
+    if argv is None and code:
+        raise SystemExit(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
