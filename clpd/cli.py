@@ -92,9 +92,13 @@ def main(argv: List[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    sys.argv = [sys.argv[0], *argv[1:]]
     entry = importlib.import_module(COMMANDS[command][0]).main
     try:
+        if command == "train":  # under torchrun: join the other ranks, and agree on one run dir
+            from clpd import distributed
+
+            argv = [command, *distributed.init_from_env(argv[1:])]
+        sys.argv = [sys.argv[0], *argv[1:]]
         entry()
     except ClpdError as exc:
         print(f"clpd {command}: error: {exc}", file=sys.stderr)
@@ -104,6 +108,9 @@ def main(argv: List[str] | None = None) -> int:
         message = str(cause) if isinstance(cause, ClpdError) else one_line(exc)
         print(f"clpd {command}: error: {message}", file=sys.stderr)
         return 1
+    finally:
+        if "clpd.distributed" in sys.modules:
+            sys.modules["clpd.distributed"].shutdown()
     return 0
 
 

@@ -28,9 +28,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from clpd.config import LrSchedule, TrainerConfig
 from clpd.curriculum.sampler import Sampler
-from clpd.data.batching import collate
+from clpd.data.batching import answer_token_count, collate, read_token_count
+from clpd.distributed import all_reduce_sum, all_reduce_max, ranks
 from clpd.errors import ClpdError, Interrupted
-from clpd.losses import IGNORE_INDEX, LossTerms, cross_entropy_sum
+from clpd.losses import LossTerms, cross_entropy_sum
 from clpd.teachers import TeacherPool
 
 
@@ -156,40 +157,47 @@ class StepResult:
 
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                   micro_batches: Sequence[Dict[str, torch.Tensor]], *, loss_fn: LossFn,
+                   micro_batches: Sequence[Dict[str, torch.Tensor]], *, answer_tokens: int, loss_fn: LossFn,
                    teacher: Optional[torch.nn.Module], autocast, grad_clip: float) -> StepResult:
-    """Accumulate the gradients of ``micro_batches`` (one step's batch) and update the weights.
+    """Accumulate the gradients of ``micro_batches`` (one step's batch, or this rank's share of
+    it) and update the weights.
 
-    Each micro-batch's summed loss is divided by the answer tokens of the whole step, so two
-    micro-batches give the update of one batch of the same examples. A non-finite loss never
-    reaches the weights: the step is then not applied (the caller decides what that means).
+    Each micro-batch's summed loss is divided by ``answer_tokens``, the answer tokens of the whole
+    step over all ranks, so two micro-batches give the update of one batch of the same examples,
+    and N ranks the update of one process. A non-finite loss never reaches the weights: the step is
+    then not applied on any rank (the caller decides what that means).
     """
-    answer_tokens = sum(int((mb["targets"] != IGNORE_INDEX).sum()) for mb in micro_batches)
+    world = ranks().world_size
     device = next(model.parameters()).device
     step_loss = torch.zeros((), device=device)
     terms: Dict[str, torch.Tensor] = {}
-    for mb in micro_batches:
+    for i, mb in enumerate(micro_batches):
         mb = {k: v.to(device) for k, v in mb.items()}
         teacher_logits = None
         if teacher is not None:
             with torch.inference_mode(), autocast:
                 teacher_logits = teacher(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-        with autocast:
-            logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-        parts = loss_fn(logits, teacher_logits, mb["targets"])
-        loss = parts.total / max(answer_tokens, 1)
-        # Free both models' logits before backward: they are the largest activations, and
-        # keeping them would raise the backward's peak memory.
-        del logits, teacher_logits
-        scaler.scale(loss).backward()
+        # DDP all-reduces gradients in the backward of the last micro-batch only.
+        sync = model.no_sync() if world > 1 and i < len(micro_batches) - 1 else nullcontext()
+        with sync:
+            with autocast:
+                logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+            parts = loss_fn(logits, teacher_logits, mb["targets"])
+            loss = parts.total / max(answer_tokens, 1)
+            # Free both models' logits before backward: they are the largest activations, and
+            # keeping them would raise the backward's peak memory.
+            del logits, teacher_logits
+            scaler.scale(loss * world).backward()  # DDP averages over ranks; the loss is a sum over them
         step_loss += loss.detach()  # stays on the device: .item() here would sync every micro-batch
         if parts.ce is not None and parts.kd is not None:  # both terms of a mixed loss: logged apart
             for name in ("ce", "kd"):
                 terms[name] = terms.get(name, 0.0) + getattr(parts, name).detach() / max(answer_tokens, 1)
 
     # One sync per optimizer step, before the update (under fp16 the scaler skips inf *gradients*
-    # by itself; this is the loss).
-    loss_now = step_loss.item()
+    # by itself; this is the loss): the sum over ranks, so that all of them step or none.
+    totals = all_reduce_sum(torch.stack([step_loss, *terms.values()]))
+    loss_now = totals[0].item()
+    terms = dict(zip(terms, totals[1:]))
     grad_norm = float("nan")
     if math.isfinite(loss_now):
         scaler.unscale_(optimizer)
@@ -203,19 +211,32 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sca
 # --- what the loop reads and where it reports --------------------------------------------------
 
 @dataclass
+class StepBatch:
+    examples: List[dict]  # the step's whole batch (every rank's), sorted by length
+    micro_batches: List[Dict[str, torch.Tensor]]  # this rank's share of each micro-batch, collated
+    tokens: int  # non-padding positions the student reads, over all ranks
+    answer_tokens: int  # targets the loss is taken on, over all ranks: what the loss is divided by
+
+
+@dataclass
 class Batches:
     """The training examples and the sampler that owns their order."""
     examples: Sequence[dict]
     sampler: Sampler
     pad_id: int
 
-    def step(self, step: int, at: int, micro_size: int) -> tuple[List[dict], List[Dict[str, torch.Tensor]]]:
-        """The examples of optimizer step ``step`` (pool of schedule step ``at``) and their micro-batches.
+    def step(self, step: int, at: int, micro_size: int) -> StepBatch:
+        """The batch of optimizer step ``step`` (pool of schedule step ``at``) as micro-batches.
 
         Sorting the step's batch by length before splitting it only changes how much padding each
-        micro-batch carries, not the update: the loss is normalised by the whole step's answer tokens."""
+        micro-batch carries, not the update: the loss is normalised by the whole step's answer
+        tokens. Under torchrun rank r takes rows r, r + N, ... of every micro-batch, so the ranks
+        together see exactly the single-process batch, in lengths that are about equal."""
         batch = sorted((self.examples[i] for i in self.sampler.batch(step, at)), key=lambda e: len(e["input_ids"]))
-        return batch, [collate(batch[i:i + micro_size], self.pad_id) for i in range(0, len(batch), micro_size)]
+        chunks = [batch[i:i + micro_size] for i in range(0, len(batch), micro_size)]
+        r = ranks()
+        mine = [collate(chunk[r.rank::r.world_size], self.pad_id) for chunk in chunks]
+        return StepBatch(batch, mine, sum(read_token_count(c) for c in chunks), answer_token_count(batch))
 
 
 @dataclass
@@ -229,10 +250,10 @@ class Supervision:
 
 @dataclass
 class Outputs:
-    """Where the loop reports: ``metrics.jsonl``, the console, checkpoints (``save(step, state)``
-    writes one and returns its path) and a learning curve (``evaluate(model)`` every
-    ``trainer.eval_every`` steps)."""
-    metrics_path: Path
+    """Where the loop reports: ``metrics.jsonl`` (None: nowhere, as on ranks other than 0), the
+    console, checkpoints (``save(step, state)`` writes one and returns its path) and a learning
+    curve (``evaluate(model)`` every ``trainer.eval_every`` steps)."""
+    metrics_path: Optional[Path]
     console: Console
     save: Optional[Callable[[int, TrainState], Path]] = None
     evaluate: Optional[Callable[[torch.nn.Module], dict]] = None
@@ -264,9 +285,9 @@ class TrainLog:
         self.window_tokens, self.window_start = 0, time.perf_counter()
 
     def __enter__(self) -> "TrainLog":
-        self.file = self.path.open("a")
+        self.file = self.path.open("a") if self.path is not None else None
         self.board = None
-        if self.cfg.tensorboard:
+        if self.cfg.tensorboard and self.path is not None:
             require_tensorboard()
             from torch.utils.tensorboard import SummaryWriter
 
@@ -280,11 +301,13 @@ class TrainLog:
         self.progress.__exit__(*exc)
         if self.board is not None:
             self.board.close()
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
 
     def event(self, record: dict, message: str) -> None:
         self.write(record)
@@ -388,6 +411,7 @@ def train(model: torch.nn.Module, batches: Batches, cfg: TrainerConfig, supervis
     raise :class:`~clpd.errors.Interrupted`.
     """
     model.to(device).train()
+    trained = wrap_ranks(model, device)  # the model itself in one process; under torchrun a DDP wrapper of it
     optimizer = build_optimizer(model, cfg, fused=device.type == "cuda")
     # autocast is chosen once; fp16 needs loss scaling, bf16 and fp32 do not.
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
@@ -415,19 +439,18 @@ def train(model: torch.nn.Module, batches: Batches, cfg: TrainerConfig, supervis
             lr = lr_at(at, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch, micro_batches = batches.step(state.step, at, cfg.batch_size // cfg.grad_accum)
-            step_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)  # counted on the CPU: no sync
+            batch = batches.step(state.step, at, cfg.batch_size // cfg.grad_accum)
             # The teacher is not kept in a variable of the loop: a switch must free the old one before it loads the next.
-            result = optimizer_step(model, optimizer, scaler, micro_batches, loss_fn=supervision.loss_fn,
-                                    teacher=switch_teacher(supervision, at, state, log) if teachers is not None else None,
-                                    autocast=autocast, grad_clip=cfg.grad_clip)
+            result = optimizer_step(trained, optimizer, scaler, batch.micro_batches, answer_tokens=batch.answer_tokens,
+                                    loss_fn=supervision.loss_fn, autocast=autocast, grad_clip=cfg.grad_clip,
+                                    teacher=switch_teacher(supervision, at, state, log) if teachers is not None else None)
             if not result.applied:
-                event = refuse_nonfinite(cfg, state, result.loss, batch)
+                event = refuse_nonfinite(cfg, state, result.loss, batch.examples)
                 log.event(event, f"step {state.step + 1}: loss {result.loss}, step skipped ({state.skipped_steps} so far)")
             state.step += 1
-            state.tokens_seen += step_tokens
-            state.answer_tokens_seen += result.answer_tokens
-            log.read(step_tokens)
+            state.tokens_seen += batch.tokens
+            state.answer_tokens_seen += batch.answer_tokens
+            log.read(batch.tokens)
             last = finished(state.step, state.tokens_seen, cfg)
 
             if state.step % cfg.log_every == 0 or last:
@@ -439,13 +462,24 @@ def train(model: torch.nn.Module, batches: Batches, cfg: TrainerConfig, supervis
                 curve = {"event": "eval", "step": state.step, **outputs.evaluate(model)}
                 model.train()  # evaluate() leaves the model in eval mode
                 log.event(curve, f"step {state.step}: eval strict accuracy {curve['accuracy_strict']:.3f} (n={curve['n']})")
-            if outputs.save is not None and not last and (stop.requested or (cfg.save_every and state.step % cfg.save_every == 0)):
+            stopping = all_reduce_max(stop.requested or 0)  # the signal a rank received: it stops them all
+            if outputs.save is not None and not last and (stopping or (cfg.save_every and state.step % cfg.save_every == 0)):
                 state.checkpoint = str(outputs.save(state.step, snapshot()))
-            if stop.requested and not last:
+            if stopping and not last:
                 where = f"checkpoint {state.checkpoint}" if outputs.save is not None else "no checkpoint (trainer.save=false)"
-                raise Interrupted(stop.requested, f"stopped by {signal.Signals(stop.requested).name} after step "
-                                                  f"{state.step}; {where}", resumable=outputs.save is not None)
+                raise Interrupted(stopping, f"stopped by {signal.Signals(stopping).name} after step {state.step}; "
+                                            f"{where}", resumable=outputs.save is not None)
     return TrainResult(snapshot(), final_loss, log.history)
+
+
+def wrap_ranks(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Under torchrun, ``model`` in DistributedDataParallel: it starts from rank 0's weights and
+    averages the gradients over the ranks in the backward of each step's last micro-batch."""
+    if not ranks().distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def switch_teacher(supervision: Supervision, at: int, state: TrainState, log: TrainLog) -> torch.nn.Module:

@@ -35,6 +35,7 @@ from typing import Callable, List, Optional, Sequence
 from clpd.checkpoint import COMPLETE, CONFIG_FILE, FINAL, STATE_FILE, latest_checkpoint, verify_checkpoint
 from clpd.config import BenchmarkConfig, BenchmarkName, EvalConfig, ModelConfig, TrainConfig
 from clpd.data import arith, load_problems
+from clpd.distributed import check_batch
 from clpd.errors import ClpdError
 from clpd.ladder import ladder_needed
 from clpd.teachers import check_vocabularies
@@ -272,6 +273,9 @@ def check_train(tc: TrainConfig) -> None:
     """Refuse, in one line, what ``clpd train`` would otherwise find only after building teachers,
     encoding the data or loading weights. ``tc``: the typed config (``clpd.config.to_object``)."""
     p: List[str] = []
+    batch = check_batch(tc.trainer.batch_size, tc.trainer.grad_accum)  # under torchrun: a share per rank
+    if batch:
+        p.append(batch)
     t = tc.trainer
 
     # device and precision (a CUDA-only setting on a CPU)

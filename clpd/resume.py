@@ -22,6 +22,7 @@ from rich.console import Console
 from clpd.checkpoint import (FINAL, MANIFEST_FILE, METRICS_FILE, checkpoint_step, complete_checkpoints,
                              load_student_weights, load_training_state, manifest_differences)
 from clpd.config import TrainerConfig
+from clpd.distributed import ranks
 from clpd.errors import ClpdError
 from clpd.loop import TrainState
 
@@ -84,6 +85,7 @@ def resume_student(source: Path, manifest: dict, model, run_dir: Path, console: 
         log.warning("resuming despite a difference (trainer.resume_force=true): %s", d)
     load_student_weights(model, source)
     # The log continues from the checkpoint's copy: lines written after it (by the stopped run) go.
-    shutil.copyfile(source / METRICS_FILE, run_dir / "metrics.jsonl")
+    if ranks().main:
+        shutil.copyfile(source / METRICS_FILE, run_dir / "metrics.jsonl")
     console.print(f"resuming from {source} at step {state.step} ({state.tokens_seen:,} tokens read)", soft_wrap=True)
     return state

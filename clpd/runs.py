@@ -13,6 +13,7 @@ from typing import Any, Iterator
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from clpd.distributed import ranks
 from clpd.errors import ClpdError, Interrupted
 from clpd.files import write_json
 
@@ -25,7 +26,11 @@ def hydra_run_dir() -> Path:
 @contextmanager
 def recorded_status(run_dir: Path) -> Iterator[None]:
     """Write ``status.json`` (running, then ok, failed with the error, or interrupted with how it
-    stopped) so that reports can list failed and unfinished runs instead of silently dropping them."""
+    stopped) so that reports can list failed and unfinished runs instead of silently dropping them.
+    Under torchrun rank 0 alone writes it."""
+    if not ranks().main:
+        yield
+        return
     write_json(run_dir / "status.json", {"status": "running"})
     try:
         yield
@@ -60,7 +65,8 @@ def run_command(command: str, run, cfg: DictConfig) -> Any:
         return run(cfg, hydra_run_dir())
     except Interrupted as exc:  # a single run or a sweep: the user asked to stop, so stop
         how = f" To resume: {resume_command(command)}" if exc.resumable else ""
-        print(f"clpd {command}: {exc}.{how}", file=sys.stderr, flush=True)
+        if ranks().main:  # one line for the run, not one per rank
+            print(f"clpd {command}: {exc}.{how}", file=sys.stderr, flush=True)
         raise SystemExit(exc.exit_code) from None
     except KeyboardInterrupt:  # Ctrl-C before training started (data, teachers, scoring): nothing to save
         print(f"clpd {command}: interrupted before training started; nothing was saved", file=sys.stderr, flush=True)

@@ -28,6 +28,7 @@ from clpd.curriculum.sampler import Sampler, build_sampler
 from clpd.curriculum.score_cache import load_scores, save_scores
 from clpd.curriculum.scorers import compute_scores, is_curriculum, needs_model, per_example_loss
 from clpd.curriculum.stages import stage_starts
+from clpd.distributed import alone, barrier, device_for, main_first, ranks
 from clpd.data import load_problems
 from clpd.data.prompts import encode_problems
 from clpd.errors import ClpdError
@@ -79,7 +80,8 @@ def start_run(cfg: DictConfig, tc: TrainConfig, run_dir: Path, console: Console)
     started = time.perf_counter()
     if tc.trainer.num_threads:
         torch.set_num_threads(tc.trainer.num_threads)
-    device = resolve_device(tc.trainer.device)
+    device = device_for(resolve_device(tc.trainer.device))
+    console = console if ranks().main else Console(quiet=True)  # under torchrun rank 0 speaks for the run
     return Run(cfg, tc, run_dir, console, device, resolve_precision(tc.trainer.precision, device),
                load_tokenizer(tc.student), started)
 
@@ -88,8 +90,11 @@ def prepare_ladder(run: Run) -> Ladder:
     """The teacher ladder, its from-scratch rungs trained if they are not in the cache yet."""
     if not ladder_needed(run.tc):
         return Ladder([], [])
-    ladder = build_ladder(run.tc, run.tokenizer, run.console, train=run_train, evaluate=evaluate_checkpoint)
-    write_json(run.run_dir / "teachers.json", ladder.rows)
+    # Under torchrun rank 0 builds what is missing, alone; the other ranks then find it in the cache.
+    ladder = main_first(lambda: build_ladder(run.tc, run.tokenizer, run.console, train=alone(run_train),
+                                             evaluate=evaluate_checkpoint))
+    if ranks().main:
+        write_json(run.run_dir / "teachers.json", ladder.rows)
     run.console.print(ladder_table(ladder.rows))
     return ladder
 
@@ -173,21 +178,24 @@ def outputs(run: Run, student: Student, manifest: dict, saves: List[dict]) -> Ou
 
     def save(step: int, state: TrainState) -> Path:
         path = checkpoints / step_name(step)
-        seconds = write_checkpoint(path, model=student.model, tokenizer=run.tokenizer, cfg=run.cfg,
-                                   base=student.scratch_base, state=state, manifest=manifest,
-                                   metrics=run.run_dir / "metrics.jsonl")
-        prune_checkpoints(checkpoints, tc.trainer.keep_last)
-        saves.append({"step": step, "seconds": round(seconds, 3)})
-        run.console.print(f"step {step}: checkpoint {path} ({seconds:.2f}s)", soft_wrap=True)
+        if ranks().main:  # the weights are the same on every rank
+            seconds = write_checkpoint(path, model=student.model, tokenizer=run.tokenizer, cfg=run.cfg,
+                                       base=student.scratch_base, state=state, manifest=manifest,
+                                       metrics=run.run_dir / "metrics.jsonl")
+            prune_checkpoints(checkpoints, tc.trainer.keep_last)
+            saves.append({"step": step, "seconds": round(seconds, 3)})
+            run.console.print(f"step {step}: checkpoint {path} ({seconds:.2f}s)", soft_wrap=True)
+        barrier()  # no rank goes on (or exits after a signal) before the checkpoint is complete
         return path
 
     curve = None
-    if tc.trainer.eval_every:
+    if tc.trainer.eval_every and ranks().main:
         problems = load_problems(tc.benchmark, tc.benchmark.eval_split, tc.trainer.eval_every_limit)
 
         def curve(model):
             return evaluate(model, run.tokenizer, problems, tc.benchmark, **generation(run), console=None)[1]
-    return Outputs(run.run_dir / "metrics.jsonl", run.console, save=save if tc.trainer.save else None, evaluate=curve)
+    metrics = run.run_dir / "metrics.jsonl" if ranks().main else None
+    return Outputs(metrics, run.console, save=save if tc.trainer.save else None, evaluate=curve)
 
 
 def generation(run: Run) -> dict:
@@ -199,6 +207,8 @@ def finish(run: Run, student: Student, result: TrainResult, ladder: Ladder, data
            saves: List[dict], resumed_from: Optional[str]) -> dict:
     """The final checkpoint, the final evaluation (into <run>/eval), the merged model and summary.json."""
     tc, model, state = run.tc, student.model, result.state
+    if not ranks().main:  # rank 0 writes the run's results
+        return {"rank": ranks().rank, "steps": state.step, "final_loss": result.final_loss}
     checkpoint = run.run_dir / "checkpoints" / FINAL
     if tc.trainer.save:
         seconds = write_checkpoint(checkpoint, model=model, tokenizer=run.tokenizer, cfg=run.cfg, base=student.scratch_base,
@@ -250,7 +260,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
         data = load_data(run)
         student = build_student(run)
         supervision = build_supervision(run, ladder, len(data.examples))
-        sampler, scores = curriculum_sampler(run, data, student.model, ladder)
+        sampler, scores = main_first(lambda: curriculum_sampler(run, data, student.model, ladder))  # scores cached by rank 0
         in_use = ladder.specs if supervision.teachers is not None else []
         manifest = make_manifest(cfg, teachers=[{"name": t.name, "source": t.path} for t in in_use],
                                  data=fingerprint(data.examples), scores=scores)

@@ -13,7 +13,8 @@ from rich.console import Console
 from clpd.config import LrSchedule, ModelConfig, TrainerConfig
 from clpd.curriculum.sampler import Sampler
 from clpd.errors import ClpdError
-from clpd.data.batching import collate
+from clpd.data.batching import answer_token_count, collate, read_token_count
+from clpd.distributed import Ranks
 from clpd.loop import (Batches, Outputs, Supervision, TrainState, build_optimizer, lr_at, optimizer_step,
                        schedule_step, sft_loss, train)
 from clpd.losses import IGNORE_INDEX, cross_entropy_sum, distill_loss
@@ -49,6 +50,32 @@ def test_collate_right_pads_and_shifts_targets_by_one():
     assert batch["input_ids"].tolist() == [[5, 6], [8, 9]]
     assert batch["targets"].tolist() == [[6, 7], [9, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1], [1, 1]]
+
+
+def test_the_token_counts_are_those_of_the_collated_batch_without_collating_it():
+    data = examples(7)
+    batch = collate(data, pad_id=0)
+    assert read_token_count(data) == int(batch["attention_mask"].sum())
+    assert answer_token_count(data) == int((batch["targets"] != IGNORE_INDEX).sum())
+
+
+def test_the_ranks_together_see_the_single_process_batch_and_its_counts(monkeypatch):
+    import clpd.loop
+
+    data = examples(16)
+    batches = Batches(data, Sampler(range(16), 8, seed=0), pad_id=0)
+    whole = batches.step(3, 3, micro_size=4)
+    shares = []
+    for rank in (0, 1):
+        monkeypatch.setattr(clpd.loop, "ranks", lambda rank=rank: Ranks(rank=rank, world_size=2))
+        shares.append(batches.step(3, 3, micro_size=4))
+    assert [len(mb["input_ids"]) for mb in whole.micro_batches] == [4, 4]
+    assert all(len(mb["input_ids"]) == 2 for share in shares for mb in share.micro_batches)
+    for share in shares:  # every rank counts the whole step: the loss is divided by the same number
+        assert (share.tokens, share.answer_tokens, share.examples) == (whole.tokens, whole.answer_tokens, whole.examples)
+    # each example's scored targets (padding widths differ between the shares and the whole)
+    rows = lambda b: sorted(tuple(t[t != IGNORE_INDEX].tolist()) for mb in b.micro_batches for t in mb["targets"])  # noqa: E731
+    assert sorted(rows(shares[0]) + rows(shares[1])) == rows(whole)
 
 
 def test_cross_entropy_ignores_masked_targets():
@@ -145,8 +172,9 @@ def _step(micro_batches):
     model = load_model(SPEC, load_tokenizer(SPEC))
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    result = optimizer_step(model, optimizer, scaler, micro_batches, loss_fn=sft_loss, teacher=None,
-                            autocast=torch.autocast("cpu", enabled=False), grad_clip=1.0)
+    answers = sum(int((mb["targets"] != IGNORE_INDEX).sum()) for mb in micro_batches)
+    result = optimizer_step(model, optimizer, scaler, micro_batches, answer_tokens=answers, loss_fn=sft_loss,
+                            teacher=None, autocast=torch.autocast("cpu", enabled=False), grad_clip=1.0)
     return model, result
 
 
@@ -155,7 +183,6 @@ def test_two_micro_batches_give_the_update_of_one_batch_of_the_same_examples():
     pad = load_tokenizer(SPEC).pad_token_id
     whole, one = _step([collate(data, pad)])
     split, two = _step([collate(data[:3], pad), collate(data[3:], pad)])
-    assert one.answer_tokens == two.answer_tokens == sum(sum(t != IGNORE_INDEX for t in e["labels"][1:]) for e in data)
     assert two.loss == pytest.approx(one.loss, rel=1e-6) and two.grad_norm == pytest.approx(one.grad_norm, rel=1e-5)
     for (name, a), b in zip(whole.named_parameters(), split.parameters()):
         assert torch.allclose(a, b, atol=1e-7), name
@@ -169,7 +196,8 @@ def test_a_step_with_a_non_finite_loss_leaves_the_weights_alone():
     optimizer = build_optimizer(model, TrainerConfig(), fused=False)
     nan_loss = lambda logits, teacher, targets: sft_loss(logits * float("nan"), teacher, targets)  # noqa: E731
     result = optimizer_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), [collate(examples(4), pad)],
-                            loss_fn=nan_loss, teacher=None, autocast=torch.autocast("cpu", enabled=False), grad_clip=1.0)
+                            answer_tokens=10, loss_fn=nan_loss, teacher=None, autocast=torch.autocast("cpu", enabled=False),
+                            grad_clip=1.0)
     assert not result.applied and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all(p.grad is None for p in model.parameters())  # nothing carried into the next step
 

@@ -22,3 +22,15 @@ def collate(examples: Sequence[dict], pad_id: int) -> Dict[str, torch.Tensor]:
         labels[row, :n] = torch.tensor(e["labels"])
         mask[row, :n] = 1
     return {"input_ids": ids[:, :-1], "attention_mask": mask[:, :-1], "targets": labels[:, 1:]}
+
+
+def read_token_count(examples: Sequence[dict]) -> int:
+    """The non-padding positions ``collate(examples)`` feeds the model (its attention mask's sum),
+    without building it: the shift drops the last column, so the longest example reads one fewer."""
+    width = max(len(e["input_ids"]) for e in examples)
+    return sum(min(len(e["input_ids"]), width - 1) for e in examples)
+
+
+def answer_token_count(examples: Sequence[dict]) -> int:
+    """The targets ``collate(examples)`` takes a loss on (labels after the first that are not -100)."""
+    return sum(sum(1 for t in e["labels"][1:] if t != IGNORE_INDEX) for e in examples)
