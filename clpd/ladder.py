@@ -4,6 +4,9 @@ missing ones, their accuracy, the order check and the ladder table.
 A pretrained teacher (``path`` set) is used as it is. A from-scratch teacher without weights is
 trained once, by an ordinary supervised run, into ``teachers.cache_dir/<name>-<key>``, where the
 key covers its architecture, the data it learns from and how it is trained, and reused after.
+Only the rungs a run uses are built (:func:`teachers_in_use`: the schedule's and the difficulty
+scorer's), each under the cache entry's file lock (:mod:`clpd.cache`), so runs started at once on
+an empty cache train each teacher once: one builds it, the others wait for it.
 The command hands in the functions that train and evaluate (``clpd train`` passes its own
 ``run_train`` and :func:`clpd.evaluate.evaluate_checkpoint`), so this module imports no command.
 
@@ -17,7 +20,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
@@ -28,10 +30,12 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
+from clpd.cache import build_lock, build_once
 from clpd.config import Difficulty, DistillLoss, ModelConfig, StudentConfig, TeacherBuildConfig, TrainConfig
-from clpd.curriculum.scorers import scorers
+from clpd.curriculum.scorers import is_curriculum, scorers
 from clpd.files import plain_json
 from clpd.models import architecture_config
+from clpd.teachers import teacher_index
 
 log = logging.getLogger("clpd.ladder")
 
@@ -41,10 +45,17 @@ EvalFn = Callable[..., dict]  # clpd.evaluate.evaluate_checkpoint
 
 @dataclass
 class Ladder:
-    """The ladder ready to load: ``specs`` point built from-scratch teachers at their checkpoints;
-    ``rows`` (name, parameters, path, accuracy) go into ``teachers.json`` and the ladder table."""
+    """The ladder ready to load: ``specs`` is every rung, in ladder order (the schedule's indices),
+    with the built from-scratch teachers pointing at their checkpoints; ``used`` the indices of the
+    rungs this run loads (only those were built); ``rows`` (name, parameters, path, accuracy, used)
+    go into ``teachers.json`` and the ladder table."""
     specs: List[ModelConfig]
     rows: List[dict]
+    used: List[int] = dataclasses.field(default_factory=list)
+
+    def in_use(self) -> List[ModelConfig]:
+        """The rungs this run loads (what a checkpoint's manifest records)."""
+        return [self.specs[i] for i in self.used]
 
 
 # --- keys and folders ----------------------------------------------------------------------------
@@ -93,25 +104,36 @@ def teacher_train_config(spec: ModelConfig, tc: TrainConfig) -> DictConfig:
                                             trainer=trainer, seed=build.seed))
 
 
+def _has_final(run_dir: Path) -> bool:
+    return (run_dir / "checkpoints" / "final").is_dir()
+
+
 def build_teacher(spec: ModelConfig, tc: TrainConfig, console: Console, *, train: TrainFn,
                   evaluate: EvalFn) -> ModelConfig:
     """The spec of a loadable teacher: ``spec`` itself when it has weights, else the cached (and,
-    the first time, freshly trained) checkpoint of its from-scratch architecture."""
+    the first time, freshly trained) checkpoint of its from-scratch architecture.
+
+    The training run writes into a temporary folder that becomes the cache entry when it is done,
+    under the entry's lock: a second run that needs the same teacher meanwhile waits for it and
+    then reuses it, and a build killed half-way leaves nothing that looks like a teacher."""
     if spec.path is not None:
         return spec
     run_dir = teacher_dir(spec, tc)
     final = run_dir / "checkpoints" / "final"
-    if final.exists():
-        log.info("teacher %s: reusing %s", spec.name, final)
-    else:
+
+    def train_into(tmp: Path) -> None:
         console.print(f"[bold]training teacher {spec.name}[/] (from scratch, not in the cache yet) into {run_dir}",
                       soft_wrap=True)
-        shutil.rmtree(run_dir, ignore_errors=True)  # an earlier attempt that did not finish
-        train(teacher_train_config(spec, tc), run_dir, console)
+        train(teacher_train_config(spec, tc), tmp, console)
+
+    if not build_once(run_dir, train_into, what=f"teacher {spec.name}", complete=_has_final):
+        log.info("teacher %s: reusing %s", spec.name, final)
     if tc.teachers.build.eval and teacher_accuracy(spec, tc) is None:
-        # On the student's test split, so that teachers and students are scored on the same problems.
-        evaluate(str(final), tc.benchmark, _eval_dir(spec, tc), console,
-                 device=tc.trainer.device, precision=tc.trainer.precision)
+        with build_lock(run_dir, what=f"teacher {spec.name}'s evaluation"):
+            if teacher_accuracy(spec, tc) is None:  # not evaluated by the run this one waited for
+                # On the student's test split, so that teachers and students are scored on the same problems.
+                evaluate(str(final), tc.benchmark, _eval_dir(spec, tc), console,
+                         device=tc.trainer.device, precision=tc.trainer.precision)
     return replace(spec, path=str(final))
 
 
@@ -119,7 +141,8 @@ def count_spec_parameters(spec: ModelConfig, tokenizer: PreTrainedTokenizerBase)
     """Parameters of a teacher without loading its weights (a meta-device model); None if its
     config cannot be read (e.g. a hub id offline)."""
     try:
-        config = architecture_config(spec, tokenizer) if spec.path is None else AutoConfig.from_pretrained(spec.path)
+        config = (architecture_config(spec, tokenizer) if spec.path is None
+                  else AutoConfig.from_pretrained(spec.path, gguf_file=spec.gguf_file))  # a GGUF teacher's config is in its file
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         return sum(p.numel() for p in model.parameters())
@@ -137,10 +160,10 @@ def check_ladder_order(ladder: Sequence[ModelConfig], tokenizer: PreTrainedToken
     return sizes
 
 
-def ladder_row(spec: ModelConfig, parameters: Optional[int], accuracy: Optional[dict]) -> dict:
-    return {"name": spec.name, "parameters": parameters, "path": spec.path,
+def ladder_row(spec: ModelConfig, parameters: Optional[int], accuracy: Optional[dict], used: bool = True) -> dict:
+    return {"name": spec.name, "parameters": parameters, "path": spec.path if used else None,
             "accuracy_strict": accuracy and accuracy["accuracy_strict"],
-            "by_difficulty": accuracy and accuracy["by_difficulty"]}
+            "by_difficulty": accuracy and accuracy["by_difficulty"], "used": used}
 
 
 def ladder_needed(tc: TrainConfig) -> bool:
@@ -150,16 +173,43 @@ def ladder_needed(tc: TrainConfig) -> bool:
                                          or Difficulty.teacher_loss in scorers(tc.curriculum))
 
 
+def teachers_in_use(tc: TrainConfig) -> List[int]:
+    """The rungs a run loads, as indices into ``teachers.ladder``: the ones its teacher schedule
+    picks (standard KD: the strongest alone; ``fixed``: that one; ``progressive``: one per stage,
+    so with fewer stages than rungs the last ones are never used), the one that scores difficulty
+    (``curriculum.difficulty=teacher_loss``, when the scores order or pace the data), and every
+    rung with ``teachers.build_only``. Only these are built."""
+    if not ladder_needed(tc):
+        return []
+    ladder = tc.teachers.ladder
+    if tc.teachers.build_only:
+        return list(range(len(ladder)))
+    names = [t.name for t in ladder]
+    used = set()
+    if tc.distill.loss != DistillLoss.sft:
+        # One step in each stage, through the schedule the loop uses: stage k is step k here.
+        stages = tc.num_stages()
+        fixed = names.index(tc.teachers.fixed) if tc.teachers.fixed in names else 0
+        used |= {teacher_index(k, schedule=tc.teachers.schedule, num_teachers=len(ladder), starts=list(range(1, stages)),
+                               fixed_index=fixed) for k in range(stages)}
+    if Difficulty.teacher_loss in scorers(tc.curriculum) and is_curriculum(tc.curriculum):
+        used.add(names.index(tc.curriculum.teacher))  # clpd.train scores only when the order depends on it
+    return sorted(used)
+
+
 def build_ladder(tc: TrainConfig, tokenizer: PreTrainedTokenizerBase, console: Console, *, train: TrainFn,
                  evaluate: EvalFn) -> Ladder:
-    """Every rung of ``teachers.ladder`` made loadable (from-scratch ones trained if missing), with
-    its size and, for from-scratch teachers, its accuracy on the student's test split."""
+    """The rungs of ``teachers.ladder`` that this run uses made loadable (from-scratch ones trained
+    if missing), with every rung's size and, for from-scratch teachers in the cache, their accuracy
+    on the student's test split. A rung the run does not use keeps its spec and is not built."""
     ladder = tc.teachers.ladder
+    used = teachers_in_use(tc)
     sizes = check_ladder_order(ladder, tokenizer)
-    specs = [build_teacher(t, tc, console, train=train, evaluate=evaluate) for t in ladder]
-    rows = [ladder_row(built, size, teacher_accuracy(t, tc) if t.path is None else None)
-            for t, built, size in zip(ladder, specs, sizes)]
-    return Ladder(specs, rows)
+    specs = [build_teacher(t, tc, console, train=train, evaluate=evaluate) if i in used else t
+             for i, t in enumerate(ladder)]
+    rows = [ladder_row(built, size, teacher_accuracy(t, tc) if t.path is None else None, used=i in used)
+            for i, (t, built, size) in enumerate(zip(ladder, specs, sizes))]
+    return Ladder(specs, rows, used)
 
 
 def ladder_table(rows: Sequence[dict], title: str = "teachers") -> Table:
@@ -169,7 +219,8 @@ def ladder_table(rows: Sequence[dict], title: str = "teachers") -> Table:
         table.add_column(column, justify="right" if column != "model" else "left")
     for r in rows:
         by = r["by_difficulty"] or {}
-        table.add_row(r["name"], f"{r['parameters'] / 1e6:.2f}M" if r["parameters"] else "?",
+        name = r["name"] if r.get("used", True) else f"{r['name']} (not used)"
+        table.add_row(name, f"{r['parameters'] / 1e6:.2f}M" if r["parameters"] else "?",
                       f"{r['accuracy_strict']:.3f}" if r["accuracy_strict"] is not None else "-",
                       " ".join(f"{k}:{v['accuracy_strict']:.2f}" for k, v in by.items()))
     return table

@@ -25,6 +25,7 @@ from clpd.data.prompts import encode_problems
 from clpd.errors import ClpdError
 from clpd.models import load_tokenizer
 from clpd.files import atomic_path, write_json
+from clpd.ladder import teachers_in_use
 from clpd.runs import run_command
 from clpd.teachers import make_schedule
 
@@ -128,10 +129,15 @@ def run_plan(cfg: DictConfig, run_dir: Path, console: Console | None = None) -> 
         console.print(f"[yellow]difficulty={c.difficulty.value} needs a model: the order is computed at train time; "
                       f"pool sizes and teachers below do not depend on it[/]")
     plan = timeline(tc, scores, len(problems))
+    # The rungs clpd train would load, and so build when they are not in the cache (standard KD: one).
+    plan["teachers_in_use"] = [tc.teachers.ladder[i].name for i in teachers_in_use(tc)]
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "plan.json", plan)
     plot_plan(tc, plan, run_dir / "plan.png")
     console.print(plan_table(tc, plan, at_train_time))
+    if plan["teachers_in_use"]:
+        console.print(f"teachers loaded (trained first when not in teachers.cache_dir={tc.teachers.cache_dir}): "
+                      f"{', '.join(plan['teachers_in_use'])}", soft_wrap=True)
     console.print(f"plan.json and plan.png in {run_dir}", soft_wrap=True)
     return plan
 

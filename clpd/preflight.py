@@ -37,7 +37,7 @@ from clpd.config import BenchmarkConfig, BenchmarkName, EvalConfig, ModelConfig,
 from clpd.data import arith, load_problems
 from clpd.distributed import check_batch
 from clpd.errors import ClpdError
-from clpd.ladder import ladder_needed
+from clpd.ladder import ladder_needed, teachers_in_use
 from clpd.teachers import check_vocabularies
 from clpd.models import ADAPTER_CONFIG, architecture_config, check_source, load_tokenizer, resolve_device, resolve_precision
 
@@ -291,12 +291,12 @@ def check_train(tc: TrainConfig) -> None:
     student_paths = model_paths_problems(tc.student, "student")
     p += student_paths
     needed = ladder_needed(tc)
-    ladder = list(tc.teachers.ladder) if needed else []
+    ladder = {i: tc.teachers.ladder[i] for i in teachers_in_use(tc)}  # by ladder index; the others are never loaded
     teacher_paths = {}
-    for i, spec in enumerate(ladder):
+    for i, spec in ladder.items():
         teacher_paths[i] = model_paths_problems(spec, f"teachers.ladder.{i}", f"teacher {spec.name}")
         p += teacher_paths[i]
-    if needed and any(spec.path is None for spec in ladder):
+    if needed and any(spec.path is None for spec in ladder.values()):
         cache = Path(tc.teachers.cache_dir).expanduser()
         if cache.exists() and not cache.is_dir():
             p.append(f"teachers.cache_dir={tc.teachers.cache_dir}: a file, not a folder (the trained teachers go there)")
@@ -329,7 +329,7 @@ def check_train(tc: TrainConfig) -> None:
             if problem:
                 p.append(problem)
     if ladder:
-        for i, spec in enumerate(ladder):
+        for i, spec in ladder.items():
             if teacher_paths[i]:
                 continue
             key = f"teachers.ladder.{i}"

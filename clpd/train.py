@@ -261,7 +261,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
         student = build_student(run)
         supervision = build_supervision(run, ladder, len(data.examples))
         sampler, scores = main_first(lambda: curriculum_sampler(run, data, student.model, ladder))  # scores cached by rank 0
-        in_use = ladder.specs if supervision.teachers is not None else []
+        in_use = ladder.in_use() if supervision.teachers is not None else []  # the rungs built and loaded
         manifest = make_manifest(cfg, teachers=[{"name": t.name, "source": t.path} for t in in_use],
                                  data=fingerprint(data.examples), scores=scores)
         resume = resume_student(resume_from, manifest, student.model, run_dir, console,

@@ -63,7 +63,8 @@ CASES = {
     # teachers
     "teacher path missing": ("train", ["+experiment=arith_kd", "teachers.ladder.2.path=/does/not/exist"],
                              ["teachers.ladder.2.path=/does/not/exist (teacher large): no such file or folder"]),
-    "teacher path not a model folder": ("train", ["+experiment=arith_kd", "teachers.ladder.0.path={empty}"],
+    "teacher path not a model folder": ("train", ["+experiment=arith_kd", "teachers.schedule=progressive",  # uses small
+                                                  "teachers.ladder.0.path={empty}"],
                                         ["teachers.ladder.0.path={empty} (teacher small): not a checkpoint or model",
                                          "found none of config.json, adapter_config.json"]),
     "teacher tokenizer differs from the student's": (

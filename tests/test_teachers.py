@@ -125,7 +125,7 @@ def test_a_build_override_for_a_teacher_not_in_the_ladder_is_ignored_with_a_warn
 
 def test_missing_teachers_are_trained_once_and_then_reused(tmp_path):
     run_train(ladder_cfg(tmp_path, "teachers.build_only=true"), tmp_path / "first", QUIET)
-    cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    cached = sorted(p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))  # .locks
     assert len(cached) == 3 and all((tmp_path / "cache" / c / "checkpoints" / "final").exists() for c in cached)
     stamps = {c: (tmp_path / "cache" / c / "summary.json").stat().st_mtime_ns for c in cached}
     rows = run_train(ladder_cfg(tmp_path, "teachers.build_only=true"), tmp_path / "second", QUIET)["teachers"]
