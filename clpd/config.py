@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clpd.errors import ClpdError
 from clpd.losses import LOSS_NAMES
+from clpd.sources import resolve_sources
 
 
 class Arch(str, Enum):
@@ -139,9 +140,14 @@ class ModelConfig:
     KEY_PREFIX: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
+        p = self._problems()
+        _raise_if(p, self.KEY_PREFIX.rstrip(".") or f"model '{self.name}'")
+
+    def _problems(self) -> List[str]:
         p: List[str] = []
         k = self.KEY_PREFIX
-        if self.path is None:
+        # A student cut from another model (StudentConfig.init_from) takes its architecture from there.
+        if self.path is None and not getattr(self, "init_from", None):
             for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
                 _check(p, getattr(self, key) > 0, f"{k}{key}={getattr(self, key)} must be > 0")
             _check(p, self.num_heads <= 0 or self.hidden_size % self.num_heads == 0,
@@ -149,9 +155,9 @@ class ModelConfig:
             kv = self.num_kv_heads or self.num_heads
             _check(p, kv > 0 and self.num_heads % kv == 0,
                    f"{k}num_heads={self.num_heads} must be divisible by {k}num_kv_heads={self.num_kv_heads}")
-        _check(p, self.gguf_file is None or self.path is not None,
+        _check(p, self.gguf_file is None or self.path is not None or getattr(self, "init_from", None),
                f"{k}gguf_file needs {k}path (the repo or folder that holds it)")
-        _raise_if(p, k.rstrip(".") or f"model '{self.name}'")
+        return p
 
 
 @dataclass
@@ -177,7 +183,42 @@ class LoraConfig:
 @dataclass
 class StudentConfig(ModelConfig):
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # A student cut from another model (DistilBERT's initialisation; Minitron's depth pruning):
+    # its embeddings, final norm, head and the blocks ``keep_layers`` (or every ``keep_every``-th
+    # block from the first: 0, k, 2k, ...; neither: all of them), in the source's order. The source
+    # is a teacher of the ladder, by name (a from-scratch one once it is trained), or a folder, hub
+    # id or pkg: path (with ``gguf_file`` naming the GGUF file in it). The student shares the
+    # source's tokenizer; ``path`` and the architecture fields are unused.
+    init_from: Optional[str] = None
+    keep_layers: Optional[List[int]] = None
+    keep_every: Optional[int] = None
     KEY_PREFIX: ClassVar[str] = "student."
+
+    def _problems(self) -> List[str]:
+        p = super()._problems()
+        _check(p, self.init_from is None or self.path is None,
+               f"student.path={self.path} and student.init_from={self.init_from}: set one (path loads a model "
+               f"as it is; init_from cuts the student from a model)")
+        for key in ("keep_layers", "keep_every"):
+            _check(p, getattr(self, key) is None or self.init_from is not None,
+                   f"student.{key} needs student.init_from (the model whose layers are kept)")
+        _check_keep(p, "student.", self.keep_layers, self.keep_every)
+        return p
+
+
+def _check_keep(p: List[str], k: str, keep_layers: Optional[List[int]], keep_every: Optional[int]) -> None:
+    """The layers a cut keeps, as far as they can be checked without the source's layer count
+    (that range is checked against its config: clpd.preflight)."""
+    _check(p, keep_layers is None or keep_every is None,
+           f"{k}keep_layers and {k}keep_every: set one (the layers to keep, or every k-th)")
+    if keep_layers is not None:
+        layers = list(keep_layers)
+        repeated = sorted({i for i in layers if layers.count(i) > 1})
+        _check(p, len(layers) > 0, f"{k}keep_layers=[] must name at least one layer (null keeps all)")
+        _check(p, not repeated, f"{k}keep_layers={layers}: {repeated} repeated; each layer can be kept once")
+        _check(p, all(i >= 0 for i in layers),
+               f"{k}keep_layers={layers}: layers are numbered from 0 (negative: {[i for i in layers if i < 0]})")
+    _check(p, keep_every is None or keep_every >= 1, f"{k}keep_every={keep_every} must be >= 1")
 
 
 @dataclass
@@ -196,6 +237,14 @@ class BenchmarkConfig:
     train_limit: Optional[int] = None  # first N training problems (None: all)
     eval_limit: Optional[int] = None  # first N evaluation problems (None: all)
     chat_template: bool = False  # wrap question/answer in the tokenizer's chat template
+    # Solved examples before each evaluation question, as lm-evaluation-harness's gsm8k (5-shot):
+    # drawn with random.Random(fewshot_seed).sample from fewshot_split, anew for each question in
+    # order; "Question: ...\nAnswer: <solution>" blocks joined by a blank line, or with
+    # chat_template=true user/assistant turns (lm-eval's --fewshot_as_multiturn). Evaluation only:
+    # training examples are always zero-shot.
+    num_fewshot: int = 0
+    fewshot_split: str = "train"
+    fewshot_seed: int = 1234
     # arith generator
     seed: int = 1234  # generator seed; the problems are a pure function of these fields
     train_size: int = 20000
@@ -209,6 +258,10 @@ class BenchmarkConfig:
         for key in ("train_limit", "eval_limit"):
             v = getattr(self, key)
             _check(p, v is None or v > 0, f"benchmark.{key}={v} must be > 0 (or null for all)")
+        _check(p, self.num_fewshot >= 0, f"benchmark.num_fewshot={self.num_fewshot} must be >= 0")
+        _check(p, self.num_fewshot == 0 or self.name != BenchmarkName.svamp,
+               f"benchmark.num_fewshot={self.num_fewshot}: benchmark=svamp has no solutions to show as examples; "
+               f"allowed: 0")
         if self.name == BenchmarkName.arith:
             _check(p, self.max_steps >= 1, f"benchmark.max_steps={self.max_steps} must be >= 1")
             _check(p, 1 <= self.min_value <= self.max_value,
@@ -424,6 +477,11 @@ class TrainConfig:
                    f"curriculum.teacher={c.teacher} must name a teacher of the ladder for teacher_loss: {names}")
         _check(p, not (c.stage_boundaries is not None and self.teachers.boundaries is not None),
                "set stage boundaries once: curriculum.stage_boundaries or teachers.boundaries, not both")
+        s = self.student
+        if s.init_from is not None and s.init_from in names:
+            _check(p, s.gguf_file is None,
+                   f"student.gguf_file={s.gguf_file}: student.init_from={s.init_from} names a teacher of the ladder, "
+                   f"whose own path and gguf_file are used; set student.gguf_file=null")
         stages = self.num_stages()
         if c.stage_boundaries is not None:
             _check(p, len(c.stage_boundaries) == stages - 1,
@@ -437,8 +495,12 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    checkpoint: Optional[str] = None  # a clpd checkpoint folder, any save_pretrained folder, or a HF id
+    checkpoint: Optional[str] = None  # a clpd checkpoint folder, any save_pretrained folder, a HF id or a pkg: path
     gguf_file: Optional[str] = None
+    # Evaluate the checkpoint cut to these blocks (or every k-th), as student.init_from cuts a
+    # student: a cut student's accuracy before any training.
+    keep_layers: Optional[List[int]] = None
+    keep_every: Optional[int] = None
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     batch_size: int = 128  # prompts per generate() call
     max_new_tokens: int = 256  # lm-evaluation-harness's max_gen_toks for gsm8k
@@ -452,6 +514,7 @@ class EvalConfig:
         _check(p, bool(self.checkpoint), "checkpoint is required: clpd eval checkpoint=PATH_OR_HF_ID")
         _check(p, self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
         _check(p, self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        _check_keep(p, "", self.keep_layers, self.keep_every)
         _raise_if(p, "eval")
 
 
@@ -465,5 +528,8 @@ def register_configs() -> None:
 
 
 def to_object(cfg: DictConfig) -> Any:
-    """Turn a composed DictConfig into the schema objects, running every ``__post_init__`` check."""
-    return OmegaConf.to_object(cfg)
+    """Turn a composed DictConfig into the schema objects, running every ``__post_init__`` check.
+
+    Model paths written ``pkg:MODULE`` become the folder of that installed package here
+    (:mod:`clpd.sources`); ``cfg`` itself keeps them as written (checkpoints, manifests)."""
+    return resolve_sources(OmegaConf.to_object(cfg))

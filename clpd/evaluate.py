@@ -4,10 +4,17 @@
 ``metrics.json``; ``evaluate_checkpoint`` loads a checkpoint (or any model) first. ``clpd eval``,
 the final evaluation of ``clpd train`` and the teacher ladder's accuracies all go through them, so
 a student and its teachers are scored the same way.
+
+The metrics say how the model was asked (``prompt``: plain or chat template, the number of solved
+examples before each question) and how fast it answered (``generation``: wall time of the
+generation, problems/s, generated tokens/s, the process's peak resident memory).
 """
 
 from __future__ import annotations
 
+import resource
+import sys
+import time
 from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,28 +28,32 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from clpd.answers import extract_flexible, extract_strict, is_correct
 from clpd.checkpoint import is_clpd_checkpoint, verify_checkpoint
-from clpd.config import BenchmarkConfig, BenchmarkName, Device, ModelConfig, Precision
+from clpd.config import BenchmarkConfig, BenchmarkName, Device, ModelConfig, Precision, StudentConfig
 from clpd.data import Problem, load_problems
-from clpd.data.prompts import STOP_STRINGS, cut_at_stop, encode_prompt
+from clpd.data.prompts import STOP_STRINGS, cut_at_stop, draw_fewshot, encode_prompt, stop_strings
 from clpd.errors import ClpdError
 from clpd.files import write_json, write_jsonl
-from clpd.models import check_source, load_model, load_tokenizer, resolve_device, resolve_precision
+from clpd.models import check_source, count_parameters, load_model, load_tokenizer, resolve_device, resolve_precision
 
 
 @torch.inference_mode()
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[List[int]], *,
              batch_size: int, max_new_tokens: int, device: torch.device,
-             autocast_dtype: Optional[torch.dtype] = None, console: Optional[Console] = None) -> List[str]:
-    """Greedy continuations of tokenized prompts, batched with left padding and the KV cache.
+             autocast_dtype: Optional[torch.dtype] = None, console: Optional[Console] = None,
+             stops: Sequence[str] = STOP_STRINGS) -> tuple[List[str], List[int]]:
+    """Greedy continuations of tokenized prompts, batched with left padding and the KV cache, and
+    the tokens generated for each (up to and with its eos or stop string; a batch runs on until
+    its longest answer is done, so these are the useful tokens, not the work done).
 
     Prompts are generated longest first so that each batch pads little; the outputs come back in
-    the input order. Generation stops at eos or a stop string (lm-eval's gsm8k ``until``).
+    the input order. Generation stops at eos or one of ``stops`` (lm-eval's gsm8k ``until``).
     """
     model.to(device).eval()
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     pad_id = tokenizer.pad_token_id
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     outputs: List[str] = [""] * len(prompts)
+    new_tokens: List[int] = [0] * len(prompts)
     columns = [TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=console, disable=console is None) as progress:
         bar = progress.add_task("eval", total=len(prompts))
@@ -58,12 +69,28 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
                 generated = model.generate(
                     input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                     do_sample=False, num_beams=1, use_cache=True, eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=pad_id, stop_strings=STOP_STRINGS, tokenizer=tokenizer)
+                    pad_token_id=pad_id, stop_strings=list(stops), tokenizer=tokenizer)
             texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
             for r, i in enumerate(rows):
-                outputs[i] = cut_at_stop(texts[r])
+                outputs[i] = cut_at_stop(texts[r], stops)
+                new_tokens[i] = answer_length(generated[r, width:].tolist(), {tokenizer.eos_token_id, pad_id})
             progress.advance(bar, len(rows))
-    return outputs
+    return outputs, new_tokens
+
+
+def answer_length(ids: Sequence[int], ends: set) -> int:
+    """Tokens of one generated row up to and with the first end token (eos, or the pad that
+    ``generate`` writes after a row has stopped at a stop string); all of them if none."""
+    for n, token in enumerate(ids, start=1):
+        if token in ends:
+            return n
+    return len(ids)
+
+
+def peak_rss_mb() -> float:
+    """The peak resident memory of this process so far, in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def _accuracy(rows: Sequence[dict], key: str) -> float:
@@ -99,10 +126,36 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problem
              benchmark: BenchmarkConfig, *, batch_size: int, max_new_tokens: int, device: torch.device,
              autocast_dtype: Optional[torch.dtype] = None, console: Optional[Console] = None) -> tuple[List[dict], Dict]:
     """Greedy answers to ``problems``, prompted as ``benchmark`` says, scored: (records, metrics)."""
-    prompts = [encode_prompt(p, tokenizer, benchmark.chat_template) for p in problems]
-    outputs = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                       device=device, autocast_dtype=autocast_dtype, console=console)
-    return score(problems, outputs, numeric=benchmark.name == BenchmarkName.svamp)
+    shots = fewshot_examples(problems, benchmark)
+    prompts = [encode_prompt(p, tokenizer, benchmark.chat_template, s) for p, s in zip(problems, shots)]
+    started = time.perf_counter()
+    outputs, new_tokens = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                   device=device, autocast_dtype=autocast_dtype, console=console,
+                                   stops=stop_strings(benchmark.chat_template))
+    seconds = time.perf_counter() - started
+    records, metrics = score(problems, outputs, numeric=benchmark.name == BenchmarkName.svamp)
+    for record, n in zip(records, new_tokens):
+        record["new_tokens"] = n
+    metrics["prompt"] = {"format": "chat_template" if benchmark.chat_template else "plain",
+                         "num_fewshot": benchmark.num_fewshot,
+                         "mean_tokens": round(sum(map(len, prompts)) / max(len(prompts), 1), 1)}
+    metrics["generation"] = {
+        "seconds": round(seconds, 2), "problems_per_s": round(len(problems) / seconds, 4) if seconds else None,
+        "new_tokens": sum(new_tokens), "tokens_per_s": round(sum(new_tokens) / seconds, 2) if seconds else None,
+        "batch_size": batch_size, "max_new_tokens": max_new_tokens, "threads": torch.get_num_threads(),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+    return records, metrics
+
+
+def fewshot_examples(problems: Sequence[Problem], benchmark: BenchmarkConfig) -> List[List[Problem]]:
+    """The solved examples before each problem (``benchmark.num_fewshot`` of ``fewshot_split``;
+    none by default)."""
+    if benchmark.num_fewshot <= 0:
+        return [[] for _ in problems]
+    pool = load_problems(benchmark, benchmark.fewshot_split)
+    return draw_fewshot(problems, pool, benchmark.num_fewshot, benchmark.fewshot_seed,
+                        same_split=benchmark.fewshot_split == benchmark.eval_split)
 
 
 def evaluate_into(out_dir: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, benchmark: BenchmarkConfig,
@@ -122,20 +175,30 @@ def evaluate_into(out_dir: Path, model: PreTrainedModel, tokenizer: PreTrainedTo
 
 def evaluate_checkpoint(checkpoint: str, benchmark: BenchmarkConfig, out_dir: Path, console: Optional[Console], *,
                         device: Device = Device.auto, precision: Precision = Precision.auto, batch_size: int = 128,
-                        max_new_tokens: int = 256, gguf_file: Optional[str] = None) -> Dict:
+                        max_new_tokens: int = 256, gguf_file: Optional[str] = None,
+                        keep_layers: Optional[List[int]] = None, keep_every: Optional[int] = None) -> Dict:
     """Load ``checkpoint`` (a clpd checkpoint, any ``save_pretrained`` folder or a hub id) and
-    :func:`evaluate_into` ``out_dir``."""
+    :func:`evaluate_into` ``out_dir``; with ``keep_layers`` or ``keep_every``, the model cut to
+    those blocks (as ``student.init_from`` cuts a student)."""
     check_source(checkpoint, "checkpoint")  # before the (possibly slow) data loading
     folder = Path(checkpoint).expanduser()
     if is_clpd_checkpoint(folder) or folder.name.endswith(".tmp"):
         verify_checkpoint(folder)  # a truncated or half-written checkpoint: one line that says which file
     torch_device = resolve_device(device)
     autocast_dtype = resolve_precision(precision, torch_device)
-    spec = ModelConfig(name=checkpoint, path=checkpoint, gguf_file=gguf_file)
+    header: Dict = {"checkpoint": checkpoint}
+    if keep_layers is None and keep_every is None:
+        spec: ModelConfig = ModelConfig(name=checkpoint, path=checkpoint, gguf_file=gguf_file)
+    else:
+        spec = StudentConfig(name=checkpoint, init_from=checkpoint, gguf_file=gguf_file, keep_layers=keep_layers,
+                             keep_every=keep_every)
     tokenizer = load_tokenizer(spec)
     # Weights in the autocast dtype on CUDA halve memory; generation needs no fp32 master copy.
     model = load_model(spec, tokenizer, dtype=autocast_dtype or torch.float32)
-    return evaluate_into(out_dir, model, tokenizer, benchmark, header={"checkpoint": checkpoint}, batch_size=batch_size,
+    if getattr(model.config, "cut_from", None) and isinstance(spec, StudentConfig):
+        header["cut_from"] = model.config.cut_from
+    header["parameters"] = count_parameters(model)
+    return evaluate_into(out_dir, model, tokenizer, benchmark, header=header, batch_size=batch_size,
                          max_new_tokens=max_new_tokens, device=torch_device, autocast_dtype=autocast_dtype,
                          console=console)
 
@@ -149,4 +212,12 @@ def metrics_table(metrics: Dict, title: str) -> Table:
     table.add_section()
     table.add_row("all", str(metrics["n"]), f"{metrics['accuracy_strict']:.3f}", f"{metrics['accuracy_flexible']:.3f}",
                   style="bold")
+    prompt, gen = metrics.get("prompt"), metrics.get("generation")
+    if prompt and gen:
+        shots = f"{prompt['num_fewshot']}-shot" if prompt["num_fewshot"] else "zero-shot"
+        table.caption_justify = "left"
+        table.caption = (f"{shots} {prompt['format'].replace('_', ' ')} prompts; {metrics['n']} problems in "
+                         f"{gen['seconds']:.1f} s: {gen['problems_per_s'] or 0:.3f} problems/s, "
+                         f"{gen['tokens_per_s'] or 0:.1f} generated tokens/s")
+        table.min_width = min(len(table.caption), 100)  # the caption on one line, not wrapped to the columns
     return table

@@ -1,26 +1,35 @@
 """One factory for students and teachers.
 
-A model is either pretrained (``spec.path``: a Hugging Face id or a local ``save_pretrained``
-folder, optionally a GGUF file inside it) or built from scratch from the architecture fields of
-:class:`~clpd.config.ModelConfig` (Llama or Qwen2) with random weights. Everything that leaves this
-module is a plain transformers object, so checkpoints load without clpd.
+A model is either pretrained (``spec.path``: a Hugging Face id, a local ``save_pretrained``
+folder or a ``pkg:`` package folder (:mod:`clpd.sources`), optionally with a GGUF file inside it),
+built from scratch from the architecture fields of :class:`~clpd.config.ModelConfig` (Llama or
+Qwen2) with random weights, or, for a student, cut from another model (``student.init_from``:
+:func:`cut_layers`). Everything that leaves this module is a plain transformers object, so
+checkpoints load without clpd.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import os
+import re
+from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
 from safetensors import SafetensorError
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel,
                           PreTrainedTokenizerBase, Qwen2Config)
 
-from clpd.config import Arch, Device, LoraConfig, ModelConfig, Precision
+from clpd.config import Arch, Device, LoraConfig, ModelConfig, Precision, StudentConfig
 from clpd.errors import ClpdError
+from clpd.sources import is_package_path, package_folder
 from clpd.tokenizer import build_char_tokenizer
+
+log = logging.getLogger("clpd.models")
 
 ARCH_CONFIGS = {Arch.llama: LlamaConfig, Arch.qwen2: Qwen2Config}
 
@@ -31,24 +40,81 @@ def _looks_like_local_path(name: str) -> bool:
 
 
 def check_source(name: str, what: str = "model") -> None:
-    """Refuse a local path that does not exist before anything tries to download it."""
-    if _looks_like_local_path(name) and not Path(name).expanduser().exists():
+    """Refuse a local path that does not exist, or a ``pkg:`` path whose package is not installed,
+    before anything tries to download it."""
+    if is_package_path(name):
+        try:
+            package_folder(name)
+        except ClpdError as exc:
+            raise ClpdError(f"{what} {exc}") from None
+    elif _looks_like_local_path(name) and not Path(name).expanduser().exists():
         raise ClpdError(f"{what} {name}: no such file or folder")
+
+
+def local_source(name: str) -> str:
+    """What transformers is given for ``name``: the folder of a ``pkg:`` path or of a local path
+    (``~`` expanded), or the name itself (a hub id)."""
+    if is_package_path(name):
+        return str(package_folder(name))
+    return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
 
 
 def _from_pretrained(loader, name: str, what: str, **kwargs):
     check_source(name, what)
+    if kwargs.get("gguf_file"):
+        _require_gguf(what)
     try:
-        return loader.from_pretrained(str(Path(name).expanduser()) if Path(name).expanduser().exists() else name, **kwargs)
+        return loader.from_pretrained(local_source(name), **kwargs)
     except (OSError, ValueError, SafetensorError) as exc:  # missing or damaged files, no network, not a model folder
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ClpdError(f"could not load {what} '{name}': {first_line}") from exc
 
 
-def load_tokenizer(spec: ModelConfig) -> PreTrainedTokenizerBase:
+def gguf_reader_missing() -> bool:
+    """Whether the ``gguf`` package, which transformers needs to read GGUF files, is missing."""
+    import importlib.util
+
+    return importlib.util.find_spec("gguf") is None
+
+
+def _require_gguf(what: str) -> None:
+    if gguf_reader_missing():
+        raise ClpdError(f"{what}: reading a GGUF file needs the gguf package (pip install gguf)")
+
+
+@lru_cache(maxsize=4)
+def _gguf_tokenizer(folder: str, gguf_file: str, trust_remote_code: bool, stamp: tuple) -> PreTrainedTokenizerBase:
+    # Rebuilding a tokenizer from a GGUF file parses the whole file's metadata (4 s for SmolLM2's
+    # 49k tokens on 2 cores), and one run loads the student's tokenizer up to three times (the
+    # checks, the run, a teacher of the same file). ``stamp`` (size, mtime) keys a changed file anew.
+    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+
+
+def _load_pretrained_tokenizer(spec: ModelConfig) -> PreTrainedTokenizerBase:
+    what = f"tokenizer of '{spec.name}'"
+    if spec.gguf_file:
+        check_source(spec.path, what)
+        _require_gguf(what)
+        folder = local_source(spec.path)
+        file = Path(folder) / spec.gguf_file
+        if file.is_file():  # else: transformers says what is missing (a hub repo, a wrong name)
+            stat = file.stat()
+            try:
+                return copy.deepcopy(_gguf_tokenizer(folder, spec.gguf_file, spec.trust_remote_code,
+                                                     (stat.st_size, stat.st_mtime_ns)))
+            except (OSError, ValueError) as exc:
+                raise ClpdError(f"could not load {what} '{spec.path}': {str(exc).strip().splitlines()[0]}") from exc
+    return _from_pretrained(AutoTokenizer, spec.path, what, gguf_file=spec.gguf_file,
+                            trust_remote_code=spec.trust_remote_code)
+
+
+def load_tokenizer(spec: ModelConfig, teachers: Sequence[ModelConfig] = ()) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``spec``; a student cut from another model (``init_from``) has that
+    model's tokenizer. ``teachers``: the ladder, whose names ``init_from`` may use."""
+    if getattr(spec, "init_from", None):
+        return load_tokenizer(init_source(spec, teachers))
     if spec.path is not None:
-        tokenizer = _from_pretrained(AutoTokenizer, spec.path, f"tokenizer of '{spec.name}'",
-                                     gguf_file=spec.gguf_file, trust_remote_code=spec.trust_remote_code)
+        tokenizer = _load_pretrained_tokenizer(spec)
     elif spec.tokenizer is not None:
         tokenizer = _from_pretrained(AutoTokenizer, spec.tokenizer, f"tokenizer of '{spec.name}'")
     else:
@@ -80,12 +146,17 @@ def architecture_config(spec: ModelConfig, tokenizer: PreTrainedTokenizerBase):
     )
 
 
-def load_model(spec: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def load_model(spec: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = torch.float32,
+               teachers: Sequence[ModelConfig] = ()) -> PreTrainedModel:
     """Build or load the model of ``spec`` on the CPU; the caller moves it to its device.
 
-    From-scratch weights depend on the torch seed at call time: seed before calling.
+    From-scratch weights depend on the torch seed at call time: seed before calling. A student
+    with ``init_from`` is cut from that model (``teachers``: the ladder, with the folders of its
+    built from-scratch rungs, whose names ``init_from`` may use).
     """
-    adapter = Path(spec.path).expanduser() / ADAPTER_CONFIG if spec.path is not None else None
+    if getattr(spec, "init_from", None):
+        return _cut_student(spec, tokenizer, dtype, teachers)
+    adapter = Path(local_source(spec.path)) / ADAPTER_CONFIG if spec.path is not None else None
     if adapter is not None and adapter.exists():
         model = _load_adapter(spec, adapter.parent, dtype)
     elif spec.path is not None:
@@ -114,6 +185,121 @@ def _load_adapter(spec: ModelConfig, folder: Path, dtype: torch.dtype) -> PreTra
         raise ClpdError(f"{folder}: the adapter names no base model (base_model_name_or_path)")
     base = _from_pretrained(AutoModelForCausalLM, base_path, f"base model of adapter '{spec.name}'", dtype=dtype)
     return PeftModel.from_pretrained(base, str(folder))
+
+
+# --- students cut from a model ----------------------------------------------------------------------
+
+def init_source(student: StudentConfig, teachers: Sequence[ModelConfig] = ()) -> ModelConfig:
+    """The model ``student.init_from`` names: the teacher of that name in ``teachers`` (a ladder
+    name wins over a hub id spelled the same), else a folder, hub id or ``pkg:`` path, with the
+    student's ``gguf_file`` and ``trust_remote_code``."""
+    for teacher in teachers:
+        if teacher.name == student.init_from:
+            return teacher
+    return ModelConfig(name=student.init_from, path=student.init_from, gguf_file=student.gguf_file,
+                       trust_remote_code=student.trust_remote_code)
+
+
+def layers_to_keep(cut, num_layers: int, prefix: str = "student.", source_key: str = "init_from") -> List[int]:
+    """The source's blocks a cut keeps, in order: ``cut.keep_layers``, every ``cut.keep_every``-th
+    from the first (0, k, 2k, ...: DistilBERT's "one layer out of two" for k = 2), or all. Refuses
+    layers the source does not have, naming the allowed range. ``cut``: a StudentConfig (keys
+    ``student.keep_layers``, source ``student.init_from``) or an EvalConfig (``prefix=""``,
+    ``source_key="checkpoint"``)."""
+    if cut.keep_layers is not None:
+        keep = sorted(cut.keep_layers)
+        outside = [i for i in keep if not 0 <= i < num_layers]
+        if outside:
+            raise ClpdError(f"{prefix}keep_layers={list(cut.keep_layers)}: {outside} out of range: "
+                            f"{prefix}{source_key}={getattr(cut, source_key)} has {num_layers} layers; "
+                            f"allowed: 0..{num_layers - 1}")
+        return keep
+    if cut.keep_every is not None:
+        return list(range(0, num_layers, cut.keep_every))
+    return list(range(num_layers))
+
+
+def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
+    """The block list of a decoder-only transformers model (``model.model.layers`` in Llama,
+    Qwen2, Mistral, Qwen3, ...); refuses architectures laid out otherwise."""
+    layers = getattr(getattr(model, "base_model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not hasattr(model.config, "num_hidden_layers"):
+        raise ClpdError(f"cutting layers needs a decoder whose blocks are model.layers (llama, qwen2, ...); "
+                        f"{type(model).__name__} ({model.config.model_type}) is laid out otherwise")
+    return layers
+
+
+# Config entries with one value per block, cut with the blocks: Qwen2's (and Qwen3's, Gemma's)
+# sliding or full attention per layer; SmolLM3's layers without RoPE.
+PER_LAYER_KEYS = ("layer_types", "no_rope_layers")
+
+
+def cut_config(config, keep: Sequence[int], source: Optional[str] = None):
+    """A copy of ``config`` for the blocks ``keep`` of its ``num_hidden_layers`` (refuses any
+    other list: empty, repeated or out of range); ``cut_from`` records where they came from."""
+    n = config.num_hidden_layers
+    if not keep or any(not 0 <= i < n for i in keep) or len(set(keep)) != len(keep):
+        raise ClpdError(f"layers to keep {list(keep)}: need distinct layers in 0..{n - 1}")
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = len(keep)
+    for key in PER_LAYER_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, (list, tuple)) and len(value) == n:
+            setattr(config, key, [value[i] for i in keep])
+    config.cut_from = {"model": source or config.model_type, "layers": list(keep), "num_layers": n}
+    return config
+
+
+def cut_layers(model: PreTrainedModel, keep: Sequence[int], source: Optional[str] = None) -> PreTrainedModel:
+    """A new model of ``model``'s architecture with its embeddings, final norm, head and the
+    blocks ``keep`` (renumbered 0..len(keep)-1 in that order); ``model`` is left unchanged.
+
+    The new model is built from a copy of the config with ``num_hidden_layers = len(keep)`` (and
+    the per-layer lists, e.g. Qwen2's ``layer_types``, cut the same way) and loaded from
+    ``model``'s state dict: every module gets its own layer index (the KV cache is indexed by it),
+    and the checkpoint is a plain model of a known architecture. ``config.cut_from`` records the
+    source and the kept layers. Keeping every block gives ``model``'s logits exactly.
+    """
+    layers = decoder_layers(model)
+    config = cut_config(model.config, keep, source or getattr(model, "name_or_path", "") or model.config.model_type)
+    student = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    prefix = _layers_prefix(model, layers)
+    new_index = {old: new for new, old in enumerate(keep)}
+    state = {}
+    for key, tensor in model.state_dict().items():
+        match = re.match(rf"{re.escape(prefix)}(\d+)\.(.*)", key)
+        if match is None:
+            state[key] = tensor
+        elif int(match.group(1)) in new_index:
+            state[f"{prefix}{new_index[int(match.group(1))]}.{match.group(2)}"] = tensor
+    student.load_state_dict(state, strict=True)
+    student.generation_config = copy.deepcopy(model.generation_config)
+    return student
+
+
+def _layers_prefix(model: PreTrainedModel, layers: torch.nn.ModuleList) -> str:
+    """The state-dict prefix of the block list ("model.layers.")."""
+    for name, module in model.named_modules():
+        if module is layers:
+            return f"{name}."
+    raise ClpdError(f"{type(model).__name__}: its block list is not a submodule")  # not reached for HF models
+
+
+def _cut_student(spec: StudentConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype,
+                 teachers: Sequence[ModelConfig]) -> PreTrainedModel:
+    source_spec = init_source(spec, teachers)
+    if source_spec.path is None:
+        raise ClpdError(f"student.init_from={spec.init_from}: the teacher {source_spec.name} has no weights yet (a "
+                        f"from-scratch teacher is trained by the ladder before the student is cut from it)")
+    source = load_model(source_spec, tokenizer, dtype=dtype)
+    if hasattr(source, "merge_and_unload"):  # a LoRA checkpoint: cut the model it stands for
+        source = source.merge_and_unload()
+    keep = layers_to_keep(spec, len(decoder_layers(source)))
+    student = cut_layers(source, keep, source=source_spec.path)
+    log.info("student %s: cut from %s, layers %s of %d: %.2fM parameters (the source: %.2fM)", spec.name,
+             source_spec.name, keep, len(decoder_layers(source)), count_parameters(student) / 1e6,
+             count_parameters(source) / 1e6)
+    return student
 
 
 def apply_lora(model: PreTrainedModel, lora: LoraConfig) -> PreTrainedModel:

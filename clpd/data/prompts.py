@@ -3,12 +3,18 @@
 The plain format is lm-evaluation-harness's gsm8k ``doc_to_text`` (``Question: ...\\nAnswer:``)
 and its target delimiter (one space), so a model trained here is scored the way lm-eval scores
 it. With ``chat_template=True`` the question goes through the tokenizer's chat template instead.
+
+Evaluation prompts may start with solved examples (``benchmark.num_fewshot``), drawn and joined
+as lm-eval's gsm8k does (:func:`draw_fewshot`): plain, ``Question: q\\nAnswer: solution`` blocks
+separated by a blank line before the question; with the chat template, one user/assistant turn
+per example (lm-eval's ``--apply_chat_template --fewshot_as_multiturn``).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Tuple
+import random
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from clpd.data.records import Problem
 from clpd.errors import ClpdError
@@ -21,19 +27,50 @@ PROMPT = "Question: {question}\nAnswer:"
 # lm-eval's gsm8k ``until`` ("Question:", "</s>", "<|im_end|>"), plus "\n\n" of its earlier versions:
 # a solution never contains a blank line, so a model that writes one has started something else.
 STOP_STRINGS = ["Question:", "</s>", "<|im_end|>", "\n\n"]
+# Through a chat template the answer ends with the assistant's turn (eos): a chat model writes
+# paragraphs, and "\n\n" would cut its answer before the result (measured: SmolLM2-135M-Instruct
+# stopped before its final number on 3 of 4 GSM8K problems).
+CHAT_STOP_STRINGS = ["Question:", "</s>", "<|im_end|>"]
+
+
+def stop_strings(chat_template: bool) -> List[str]:
+    return CHAT_STOP_STRINGS if chat_template else STOP_STRINGS
 
 
 def _name(tokenizer: Any) -> str:
     return getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
 
 
-def prompt_text(problem: Problem, tokenizer: Any, chat_template: bool) -> str:
+# lm-eval's fewshot_delimiter: what follows each solved example in a plain few-shot prompt.
+FEWSHOT_DELIMITER = "\n\n"
+
+
+def draw_fewshot(problems: Sequence[Problem], pool: Sequence[Problem], k: int, seed: int = 1234,
+                 same_split: bool = False) -> List[List[Problem]]:
+    """The solved examples shown before each of ``problems``: for each, in order, ``k`` drawn from
+    ``pool`` by one ``random.Random(seed)``, as lm-eval's default few-shot sampler draws them
+    (``rnd.sample(docs, k)``; with ``same_split``, k + 1 and the problem itself left out). The
+    draw for a problem depends on the problems before it: the first N problems of a split get the
+    same examples whatever ``benchmark.eval_limit`` is."""
+    if k <= 0:
+        return [[] for _ in problems]
+    n = k + 1 if same_split else k
+    if n > len(pool):
+        raise ClpdError(f"benchmark.num_fewshot={k}: the few-shot split has only {len(pool)} problems")
+    rnd = random.Random(seed)
+    return [[shot for shot in rnd.sample(list(pool), n) if shot.id != problem.id][:k] for problem in problems]
+
+
+def prompt_text(problem: Problem, tokenizer: Any, chat_template: bool, shots: Sequence[Problem] = ()) -> str:
     if not chat_template:
-        return PROMPT.format(question=problem.question)
+        solved = "".join(PROMPT.format(question=s.question) + target_text(s, False) + FEWSHOT_DELIMITER for s in shots)
+        return solved + PROMPT.format(question=problem.question)
     if not getattr(tokenizer, "chat_template", None):
         raise ClpdError(f"benchmark.chat_template=true but the tokenizer {_name(tokenizer)} has no chat template; "
                         f"use benchmark.chat_template=false")
-    return tokenizer.apply_chat_template([{"role": "user", "content": problem.question}],
+    turns = [t for s in shots for t in ({"role": "user", "content": s.question},
+                                        {"role": "assistant", "content": target_text(s, True)})]
+    return tokenizer.apply_chat_template([*turns, {"role": "user", "content": problem.question}],
                                          tokenize=False, add_generation_prompt=True)
 
 
@@ -45,9 +82,9 @@ def _ids(tokenizer: Any, text: str) -> List[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def encode_prompt(problem: Problem, tokenizer: Any, chat_template: bool) -> List[int]:
+def encode_prompt(problem: Problem, tokenizer: Any, chat_template: bool, shots: Sequence[Problem] = ()) -> List[int]:
     """Token ids of the prompt alone, for generation (no BOS: the prompt text is all there is)."""
-    return _ids(tokenizer, prompt_text(problem, tokenizer, chat_template))
+    return _ids(tokenizer, prompt_text(problem, tokenizer, chat_template, shots))
 
 
 def encode_example(problem: Problem, tokenizer: Any, chat_template: bool, max_len: int,
@@ -93,10 +130,10 @@ def encode_problems(problems: List[Problem], tokenizer: Any, chat_template: bool
     return [p for p, _ in kept], [e for _, e in kept], counts
 
 
-def cut_at_stop(text: str) -> str:
+def cut_at_stop(text: str, stops: Sequence[str] = STOP_STRINGS) -> str:
     """A generated continuation up to (not including) the first stop string, as lm-eval's ``until``."""
     cut = len(text)
-    for stop in STOP_STRINGS:
+    for stop in stops:
         i = text.find(stop)
         if i != -1 and i < cut:
             cut = i
