@@ -39,7 +39,9 @@ from clpd.distributed import check_batch
 from clpd.errors import ClpdError
 from clpd.ladder import ladder_needed, teachers_in_use
 from clpd.teachers import check_vocabularies
-from clpd.models import ADAPTER_CONFIG, architecture_config, check_source, load_tokenizer, resolve_device, resolve_precision
+from clpd.models import (ADAPTER_CONFIG, architecture_config, check_source, cut_config, gguf_reader_missing, init_source,
+                         layers_to_keep, load_tokenizer, local_source, resolve_device, resolve_precision)
+from clpd.sources import is_package_path, package_folder
 
 MODEL_CONFIG = "config.json"  # transformers' CONFIG_NAME: a save_pretrained model folder
 # What makes a local folder loadable as a model, in the order clpd's loader tries them.
@@ -65,7 +67,10 @@ def _guard(problems: List[str], prefix: str, check: Callable[[], object]) -> Opt
 
 def _local_folder(name: str) -> Optional[Path]:
     """The folder ``name`` names when clpd's loader would read it from disk (it exists here)."""
-    path = Path(name).expanduser()
+    try:
+        path = Path(local_source(name))
+    except ClpdError:  # a pkg: path whose package is not installed: refused by _no_such_path
+        return None
     return path if path.exists() else None
 
 
@@ -85,7 +90,10 @@ def model_folder_problem(name: str, key: str, gguf_file: Optional[str] = None,
     A model folder has config.json (any save_pretrained folder, a clpd checkpoint without LoRA),
     adapter_config.json (a LoRA adapter), or holds ``gguf_file``. A clpd checkpoint's files are
     checked by name and size too."""
-    folder = Path(name).expanduser()
+    try:
+        folder = Path(local_source(name))  # a pkg: path: its package's folder
+    except ClpdError as exc:
+        return f"{key}={name}: {str(exc).split(': ', 1)[-1]}"
     if not folder.is_dir():
         return (f"{key}={name}: a file, not a model folder (for a GGUF file set {key} to its folder and "
                 f"{gguf_key} to its name)")
@@ -115,10 +123,23 @@ def model_folder_problem(name: str, key: str, gguf_file: Optional[str] = None,
 
 
 def _no_such_path(key: str, value: str, label: str) -> Optional[str]:
+    if is_package_path(value):
+        try:
+            package_folder(value)
+        except ClpdError as exc:  # "pkg:x: the Python package x is not installed here (how to install it)"
+            return f"{key}={value}{label}: {str(exc).split(': ', 1)[-1]}"
+        return None
     try:
         check_source(value, key)
     except ClpdError:
         return f"{key}={value}{label}: no such file or folder"
+    return None
+
+
+def _gguf_problem(key: str, gguf_file: Optional[str], label: str = "") -> Optional[str]:
+    if gguf_file and gguf_reader_missing():
+        return (f"{key}={gguf_file}{label}: reading a GGUF file needs the gguf package, which is not installed "
+                f"(pip install gguf)")
     return None
 
 
@@ -136,10 +157,73 @@ def model_paths_problems(spec: ModelConfig, key: str, who: str = "") -> List[str
         if problem:  # the teacher's name right after its key
             return [problem.replace(f"={spec.path}:", f"={spec.path}{label}:", 1)
                     .replace(f"={spec.gguf_file}:", f"={spec.gguf_file}{label}:", 1)]
+    gguf = _gguf_problem(f"{key}.gguf_file", spec.gguf_file, label)
+    return [gguf] if gguf else []
+
+
+# --- a student cut from another model ---------------------------------------------------------------
+
+def _config_of(spec: ModelConfig, tokenizer=None):
+    """``spec``'s transformers config without its weights (None when it cannot be read here: a
+    hub id offline, an adapter folder; the loader then says why)."""
+    from transformers import AutoConfig
+
+    if spec.path is None:
+        return architecture_config(spec, tokenizer) if tokenizer is not None else None
+    folder = _local_folder(spec.path)
+    if folder is not None and (folder / ADAPTER_CONFIG).is_file():
+        return None  # an adapter checkpoint: its base decides
+    try:
+        return AutoConfig.from_pretrained(str(folder) if folder is not None else spec.path, gguf_file=spec.gguf_file,
+                                          trust_remote_code=spec.trust_remote_code)
+    except Exception:  # no network, no cached config, an unknown architecture: checked at load time
+        return None
+
+
+def init_from_problems(tc: TrainConfig) -> List[str]:
+    """``student.init_from`` and the layers it keeps: the source exists (and its GGUF file, or
+    for a ladder name that the ladder will have built it), and every kept layer is one of its
+    layers, read from its config (no weights)."""
+    s = tc.student
+    if s.init_from is None:
+        return []
+    ladder = list(tc.teachers.ladder)
+    source = init_source(s, ladder)
+    named = source in ladder
+    if named and source.path is None:
+        if not ladder_needed(tc):
+            return [f"student.init_from={s.init_from}: the teacher {s.init_from} is trained from scratch by the ladder, "
+                    f"which this run does not build (it distils from no teacher); give the folder of a built teacher "
+                    f"(outputs/teachers/<name>-<key>/checkpoints/final) instead"]
+        num_layers = source.num_layers
+    else:
+        if not named:
+            problems = [p for p in (_no_such_path("student.init_from", s.init_from, ""),) if p]
+            if not problems and _local_folder(s.init_from) is not None:
+                problem = model_folder_problem(s.init_from, "student.init_from", s.gguf_file, "student.gguf_file")
+                if problem:
+                    problems.append(problem)
+            gguf = _gguf_problem("student.gguf_file", s.gguf_file)
+            problems += [gguf] if gguf else []
+            if problems:
+                return problems
+        config = _config_of(source)
+        if config is None:
+            return []  # the tokenizer's load, next, says why the source cannot be read
+        num_layers = getattr(config, "num_hidden_layers", None)
+        if num_layers is None:
+            return [f"student.init_from={s.init_from}: its config has no num_hidden_layers ({config.model_type}); "
+                    f"cutting layers needs a decoder whose blocks are model.layers (llama, qwen2, ...)"]
+    try:
+        layers_to_keep(s, num_layers)
+    except ClpdError as exc:
+        return [str(exc)]
     return []
 
 
 def _tokenizer_key(spec: ModelConfig, key: str) -> str:
+    if getattr(spec, "init_from", None):
+        return f"{key}.init_from={spec.init_from}"
     if spec.path is not None:
         return f"{key}.path={spec.path}"
     return f"{key}.tokenizer={spec.tokenizer}" if spec.tokenizer is not None else key
@@ -147,25 +231,26 @@ def _tokenizer_key(spec: ModelConfig, key: str) -> str:
 
 # --- LoRA on the architecture, without weights ----------------------------------------------------
 
-def lora_layers(spec: ModelConfig, tokenizer) -> Optional[dict]:
+def lora_layers(spec: ModelConfig, tokenizer, teachers: Sequence[ModelConfig] = ()) -> Optional[dict]:
     """The module names LoRA can target in ``spec``'s architecture, by kind ({"linear": [...],
     "embedding": [...]}, each the full dotted names), from a meta-device model: no weights are read.
     None when the config cannot be read here (a hub id offline, an adapter folder): the student's
     loader checks the targets again on the real model."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    if spec.path is None:
-        config = architecture_config(spec, tokenizer)
-    else:
-        folder = _local_folder(spec.path)
-        if folder is not None and (folder / ADAPTER_CONFIG).is_file():
-            return None  # LoRA on top of an adapter checkpoint: its base decides
+    if getattr(spec, "init_from", None):  # a cut student: the source's architecture with the kept layers
+        config = _config_of(init_source(spec, teachers), tokenizer)
+        if config is None or getattr(config, "num_hidden_layers", None) is None:
+            return None
         try:
-            config = AutoConfig.from_pretrained(str(folder) if folder is not None else spec.path,
-                                                gguf_file=spec.gguf_file, trust_remote_code=spec.trust_remote_code)
-        except Exception:  # no network, no cached config, an unknown architecture: checked at load time
+            config = cut_config(config, layers_to_keep(spec, config.num_hidden_layers))
+        except ClpdError:
+            return None  # refused by init_from_problems
+    else:
+        config = _config_of(spec, tokenizer)
+        if config is None:
             return None
     try:
         with torch.device("meta"):
@@ -181,10 +266,10 @@ def lora_layers(spec: ModelConfig, tokenizer) -> Optional[dict]:
     return kinds
 
 
-def lora_problem(spec, tokenizer) -> Optional[str]:
+def lora_problem(spec, tokenizer, teachers: Sequence[ModelConfig] = ()) -> Optional[str]:
     """``student.lora.target_modules`` names that match no linear or embedding layer (as peft
-    matches them: the whole dotted name, or its last parts)."""
-    kinds = lora_layers(spec, tokenizer)
+    matches them: the whole dotted name, or its last parts); for a cut student, of the cut model."""
+    kinds = lora_layers(spec, tokenizer, teachers)
     if kinds is None:
         return None
     names = [n for kind in kinds.values() for n in kind]
@@ -194,6 +279,8 @@ def lora_problem(spec, tokenizer) -> Optional[str]:
         return None
     short = {kind: sorted({n.rsplit(".", 1)[-1] for n in ns}) for kind, ns in kinds.items()}
     arch = spec.arch.value if spec.path is None else spec.path
+    if getattr(spec, "init_from", None):
+        arch = f"cut from {spec.init_from}"
     allowed = f"{', '.join(short['linear'])} (linear layers)"
     if short["embedding"]:
         allowed += f", {', '.join(short['embedding'])} (embeddings)"
@@ -307,6 +394,8 @@ def check_train(tc: TrainConfig) -> None:
     def tokenizer_of(spec: ModelConfig, prefix: str):
         """Load ``spec``'s tokenizer; after one hub load failed (offline: each costs about a minute of
         retries), the other hub ids are not tried: the command stops at the first one anyway."""
+        if getattr(spec, "init_from", None):  # a cut student has its source's tokenizer
+            spec = init_source(spec, tc.teachers.ladder)
         source = spec.path if spec.path is not None else spec.tokenizer
         remote = source is not None and _local_folder(source) is None
         if remote and hub_failed:
@@ -316,16 +405,18 @@ def check_train(tc: TrainConfig) -> None:
             hub_failed.append(source)
         return tok
 
+    cut_problems = init_from_problems(tc)
+    p += cut_problems
     tokenizer = None
-    if not student_paths:
+    if not student_paths and not cut_problems:
         tokenizer = tokenizer_of(tc.student, _tokenizer_key(tc.student, "student"))
     if tokenizer is not None:
         s = tc.student
-        if s.path is None and s.vocab_size is not None and s.vocab_size < len(tokenizer):
+        if s.path is None and s.init_from is None and s.vocab_size is not None and s.vocab_size < len(tokenizer):
             p.append(f"student.vocab_size={s.vocab_size} is smaller than the student's tokenizer ({len(tokenizer)} "
                      f"tokens); allowed: >= {len(tokenizer)}, or null (the tokenizer's size)")
         elif s.lora.enabled:
-            problem = _guard(p, "", lambda: lora_problem(s, tokenizer))
+            problem = _guard(p, "", lambda: lora_problem(s, tokenizer, tc.teachers.ladder))
             if problem:
                 p.append(problem)
     if ladder:
@@ -348,6 +439,8 @@ def check_train(tc: TrainConfig) -> None:
     splits = [("benchmark.train_split", b.train_split, b.train_limit)]
     if t.eval_at_end or t.eval_every or (needed and tc.teachers.build.eval):
         splits.append(("benchmark.eval_split", b.eval_split, b.eval_limit))
+        if b.num_fewshot:
+            splits.append(("benchmark.fewshot_split", b.fewshot_split, None))
     p += benchmark_problems(b, splits)
     _fail(p)
 
@@ -361,16 +454,30 @@ def check_eval(ec: EvalConfig) -> None:
     if device is not None:
         _guard(p, "", lambda: resolve_precision(ec.precision, device, "precision"))
     if ec.checkpoint:
-        try:
-            check_source(ec.checkpoint, "checkpoint")
-        except ClpdError:
-            p.append(f"checkpoint={ec.checkpoint}: no such file or folder ({CHECKPOINT_HINT}, any save_pretrained "
-                     f"folder, or a Hugging Face id)")
+        if is_package_path(ec.checkpoint):
+            missing = _no_such_path("checkpoint", ec.checkpoint, "")
+            if missing:
+                p.append(missing)
         else:
-            if _local_folder(ec.checkpoint) is not None:
-                problem = model_folder_problem(ec.checkpoint, "checkpoint", ec.gguf_file, "gguf_file")
-                if problem:
-                    p.append(problem)
+            try:
+                check_source(ec.checkpoint, "checkpoint")
+            except ClpdError:
+                p.append(f"checkpoint={ec.checkpoint}: no such file or folder ({CHECKPOINT_HINT}, any save_pretrained "
+                         f"folder, or a Hugging Face id)")
+        if _local_folder(ec.checkpoint) is not None:
+            problem = model_folder_problem(ec.checkpoint, "checkpoint", ec.gguf_file, "gguf_file")
+            if problem:
+                p.append(problem)
+        gguf = _gguf_problem("gguf_file", ec.gguf_file)
+        if gguf:
+            p.append(gguf)
+        elif not p and (ec.keep_layers is not None or ec.keep_every is not None):  # the cut's layers exist
+            config = _config_of(ModelConfig(name=ec.checkpoint, path=ec.checkpoint, gguf_file=ec.gguf_file))
+            if config is not None and getattr(config, "num_hidden_layers", None) is not None:
+                _guard(p, "", lambda: layers_to_keep(ec, config.num_hidden_layers, prefix="", source_key="checkpoint"))
     b = ec.benchmark
-    p += benchmark_problems(b, [("benchmark.eval_split", b.eval_split, b.eval_limit)])
+    splits = [("benchmark.eval_split", b.eval_split, b.eval_limit)]
+    if b.num_fewshot:
+        splits.append(("benchmark.fewshot_split", b.fewshot_split, None))
+    p += benchmark_problems(b, splits)
     _fail(p)

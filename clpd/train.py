@@ -83,7 +83,7 @@ def start_run(cfg: DictConfig, tc: TrainConfig, run_dir: Path, console: Console)
     device = device_for(resolve_device(tc.trainer.device))
     console = console if ranks().main else Console(quiet=True)  # under torchrun rank 0 speaks for the run
     return Run(cfg, tc, run_dir, console, device, resolve_precision(tc.trainer.precision, device),
-               load_tokenizer(tc.student), started)
+               load_tokenizer(tc.student, tc.teachers.ladder), started)  # a cut student: its source's
 
 
 def prepare_ladder(run: Run) -> Ladder:
@@ -109,13 +109,14 @@ def load_data(run: Run) -> Data:
                                  tc.trainer.overlong.value))
 
 
-def build_student(run: Run) -> Student:
+def build_student(run: Run, ladder: Ladder) -> Student:
     """The student, seeded (from-scratch weights and LoRA init are a function of the seed)."""
     tc = run.tc
     torch.manual_seed(tc.seed)
     lora = tc.student.lora.enabled
     # With LoRA the frozen base can sit in the autocast dtype (bf16 on CUDA); the adapters stay fp32.
-    model = load_model(tc.student, run.tokenizer, dtype=(run.autocast_dtype or torch.float32) if lora else torch.float32)
+    model = load_model(tc.student, run.tokenizer, dtype=(run.autocast_dtype or torch.float32) if lora else torch.float32,
+                       teachers=[*ladder.specs, *tc.teachers.ladder])  # init_from may name a teacher (built first)
     scratch_base = copy.deepcopy(model) if lora and tc.student.path is None else None
     if lora:
         model = apply_lora(model, tc.student.lora)
@@ -258,7 +259,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
             write_json(run_dir / "summary.json", summary)
             return summary
         data = load_data(run)
-        student = build_student(run)
+        student = build_student(run, ladder)
         supervision = build_supervision(run, ladder, len(data.examples))
         sampler, scores = main_first(lambda: curriculum_sampler(run, data, student.model, ladder))  # scores cached by rank 0
         in_use = ladder.in_use() if supervision.teachers is not None else []  # the rungs built and loaded
