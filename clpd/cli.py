@@ -54,7 +54,12 @@ def one_line(exc: BaseException) -> str:
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and exc.options:
-        return f"{str(exc).strip().splitlines()[0]}; available: {', '.join(exc.options)}"
+        line = f"{str(exc).strip().splitlines()[0]}; available: {', '.join(exc.options)}"
+        if "hydra/launcher/" in line:  # joblib and submitit are plugins, in clpd's optional extra
+            from clpd.launchers import SWEEP_EXTRA
+
+            line += f"; the joblib, slurm and submitit_local launchers need {SWEEP_EXTRA}"
+        return line
     parts = [str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__]
     cause = exc.__cause__
     if cause is not None and str(cause).strip():

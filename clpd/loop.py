@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import signal
 import threading
@@ -353,26 +354,39 @@ class TrainLog:
         self.progress.advance(self.bar, tokens if self.budget else 1)
 
 
-class StopSignals:
-    """SIGINT and SIGTERM ask the loop to stop after the current optimizer step (``requested``
-    holds the signal); a second signal stops at once. Only the main thread can install handlers:
-    elsewhere (a test runner thread, a notebook worker) signals keep their default behaviour."""
+# The notice a scheduler sends before it stops a job: submitit asks SLURM for SIGUSR2 (sbatch
+# --signal=USR2@<signal_delay_s>: that long before the time limit, and at once on a preemption)
+# and requeues the job from its handler. SUBMITIT_PREEMPT_SIGNAL names another one for both.
+PREEMPT_SIGNAL = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2)
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+class StopSignals:
+    """SIGINT, SIGTERM and the scheduler's notice (:data:`PREEMPT_SIGNAL`) ask the loop to stop
+    after the current optimizer step (``requested`` holds the signal); a second SIGINT or SIGTERM
+    stops at once, the notice never does (a step and a checkpoint fit in its delay). ``preempted``
+    says that the notice came: the run then hands it on (:func:`hand_on`) once its checkpoint is
+    written. Only the main thread can install handlers: elsewhere (a test runner thread, a
+    notebook worker) signals keep their default behaviour."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, PREEMPT_SIGNAL)
 
     def __init__(self, console: Console) -> None:
         self.console = console
         self.requested: Optional[int] = None
+        self.preempted = False
         self.previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.requested is not None:  # the second one: stop now (checkpoints are atomic, nothing breaks)
+        if signum == PREEMPT_SIGNAL:
+            self.preempted = True
+        elif self.requested is not None:  # the second one: stop now (checkpoints are atomic, nothing breaks)
             self.__exit__()
             signal.raise_signal(signum)
             return
-        self.requested = signum
-        self.console.print(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-                           f"(send it again to stop at once)", soft_wrap=True)
+        if self.requested is None:
+            self.requested = signum
+            self.console.print(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                               f"(send SIGINT or SIGTERM again to stop at once)", soft_wrap=True)
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
@@ -383,6 +397,15 @@ class StopSignals:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
         self.previous = {}
+
+
+def hand_on(signum: int) -> None:
+    """Call the handler that was installed for ``signum`` before clpd's, once the run has written
+    its checkpoint and status. Under submitit that is its requeue: it resubmits the same job (which
+    continues from the checkpoint with trainer.resume=auto) and exits the process."""
+    handler = signal.getsignal(signum)
+    if callable(handler) and handler is not signal.default_int_handler:
+        handler(signum, None)
 
 
 def refuse_nonfinite(cfg: TrainerConfig, state: TrainState, loss: float, batch: Sequence[dict]) -> dict:
@@ -468,7 +491,8 @@ def train(model: torch.nn.Module, batches: Batches, cfg: TrainerConfig, supervis
             if stopping and not last:
                 where = f"checkpoint {state.checkpoint}" if outputs.save is not None else "no checkpoint (trainer.save=false)"
                 raise Interrupted(stopping, f"stopped by {signal.Signals(stopping).name} after step {state.step}; "
-                                            f"{where}", resumable=outputs.save is not None)
+                                            f"{where}", resumable=outputs.save is not None,
+                                  hand_on=PREEMPT_SIGNAL if stop.preempted else None)
     return TrainResult(snapshot(), final_loss, log.history)
 
 

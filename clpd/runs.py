@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from clpd.distributed import ranks
 from clpd.errors import ClpdError, Interrupted
 from clpd.files import write_json
+from clpd.loop import hand_on
 
 
 def hydra_run_dir() -> Path:
@@ -67,6 +68,8 @@ def run_command(command: str, run, cfg: DictConfig) -> Any:
         how = f" To resume: {resume_command(command)}" if exc.resumable else ""
         if ranks().main:  # one line for the run, not one per rank
             print(f"clpd {command}: {exc}.{how}", file=sys.stderr, flush=True)
+        if exc.hand_on is not None:  # the scheduler's notice: under submitit its handler requeues the job and exits
+            hand_on(exc.hand_on)
         raise SystemExit(exc.exit_code) from None
     except KeyboardInterrupt:  # Ctrl-C before training started (data, teachers, scoring): nothing to save
         print(f"clpd {command}: interrupted before training started; nothing was saved", file=sys.stderr, flush=True)
