@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -20,32 +21,42 @@ TINY_LADDER_BUILD = ["teachers.build.max_steps=2", "teachers.build_overrides.med
 
 def script(name: str, *overrides: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])  # the venv's clpd
+    # No OMP_NUM_THREADS from the test's environment: a user's shell has none, and joblib keeps it.
+    base = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     return subprocess.run(["bash", str(REPO / "scripts" / name), *overrides], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PATH": path, **env})
+                          timeout=600, env={**base, "PATH": path, **env})
 
 
 @pytest.mark.slow
-def test_the_ablation_script_runs_every_arm_for_every_seed_in_parallel_lanes_and_a_relaunch_skips_them(tmp_path):
+def test_the_ablation_script_is_one_joblib_sweep_over_every_arm_and_seed_and_a_relaunch_skips_them(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="the sweep extra: pip install -e '.[sweep]'")
+    from joblib import cpu_count
+
     overrides = [*TINY_OVERRIDES, *TINY_LADDER_BUILD, f"teachers.cache_dir={tmp_path / 'cache'}"]
     arms = ["sft", "clpd"]  # two of the five, to keep this test short
     env = {"JOBS": "2", "SEEDS": "0,1", "OUT": "ablation", "ARMS": ",".join(arms)}
     first = script("reproduce_ablation.sh", *overrides, env=env, cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     out = tmp_path / "ablation"
-    assert "2 lanes of OMP_NUM_THREADS=1" in first.stdout
-    assert sorted(p.name for p in out.glob("lane-*.log")) == ["lane-0.log", "lane-1.log"]
+    # the one sweep it runs, printed: seeds outer, so a sweep stopped part-way holds complete pairs
+    assert ("+ clpd train -m hydra/launcher=joblib hydra.launcher.n_jobs=2 +experiment=arith seed=0,1 method=sft,clpd "
+            "trainer.eval_every=150 trainer.save_every=500 trainer.resume=auto hydra.sweep.dir=ablation/runs "
+            "hydra.sweep.subdir=seed${seed}/${hydra:runtime.choices.method}") in first.stdout
     with (out / "report.csv").open() as f:
         runs = list(csv.DictReader(f))
     assert sorted((r["method"], r["seed"]) for r in runs) == sorted((a, s) for a in arms for s in ("0", "1"))
     assert {r["status"] for r in runs} == {"completed"}
     assert (out / "report.md").exists() and (out / "report.png").exists()
-    assert sorted(str(p.parent.relative_to(out)) for p in out.glob("runs/*/*/summary.json")) == [
+    summaries = sorted(out.glob("runs/*/*/summary.json"))
+    assert [str(p.parent.relative_to(out)) for p in summaries] == [
         f"runs/seed{s}/{a}" for s in (0, 1) for a in sorted(arms)]
+    threads = {json.loads(p.read_text())["environment"]["threads"] for p in summaries}
+    assert threads == {max(cpu_count() // 2, 1)}  # joblib's OMP_NUM_THREADS = cores / n_jobs in each worker
 
     again = script("reproduce_ablation.sh", *overrides, env=env, cwd=tmp_path)
     assert again.returncode == 0
-    lanes = "".join((out / f"lane-{i}.log").read_text() for i in (0, 1))
-    assert lanes.count("already finished (trainer.resume=auto): nothing to resume") == 4
+    # the ladder's run (teachers already built) and the four runs: nothing trains again
+    assert again.stdout.count("already finished (trainer.resume=auto): nothing to resume") == 5
 
 
 def test_archiving_runs_keeps_what_the_report_reads_drops_checkpoints_and_never_overwrites(tmp_path):
