@@ -404,6 +404,14 @@ class TrainerConfig:
     max_tokens: Optional[int] = None
     batch_size: int = 32  # examples per optimizer step (all micro-batches together)
     grad_accum: int = 4  # micro-batches per optimizer step; batch_size must divide evenly
+    # Padding-free micro-batches: the examples of a micro-batch in one row, positions restarting at
+    # each, attention kept inside each. None: on where the models keep packed examples apart (checked
+    # on the student before the first step), padded otherwise, with one logged line.
+    packing: Optional[bool] = None
+    # Micro-batches by tokens instead of grad_accum: the step's batch, sorted by length, is cut into
+    # micro-batches of at most this many tokens (padding included when not packed), so long and short
+    # examples cost what they contain. None: grad_accum micro-batches of equal example counts.
+    micro_batch_tokens: Optional[int] = None
     lr: float = 5e-3
     min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
     lr_schedule: LrSchedule = LrSchedule.cosine
@@ -447,6 +455,8 @@ class TrainerConfig:
         _check(p, self.resume is None or self.resume == "auto" or Path(self.resume).expanduser().is_dir(),
                f"trainer.resume={self.resume}: expected auto or a checkpoint folder (no such folder)")
         _check(p, self.max_tokens is None or self.max_tokens >= 1, f"trainer.max_tokens={self.max_tokens} must be >= 1 (or null)")
+        _check(p, self.micro_batch_tokens is None or self.micro_batch_tokens >= 2,
+               f"trainer.micro_batch_tokens={self.micro_batch_tokens} must be >= 2 (or null for grad_accum micro-batches)")
         _check(p, self.eval_every is None or self.eval_every >= 1, f"trainer.eval_every={self.eval_every} must be >= 1 (or null)")
         _check(p, self.eval_every_limit >= 1, f"trainer.eval_every_limit={self.eval_every_limit} must be >= 1")
         _raise_if(p, "trainer")

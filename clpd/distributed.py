@@ -149,9 +149,12 @@ def device_for(device: torch.device) -> torch.device:
     return device
 
 
-def check_batch(batch_size: int, grad_accum: int) -> Optional[str]:
+def check_batch(batch_size: int, grad_accum: int, micro_batch_tokens: Optional[int] = None) -> Optional[str]:
     """Each rank takes an equal share of every micro-batch."""
     world = ranks().world_size
+    if world > 1 and micro_batch_tokens is not None:  # a micro-batch of one long example has no share for rank 1
+        return (f"trainer.micro_batch_tokens={micro_batch_tokens} cannot be used under torchrun (a micro-batch of "
+                f"fewer examples than ranks would leave a rank without work); allowed: null, with trainer.grad_accum")
     if world > 1 and batch_size % (grad_accum * world):
         return (f"trainer.batch_size={batch_size} must be divisible by trainer.grad_accum * ranks = "
                 f"{grad_accum} * {world} under torchrun (each rank takes an equal share of every micro-batch)")

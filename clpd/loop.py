@@ -10,6 +10,7 @@ Everything the loop reports goes through :class:`TrainLog`; where it is goes int
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from clpd.config import LrSchedule, TrainerConfig
 from clpd.curriculum.sampler import Sampler
-from clpd.data.batching import answer_token_count, collate, read_token_count
+from clpd.data.batching import answer_token_count, collate, cut_by_tokens, pack, position_count, read_token_count
 from clpd.distributed import all_reduce_sum, all_reduce_max, ranks
 from clpd.errors import ClpdError, Interrupted
 from clpd.losses import LossTerms, cross_entropy_sum
@@ -174,16 +175,19 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sca
     terms: Dict[str, torch.Tensor] = {}
     for i, mb in enumerate(micro_batches):
         mb = {k: v.to(device) for k, v in mb.items()}
+        targets = mb.pop("targets")
+        if "position_ids" in mb:  # packed: no cache, so transformers reads the examples' bounds from the positions
+            mb["use_cache"] = False
         teacher_logits = None
         if teacher is not None:
             with torch.inference_mode(), autocast:
-                teacher_logits = teacher(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+                teacher_logits = teacher(**mb).logits
         # DDP all-reduces gradients in the backward of the last micro-batch only.
         sync = model.no_sync() if world > 1 and i < len(micro_batches) - 1 else nullcontext()
         with sync:
             with autocast:
-                logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-            parts = loss_fn(logits, teacher_logits, mb["targets"])
+                logits = model(**mb).logits
+            parts = loss_fn(logits, teacher_logits, targets)
             loss = parts.total / max(answer_tokens, 1)
             # Free both models' logits before backward: they are the largest activations, and
             # keeping them would raise the backward's peak memory.
@@ -214,30 +218,38 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sca
 @dataclass
 class StepBatch:
     examples: List[dict]  # the step's whole batch (every rank's), sorted by length
-    micro_batches: List[Dict[str, torch.Tensor]]  # this rank's share of each micro-batch, collated
-    tokens: int  # non-padding positions the student reads, over all ranks
+    micro_batches: List[Dict[str, torch.Tensor]]  # this rank's share of each micro-batch, in its layout
+    tokens: int  # tokens the student reads that predict a next token, over all ranks
+    positions: int  # positions the models compute, padding included, over all ranks
     answer_tokens: int  # targets the loss is taken on, over all ranks: what the loss is divided by
 
 
 @dataclass
 class Batches:
-    """The training examples and the sampler that owns their order."""
+    """The training examples, the sampler that owns their order, and the layout of micro-batches:
+    padded rows or packed (``packed``), ``grad_accum`` equal ones or at most ``micro_batch_tokens``
+    positions each. The layout never changes which examples a step sees."""
     examples: Sequence[dict]
     sampler: Sampler
     pad_id: int
+    packed: bool = False
+    micro_batch_tokens: Optional[int] = None
 
     def step(self, step: int, at: int, micro_size: int) -> StepBatch:
         """The batch of optimizer step ``step`` (pool of schedule step ``at``) as micro-batches.
 
-        Sorting the step's batch by length before splitting it only changes how much padding each
+        Sorting the step's batch by length before cutting it only changes how much padding each
         micro-batch carries, not the update: the loss is normalised by the whole step's answer
-        tokens. Under torchrun rank r takes rows r, r + N, ... of every micro-batch, so the ranks
-        together see exactly the single-process batch, in lengths that are about equal."""
+        tokens. Under torchrun rank r takes examples r, r + N, ... of every micro-batch, so the
+        ranks together see exactly the single-process batch, in lengths that are about equal."""
         batch = sorted((self.examples[i] for i in self.sampler.batch(step, at)), key=lambda e: len(e["input_ids"]))
-        chunks = [batch[i:i + micro_size] for i in range(0, len(batch), micro_size)]
+        chunks = (cut_by_tokens(batch, self.micro_batch_tokens, self.packed) if self.micro_batch_tokens
+                  else [batch[i:i + micro_size] for i in range(0, len(batch), micro_size)])
         r = ranks()
-        mine = [collate(chunk[r.rank::r.world_size], self.pad_id) for chunk in chunks]
-        return StepBatch(batch, mine, sum(read_token_count(c) for c in chunks), answer_token_count(batch))
+        layout = pack if self.packed else functools.partial(collate, pad_id=self.pad_id)
+        mine = [layout(chunk[r.rank::r.world_size]) for chunk in chunks]
+        positions = sum(position_count(chunk[q::r.world_size], self.packed) for chunk in chunks for q in range(r.world_size))
+        return StepBatch(batch, mine, read_token_count(batch), positions, answer_token_count(batch))
 
 
 @dataclass
@@ -276,14 +288,14 @@ class TrainLog:
 
     COLUMNS = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    BOARD_KEYS = ("loss", "ce", "kd", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "pool")
+    BOARD_KEYS = ("loss", "ce", "kd", "lr", "grad_norm", "tokens_per_s", "positions_per_s", "tokens_seen", "pool")
 
     def __init__(self, cfg: TrainerConfig, outputs: Outputs, state: TrainState) -> None:
         self.cfg, self.console, self.path = cfg, outputs.console, outputs.metrics_path
         self.budget = cfg.max_tokens is not None
         self.completed = state.tokens_seen if self.budget else state.step
         self.history: List[dict] = []
-        self.window_tokens, self.window_start = 0, time.perf_counter()
+        self.window_tokens, self.window_positions, self.window_start = 0, 0, time.perf_counter()
 
     def __enter__(self) -> "TrainLog":
         self.file = self.path.open("a") if self.path is not None else None
@@ -324,6 +336,7 @@ class TrainLog:
                   "lr": lr, "grad_norm": round(result.grad_norm, 6) if math.isfinite(result.grad_norm) else None,
                   "tokens_seen": state.tokens_seen, "answer_tokens_seen": state.answer_tokens_seen,
                   "tokens_per_s": round(self.window_tokens / max(now - self.window_start, 1e-9), 1),
+                  "positions_per_s": round(self.window_positions / max(now - self.window_start, 1e-9), 1),
                   "elapsed_s": round(elapsed_s, 3), **pool, **({"schedule_step": at} if self.budget else {}),
                   "teacher": teacher}
         self.write(record)
@@ -332,7 +345,7 @@ class TrainLog:
             for key in self.BOARD_KEYS:
                 if isinstance(record.get(key), (int, float)):
                     self.board.add_scalar(f"train/{key}", record[key], state.step)
-        self.window_tokens, self.window_start = 0, now
+        self.window_tokens, self.window_positions, self.window_start = 0, 0, now
         stats = f"loss {loss:.4f}"
         if result.terms:
             stats += f" (ce {record['ce']:.4f} kd {record['kd']:.4f})"
@@ -348,9 +361,11 @@ class TrainLog:
             self.console.print(f"step {of}  {stats}  {record['elapsed_s']:.0f}s", soft_wrap=True)
         return record
 
-    def read(self, tokens: int) -> None:
-        """One more optimizer step, which read ``tokens`` tokens: the progress bar and tokens/s."""
+    def read(self, tokens: int, positions: int) -> None:
+        """One more optimizer step, which read ``tokens`` tokens in ``positions`` positions (padding
+        included): the progress bar, tokens/s and positions/s."""
         self.window_tokens += tokens
+        self.window_positions += positions
         self.progress.advance(self.bar, tokens if self.budget else 1)
 
 
@@ -473,7 +488,7 @@ def train(model: torch.nn.Module, batches: Batches, cfg: TrainerConfig, supervis
             state.step += 1
             state.tokens_seen += batch.tokens
             state.answer_tokens_seen += batch.answer_tokens
-            log.read(batch.tokens)
+            log.read(batch.tokens, batch.positions)
             last = finished(state.step, state.tokens_seen, cfg)
 
             if state.step % cfg.log_every == 0 or last:

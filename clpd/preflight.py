@@ -360,7 +360,7 @@ def check_train(tc: TrainConfig) -> None:
     """Refuse, in one line, what ``clpd train`` would otherwise find only after building teachers,
     encoding the data or loading weights. ``tc``: the typed config (``clpd.config.to_object``)."""
     p: List[str] = []
-    batch = check_batch(tc.trainer.batch_size, tc.trainer.grad_accum)  # under torchrun: a share per rank
+    batch = check_batch(tc.trainer.batch_size, tc.trainer.grad_accum, tc.trainer.micro_batch_tokens)  # under torchrun: a share per rank
     if batch:
         p.append(batch)
     t = tc.trainer

@@ -30,6 +30,7 @@ from clpd.curriculum.scorers import compute_scores, is_curriculum, needs_model, 
 from clpd.curriculum.stages import stage_starts
 from clpd.distributed import alone, barrier, device_for, main_first, ranks
 from clpd.data import load_problems
+from clpd.data.batching import packing_is_exact, read_token_count
 from clpd.data.prompts import encode_problems
 from clpd.errors import ClpdError
 from clpd.evaluate import evaluate, evaluate_checkpoint, evaluate_into
@@ -105,8 +106,30 @@ def load_data(run: Run) -> Data:
     problems = load_problems(tc.benchmark, tc.benchmark.train_split, tc.benchmark.train_limit)
     if not problems:
         raise ClpdError(f"benchmark={tc.benchmark.name.value} split {tc.benchmark.train_split} has no problems")
-    return Data(*encode_problems(problems, run.tokenizer, tc.benchmark.chat_template, tc.trainer.max_length,
+    data = Data(*encode_problems(problems, run.tokenizer, tc.benchmark.chat_template, tc.trainer.max_length,
                                  tc.trainer.overlong.value))
+    budget, longest = tc.trainer.micro_batch_tokens, max(read_token_count([e]) for e in data.examples)
+    if budget is not None and budget < longest:
+        raise ClpdError(f"trainer.micro_batch_tokens={budget} is smaller than the longest training example ({longest} "
+                        f"tokens); allowed: >= {longest}, or null (grad_accum micro-batches)")
+    return data
+
+
+def choose_layout(run: Run, model: torch.nn.Module) -> bool:
+    """Packed micro-batches where the student keeps packed examples apart (``trainer.packing=null``
+    or true), padded ones otherwise; a run that asks for packing on a model that cannot is refused."""
+    setting = run.tc.trainer.packing
+    if setting is False:
+        return False
+    if packing_is_exact(model):
+        return True
+    attention = getattr(model.config, "_attn_implementation", "?")
+    if setting:
+        raise ClpdError(f"trainer.packing=true: the student's attention ({attention}) does not keep packed examples "
+                        f"apart (their logits differ from those of the examples alone); allowed: false, or null")
+    run.console.print(f"trainer.packing: padded micro-batches (the student's attention, {attention}, does not keep "
+                      f"packed examples apart)", soft_wrap=True)
+    return False
 
 
 def build_student(run: Run, ladder: Ladder) -> Student:
@@ -253,12 +276,12 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
         resume_from = resume_source(tc.trainer, run_dir)
         check_train(tc)  # every other check that needs no weights, before the first teacher is built
         run = start_run(cfg, tc, run_dir, console)
+        data = load_data(run)  # before the teachers: a token budget too small for the data is refused first
         ladder = prepare_ladder(run)
         if tc.teachers.build_only:
             summary = {"teachers": ladder.rows, "wall_time_s": round(time.perf_counter() - run.started, 2)}
             write_json(run_dir / "summary.json", summary)
             return summary
-        data = load_data(run)
         student = build_student(run, ladder)
         supervision = build_supervision(run, ladder, len(data.examples))
         sampler, scores = main_first(lambda: curriculum_sampler(run, data, student.model, ladder))  # scores cached by rank 0
@@ -268,9 +291,10 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
         resume = resume_student(resume_from, manifest, student.model, run_dir, console,
                                 force=tc.trainer.resume_force) if resume_from else None
         saves: List[dict] = []
-        result = train(student.model, Batches(data.examples, sampler, run.tokenizer.pad_token_id), tc.trainer, supervision,
-                       outputs(run, student, manifest, saves), device=run.device, autocast_dtype=run.autocast_dtype,
-                       resume=resume)
+        batches = Batches(data.examples, sampler, run.tokenizer.pad_token_id, packed=choose_layout(run, student.model),
+                          micro_batch_tokens=tc.trainer.micro_batch_tokens)
+        result = train(student.model, batches, tc.trainer, supervision, outputs(run, student, manifest, saves),
+                       device=run.device, autocast_dtype=run.autocast_dtype, resume=resume)
         if supervision.teachers is not None:
             supervision.teachers.release()
         summary = finish(run, student, result, ladder, data, manifest, saves, resume and resume.checkpoint)

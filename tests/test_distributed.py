@@ -20,7 +20,7 @@ from tests.conftest import TINY_OVERRIDES
 from tests.test_cli import CLPD
 from tests.test_teachers import LADDER
 
-TIMING = {"tokens_per_s", "elapsed_s"}
+TIMING = {"tokens_per_s", "positions_per_s", "elapsed_s"}
 # 8 examples a step in 2 micro-batches: each rank takes 2 rows of each micro-batch.
 RUN = ["+experiment=arith_sft", *[o for o in TINY_OVERRIDES if not o.startswith("trainer.max_steps")],
        "trainer.batch_size=8", "trainer.grad_accum=2"]
@@ -71,7 +71,7 @@ def test_two_ranks_give_the_losses_of_one_process_with_the_same_global_batch(tmp
         if supervision == "kd":
             assert b["ce"] == pytest.approx(a["ce"], rel=1e-5) and b["kd"] == pytest.approx(a["kd"], rel=1e-5)
     if supervision == "kd":  # built once, by rank 0, before the other rank looked for them
-        assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()) == ["a", "b", "c"]
+        assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")) == ["a", "b", "c"]
         assert [e["to"] for e in ranked if e.get("event") == "teacher_switch"] == ["a", "b", "c"]
     assert json.loads((tmp_path / "two" / "status.json").read_text()) == {"status": "ok"}
     assert not (tmp_path / "outputs").exists()  # every rank wrote into the one run dir
@@ -127,6 +127,8 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused_in_one_line(monke
     assert d.check_batch(8, 2) == ("trainer.batch_size=8 must be divisible by trainer.grad_accum * ranks = 2 * 3 under "
                                    "torchrun (each rank takes an equal share of every micro-batch)")
     assert d.check_batch(12, 2) is None
+    assert d.check_batch(12, 2, micro_batch_tokens=512).startswith("trainer.micro_batch_tokens=512 cannot be used under "
+                                                                    "torchrun")
 
 
 def test_a_sweep_under_torchrun_is_refused(monkeypatch):

@@ -24,7 +24,7 @@ from tests.conftest import REPO, TINY_OVERRIDES, compose_config
 from tests.test_cli import CLPD
 
 QUIET = Console(quiet=True)
-TIMING = ("tokens_per_s", "elapsed_s")  # the only fields of metrics.jsonl that may differ between runs
+TIMING = ("tokens_per_s", "positions_per_s", "elapsed_s")  # the only fields of metrics.jsonl that may differ between runs
 
 # CLPD proper, small: two tiny teachers switched on the curriculum's stages, easy-to-hard pacing,
 # KD loss, a checkpoint every 3 of 12 steps.
@@ -58,7 +58,8 @@ def killing(original):
     return wrapped
 
 if where == "mid-step":   # the at-th micro-batch: in the middle of an optimizer step
-    clpd.loop.collate = killing(clpd.loop.collate)
+    clpd.loop.collate = killing(clpd.loop.collate)  # padded micro-batches
+    clpd.loop.pack = killing(clpd.loop.pack)  # packed ones (one of the two layouts is used)
 else:                     # the at-th torch.save: a checkpoint half-written (weights saved, state not)
     clpd.checkpoint.torch.save = killing(torch.save)
 run_train(compose_config("train", overrides), run_dir, Console(quiet=True))
@@ -135,20 +136,18 @@ def _stopped_run(tmp_path, cache, max_steps: int = 6, dies_in_step: int = 5) -> 
     with pytest.raises(KeyboardInterrupt):
         import clpd.loop
 
-        original = clpd.loop.collate
-        calls = {"n": 0}
+        original = clpd.loop.Batches.step
 
-        def collate(*args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] == 2 * (dies_in_step - 1) + 1:  # grad_accum=2: the first micro-batch of that step
+        def step(self, step, *args, **kwargs):
+            if step + 1 == dies_in_step:  # while drawing that step's batch, before any of its micro-batches
                 raise KeyboardInterrupt  # as if the process died there
-            return original(*args, **kwargs)
+            return original(self, step, *args, **kwargs)
 
-        clpd.loop.collate = collate
+        clpd.loop.Batches.step = step
         try:
             run_train(cfg, run, QUIET)
         finally:
-            clpd.loop.collate = original
+            clpd.loop.Batches.step = original
     return run
 
 

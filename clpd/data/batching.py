@@ -1,8 +1,15 @@
-"""Batching of encoded examples, shared by the training loop and the loss-based difficulty scorers."""
+"""Batching of encoded examples, shared by the training loop and the loss-based difficulty scorers.
+
+Two layouts of the same micro-batch. ``collate`` right-pads the examples into rows (the model
+gets an attention mask); ``pack`` concatenates them into one row without padding, with position
+ids restarting at each example, from which transformers keeps attention inside each example (its
+masks for sdpa/eager, cu_seqlens for flash-attention). Both score the same (token, next token)
+pairs, so a step's loss is the same in either layout up to float rounding.
+"""
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 
@@ -24,13 +31,67 @@ def collate(examples: Sequence[dict], pad_id: int) -> Dict[str, torch.Tensor]:
     return {"input_ids": ids[:, :-1], "attention_mask": mask[:, :-1], "targets": labels[:, 1:]}
 
 
+def pack(examples: Sequence[dict]) -> Dict[str, torch.Tensor]:
+    """The examples in one row of ``sum(len - 1)`` positions: each shifted on its own (its last token
+    only ends it), ``position_ids`` restarting at 0 for each, no padding and no attention mask."""
+    ids, targets, positions = [], [], []
+    for e in examples:
+        n = len(e["input_ids"])
+        ids += e["input_ids"][:-1]
+        targets += e["labels"][1:]
+        positions += range(n - 1)
+    as_row = lambda values: torch.tensor(values, dtype=torch.long).unsqueeze(0)  # noqa: E731
+    return {"input_ids": as_row(ids), "position_ids": as_row(positions), "targets": as_row(targets)}
+
+
 def read_token_count(examples: Sequence[dict]) -> int:
-    """The non-padding positions ``collate(examples)`` feeds the model (its attention mask's sum),
-    without building it: the shift drops the last column, so the longest example reads one fewer."""
-    width = max(len(e["input_ids"]) for e in examples)
-    return sum(min(len(e["input_ids"]), width - 1) for e in examples)
+    """The tokens the student reads that predict a next token: ``len - 1`` per example, in either
+    layout (padding, and the last token of an example, predict nothing)."""
+    return sum(len(e["input_ids"]) - 1 for e in examples)
 
 
 def answer_token_count(examples: Sequence[dict]) -> int:
-    """The targets ``collate(examples)`` takes a loss on (labels after the first that are not -100)."""
+    """The targets a micro-batch takes a loss on (labels after the first that are not -100)."""
     return sum(sum(1 for t in e["labels"][1:] if t != IGNORE_INDEX) for e in examples)
+
+
+def position_count(examples: Sequence[dict], packed: bool) -> int:
+    """The positions the model computes for ``examples`` as one micro-batch: with padding, rows x
+    the longest example; packed, the tokens themselves."""
+    if packed:
+        return read_token_count(examples)
+    return len(examples) * (max(len(e["input_ids"]) for e in examples) - 1)
+
+
+def cut_by_tokens(batch: Sequence[dict], budget: int, packed: bool) -> List[List[dict]]:
+    """``batch`` (sorted by length) cut, in order, into micro-batches of at most ``budget``
+    positions each (see :func:`position_count`); an example longer than the budget is refused
+    before training (clpd.train checks the encoded data)."""
+    chunks: List[List[dict]] = []
+    for e in batch:
+        if chunks and position_count([*chunks[-1], e], packed) <= budget:
+            chunks[-1].append(e)
+        else:
+            chunks.append([e])
+    return chunks
+
+
+def packing_is_exact(model: torch.nn.Module) -> bool:
+    """Whether ``model`` keeps packed examples apart: two short sequences packed in one row (position
+    ids restarting) give the logits they give alone. transformers does so for its own attention
+    implementations (a block-diagonal mask for sdpa/eager, cu_seqlens for flash-attention); code
+    loaded with trust_remote_code may not. Deterministic inputs, eval mode, no RNG drawn."""
+    vocab = model.get_input_embeddings().num_embeddings
+    sequences = [[(7 * i + 3) % vocab for i in range(5)], [(5 * i + 11) % vocab for i in range(7)]]
+    device = next(model.parameters()).device
+    row = lambda values: torch.tensor([values], dtype=torch.long, device=device)  # noqa: E731
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            alone = torch.cat([model(input_ids=row(s), use_cache=False).logits[0] for s in sequences]).float()
+            packed = model(input_ids=row(sum(sequences, [])), position_ids=row([p for s in sequences for p in range(len(s))]),
+                           use_cache=False).logits[0].float()
+    finally:
+        model.train(was_training)
+    return torch.allclose(packed, alone, rtol=1e-3, atol=1e-4)
