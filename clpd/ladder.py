@@ -65,13 +65,19 @@ def build_config(spec: ModelConfig, tc: TrainConfig) -> TeacherBuildConfig:
     return replace(tc.teachers.build, **tc.teachers.build_overrides.get(spec.name, {}))
 
 
+# Benchmark settings of the evaluation prompt only: a teacher trains the same without them, so they
+# are not in its key (adding them renamed, and would have retrained, every cached teacher).
+EVAL_ONLY = ("num_fewshot", "fewshot_split", "fewshot_seed")
+
+
 def teacher_key(spec: ModelConfig, tc: TrainConfig) -> str:
     """Cache key of a from-scratch teacher: its architecture, the data it learns from, and how it
     is trained. The name is left out (renaming a teacher does not retrain it)."""
     build = build_config(spec, tc)
     data = replace(tc.benchmark, seed=build.data_seed)
     payload = {"teacher": {k: v for k, v in plain_json(spec).items() if k != "name"},
-               "data": plain_json(data), "build": {k: v for k, v in plain_json(build).items() if k != "eval"}}
+               "data": {k: v for k, v in plain_json(data).items() if k not in EVAL_ONLY},
+               "build": {k: v for k, v in plain_json(build).items() if k != "eval"}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
