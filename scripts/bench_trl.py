@@ -231,11 +231,12 @@ def preimport(trl_too: bool) -> None:
 
 # --- measuring -----------------------------------------------------------------------------------
 
-def peak_rss_mib() -> float:
-    """VmHWM of this process (reset at the start of each arm), in MiB; ru_maxrss where /proc has none."""
+def peak_rss_mib(key: str = "VmHWM") -> float:
+    """VmHWM (peak RSS; reset at the start of each arm) or VmRSS of this process in MiB; ru_maxrss
+    where /proc has none."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -546,6 +547,7 @@ def run_arm(work: Work, arm: Arm) -> dict:
     hf_logging.disable_progress_bar()  # "Loading weights" bars of from_pretrained
     torch.set_num_threads(work.args.threads)
     reset = reset_peak_rss()
+    rss_start = peak_rss_mib("VmRSS")  # inherited from the parent (imports, data): the same in every arm
     load_before = os.getloadavg()[0]
     out = run_clpd(work, arm) if arm.kind == "clpd" else run_trl(work, arm)
     w = work.args.warmup
@@ -561,7 +563,8 @@ def run_arm(work: Work, arm: Arm) -> dict:
     out.update(seconds=seconds, real_tokens=tokens, padded_positions=positions, real_tok_s=tokens / seconds,
                positions_s=positions / seconds, median_step_s=statistics.median(timed),
                cpu_per_wall=cpu_seconds / seconds, others_cores=others, step_s=timed,
-               peak_rss_mib=peak_rss_mib(), peak_rss_reset=reset, loadavg_1m=[load_before, os.getloadavg()[0]],
+               peak_rss_mib=peak_rss_mib(), peak_rss_reset=reset, rss_start_mib=rss_start,
+               loadavg_1m=[load_before, os.getloadavg()[0]],
                threads=torch.get_num_threads())
     return out
 
