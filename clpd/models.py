@@ -11,6 +11,7 @@ checkpoints load without clpd.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import logging
 import os
@@ -72,8 +73,6 @@ def _from_pretrained(loader, name: str, what: str, **kwargs):
 
 def gguf_reader_missing() -> bool:
     """Whether the ``gguf`` package, which transformers needs to read GGUF files, is missing."""
-    import importlib.util
-
     return importlib.util.find_spec("gguf") is None
 
 
