@@ -15,6 +15,21 @@ Three layers:
 * ``distill_loss``: what the loop calls; ``alpha * CE + (1 - alpha) * KD``, or plain CE for
   ``"sft"``, returned with its two terms apart (:class:`LossTerms`) so that both can be logged.
 
+Stored (top-k) teachers. A teacher's outputs can be stored sparsely as :class:`TopK` (built by
+``top_k_outputs``): per answer row, its k largest logits over the ``width`` compared vocabulary rows
+and ``tail_lse``, the logsumexp of the other ``width - k``. ``sparse_kd_loss_sum`` (and
+``distill_loss`` given a ``TopK``) then computes each divergence between the (k+1)-bucket
+coarsenings of the two distributions: the teacher's k rows, and one tail bucket holding everything
+else; the student's side is exact (a softmax over all ``width`` rows, summed into the buckets).
+What is exact: with k == width there is no tail bucket and every divergence, and its gradient,
+equals the dense one (up to summation order); at T = 1 with k < width the result is the exact
+divergence between the two coarsenings, which by the data-processing inequality is <= the full
+divergence (every divergence here is an f-divergence, so coarsening can only lose information).
+What is approximate: the tail bucket hides how the mass inside it is spread, so the loss neither
+sees nor pushes on the student's distribution within the tail, only its total; and at T != 1 the
+teacher's tempered tail is not recoverable from ``tail_lse``, so it is taken as that of a flat tail
+with the same T = 1 mass (see ``tempered_tail_lse``).
+
 Adding a divergence is one function and one entry in ``DIVERGENCES``: ``distill.loss`` takes its
 allowed values from ``LOSS_NAMES`` (clpd/config.py builds its enum from it). A divergence takes
 ``(s_logp, t_logp, **knobs)``: the knobs are ``beta`` and ``lam`` (``distill.beta``,
@@ -35,7 +50,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -265,6 +280,149 @@ def kd_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targ
     return torch.stack(sums).sum() * temperature ** 2
 
 
+# --------------------------------------------------------------------------------------------
+# Stored (top-k) teacher outputs: sparse divergences with one tail bucket.
+# --------------------------------------------------------------------------------------------
+
+class TopK(NamedTuple):
+    """A teacher's outputs stored sparsely, one row per answer position (``targets != -100``) of a
+    micro-batch, in row-major order: the order ``student_logits[targets != -100]`` selects.
+
+    ``indices``: [N, k] int64 (or int32) vocabulary rows in [0, width), the teacher's top k;
+    ``values``: [N, k] fp32 logits at those rows, at temperature 1;
+    ``tail_lse``: [N] fp32 logsumexp of the teacher's logits over the other ``width - k`` rows
+    (-inf when k == width). ``width`` is the number of vocabulary rows compared (``vocab_size``).
+    """
+    indices: torch.Tensor
+    values: torch.Tensor
+    tail_lse: torch.Tensor
+
+
+def top_k_outputs(logits: torch.Tensor, k: int, width: int) -> TopK:
+    """The :class:`TopK` of dense ``[N, V]`` logits (already the answer rows) over their first
+    ``width`` rows, computed in (at least) fp32 and without grad. ``tail_lse`` is the logsumexp of
+    the ``width - k`` rows outside the top k (-inf when k == width), so
+    ``logsumexp(cat(values, tail_lse))`` is the logsumexp of ``logits[:, :width]``.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [N, V], got shape {tuple(logits.shape)}")
+    if not 1 <= width <= logits.size(-1):
+        raise ValueError(f"width must be in [1, {logits.size(-1)}] (the logits' rows), got {width}")
+    if not 1 <= k <= width:
+        raise ValueError(f"k must be in [1, width={width}], got {k}")
+    with torch.no_grad():
+        x = logits[:, :width].to(torch.promote_types(logits.dtype, torch.float32))
+        values, indices = x.topk(k, dim=-1)
+        if k == width:
+            tail_lse = x.new_full((x.size(0),), -math.inf)
+        else:
+            tail_lse = x.scatter(-1, indices, -math.inf).logsumexp(-1)
+    return TopK(indices, values, tail_lse)
+
+
+def tempered_tail_lse(tail_lse: torch.Tensor, n_tail: int, temperature: float) -> torch.Tensor:
+    """The teacher's tail bucket logit at ``temperature``, from its T = 1 logsumexp over ``n_tail``
+    rows: ``(tail_lse - log n) / T + log n``, the tempered logsumexp of a FLAT tail (n equal logits)
+    of the same T = 1 mass.
+
+    Exact at T = 1 (it is ``tail_lse``) and for a tail whose logits are all equal. Otherwise, by the
+    power-mean inequality (with x_i = exp(l_i) and r = 1 / T: mean(x^r)^(1/r) <= mean(x) for r < 1,
+    >= for r > 1), it is an UPPER bound on the true tempered tail ``logsumexp(l_i / T)`` for T > 1
+    and a LOWER bound for T < 1: a tail that is really uneven gets more softened mass than it should
+    at T > 1, and less at T < 1.
+    """
+    log_n = math.log(n_tail)
+    return (tail_lse - log_n) / temperature + log_n
+
+
+def _sparse_chunk_sum(student: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, tail_lse: torch.Tensor,
+                      fn: Divergence, temperature: float) -> torch.Tensor:
+    """Summed divergence of one chunk: student [rows, width] logits against the teacher's top k,
+    both coarsened to the teacher's k rows plus (when k < width) one tail bucket."""
+    dtype = torch.promote_types(student.dtype, torch.float32)
+    student, teacher = student.to(dtype), values.to(dtype)
+    if temperature != 1.0:
+        student, teacher = student / temperature, teacher / temperature
+    s_full = F.log_softmax(student, dim=-1)  # exact: over all width rows
+    s_logp = s_full.gather(-1, indices)
+    width, k = student.size(-1), indices.size(-1)
+    if k < width:
+        # The student's tail bucket: its mass outside the teacher's k rows. The k rows are masked with
+        # the most negative finite number rather than -inf: exp() of it is 0 all the same, but a student
+        # whose every tail row is -inf then gets a finite gradient (logsumexp's backward computes
+        # exp(x - lse), NaN for x = lse = -inf).
+        s_tail = s_full.scatter(-1, indices, torch.finfo(dtype).min).logsumexp(-1, keepdim=True)
+        t_tail = tempered_tail_lse(tail_lse.to(dtype), width - k, temperature).unsqueeze(-1)
+        s_logp = torch.cat([s_logp, s_tail], dim=-1)
+        teacher = torch.cat([teacher, t_tail], dim=-1)
+    # With k == width there is no tail column at all, so nothing computes -inf - (-inf).
+    return fn(s_logp, F.log_softmax(teacher, dim=-1)).sum()
+
+
+def sparse_kd_loss_sum(student_logits: torch.Tensor, teacher: TopK, targets: torch.Tensor, *,
+                       divergence: str, temperature: float = 1.0, beta: float = 0.5, lam: float = 0.1,
+                       chunk_size: int = 1024, vocab_size: Optional[int] = None) -> torch.Tensor:
+    """:func:`kd_loss_sum` against a stored top-k teacher: the summed divergence over the answer
+    tokens between the (k+1)-bucket coarsenings of student and teacher (the teacher's k rows, and one
+    bucket for the other ``width - k``), times ``temperature ** 2``; an fp32 scalar (fp64 if the
+    student logits are).
+
+    - Width: the first ``vocab_size`` rows of the student (all of its rows when None) are compared;
+      it must be the ``width`` the :class:`TopK` was built with (a teacher narrower than the student
+      needs ``vocab_size`` set to its width: the TopK does not record it).
+    - Teacher at temperature T: bucket logits ``cat(values / T, tempered_tail_lse(tail_lse, width - k,
+      T))``, normalised (exact at T = 1; a flat-tail approximation otherwise, see
+      :func:`tempered_tail_lse`). Student: ``log_softmax(student[:, :width] / T)`` over all width rows,
+      gathered at the teacher's rows, its tail bucket the logsumexp of the rest.
+    - k == width: no tail bucket; value and gradient equal :func:`kd_loss_sum`'s.
+    - Rows: ``student_logits`` [B, T, V] with ``targets`` [B, T], or answer rows already selected,
+      [N, V] with [N] targets; either way the teacher has one row per answer position, in that order.
+    - Memory, chunking, checkpointing, ``beta``/``lam`` and the T ** 2 scale: as :func:`kd_loss_sum`.
+    """
+    problems = _kd_problems(divergence, temperature, beta, lam, chunk_size, vocab_size)
+    if student_logits.dim() < 2 or student_logits.shape[:-1] != targets.shape:
+        problems.append(f"shapes do not line up: student_logits {tuple(student_logits.shape)}, targets "
+                        f"{tuple(targets.shape)} (expected [B, T, V], [B, T], or answer rows: [N, V], [N])")
+    width = student_logits.size(-1)
+    if vocab_size is not None and vocab_size > width:
+        problems.append(f"vocab_size {vocab_size} exceeds the student logits' width {width}")
+    _raise_if(problems)
+    if vocab_size is not None:
+        width = vocab_size
+    answer = targets != IGNORE_INDEX
+    n_answer = int(answer.sum())
+    indices, values, tail_lse = teacher
+    if indices.dim() != 2 or values.shape != indices.shape or tail_lse.shape != indices.shape[:1]:
+        problems.append(f"teacher TopK shapes do not line up: indices {tuple(indices.shape)}, values "
+                        f"{tuple(values.shape)}, tail_lse {tuple(tail_lse.shape)} (expected [N, k], [N, k], [N])")
+    elif indices.size(0) != n_answer:
+        problems.append(f"teacher TopK has {indices.size(0)} rows but targets have {n_answer} answer positions "
+                        "(targets != -100): one teacher row per answer position, in row-major order")
+    elif not 1 <= indices.size(1) <= width:
+        problems.append(f"teacher TopK k = {indices.size(1)} must be in [1, width = {width}]")
+    elif n_answer and (int(indices.min()) < 0 or int(indices.max()) >= width):
+        problems.append(f"teacher TopK indices must be in [0, width = {width}), got "
+                        f"[{int(indices.min())}, {int(indices.max())}]")
+    if indices.dtype not in (torch.int64, torch.int32):
+        problems.append(f"teacher TopK indices must be int64 or int32, got {indices.dtype}")
+    if values.requires_grad or tail_lse.requires_grad:
+        problems.append("teacher TopK values / tail_lse require grad: compute them under torch.no_grad() "
+                        "(or detach them)")
+    _raise_if(problems)
+
+    student = student_logits[..., :width][answer]  # [N, width], in the logits' own dtype
+    if n_answer == 0:
+        return student.float().sum()  # 0, still attached to the graph so backward() works
+
+    per_chunk = partial(_sparse_chunk_sum, fn=partial(DIVERGENCES[divergence], beta=beta, lam=lam),
+                        temperature=temperature)
+    recompute = torch.is_grad_enabled() and student.requires_grad
+    chunks = zip(student.split(chunk_size), indices.long().split(chunk_size), values.split(chunk_size),
+                 tail_lse.split(chunk_size))
+    sums = [checkpoint(per_chunk, *c, use_reentrant=False) if recompute else per_chunk(*c) for c in chunks]
+    return torch.stack(sums).sum() * temperature ** 2
+
+
 class LossTerms(NamedTuple):
     """A loss summed over answer tokens, and its two terms unweighted (None where not computed):
     ``total = alpha * ce + (1 - alpha) * kd``."""
@@ -273,7 +431,8 @@ class LossTerms(NamedTuple):
     kd: Optional[torch.Tensor] = None
 
 
-def distill_loss(student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], targets: torch.Tensor, *,
+def distill_loss(student_logits: torch.Tensor, teacher_logits: Optional[Union[torch.Tensor, TopK]],
+                 targets: torch.Tensor, *,
                  loss: str, alpha: float, temperature: float = 1.0, beta: float = 0.5, lam: float = 0.1,
                  chunk_size: int = 1024, vocab_size: Optional[int] = None) -> LossTerms:
     """The loop's loss, summed over answer tokens, with its terms.
@@ -284,6 +443,10 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: Optional[torch.Te
     ``kd_ratio``); the CE term is skipped entirely at alpha = 0 and the KD term at alpha = 1 (the
     teacher may then be None). CE always uses the student's full vocabulary; ``vocab_size`` only
     cuts the KD term.
+
+    ``teacher_logits`` is dense ``[B, T, V']`` logits (KD by :func:`kd_loss_sum`) or a stored
+    :class:`TopK` of the answer rows (KD by :func:`sparse_kd_loss_sum`, over the first
+    ``vocab_size`` rows, all of the student's when None: set it to the width the TopK was built with).
     """
     if loss not in LOSS_NAMES:
         raise ValueError(f"unknown loss {loss!r}; expected one of: {', '.join(LOSS_NAMES)}")
@@ -298,8 +461,11 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: Optional[torch.Te
     _raise_if(problems)
 
     ce = cross_entropy_sum(student_logits, targets) if alpha > 0.0 else None
-    kd = kd_loss_sum(student_logits, teacher_logits, targets, divergence=loss, temperature=temperature, beta=beta,
-                     lam=lam, chunk_size=chunk_size, vocab_size=vocab_size) if alpha < 1.0 else None
+    kd = None
+    if alpha < 1.0:
+        kd_sum = sparse_kd_loss_sum if isinstance(teacher_logits, TopK) else kd_loss_sum
+        kd = kd_sum(student_logits, teacher_logits, targets, divergence=loss, temperature=temperature, beta=beta,
+                    lam=lam, chunk_size=chunk_size, vocab_size=vocab_size)
     if kd is None:
         total = alpha * ce
     elif ce is None:
