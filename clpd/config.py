@@ -66,6 +66,11 @@ class LrSchedule(str, Enum):
 DistillLoss = Enum("DistillLoss", {name: name for name in LOSS_NAMES}, type=str)
 
 
+class TeacherOutputs(str, Enum):
+    live = "live"  # the teacher's forward at every step
+    stored = "stored"  # top-k logits computed once per teacher and training set (clpd/teacher_store.py)
+
+
 class Schedule(str, Enum):
     strongest = "strongest"  # standard KD: the last (largest) teacher throughout
     weakest = "weakest"
@@ -383,10 +388,21 @@ class DistillConfig:
     beta: float = 0.5  # jsd: the teacher's weight in the mixture
     skew_lambda: float = 0.1  # skew_forward_kl / skew_reverse_kl: DistiLLM's lambda
     chunk_size: int = 1024  # answer tokens per chunk: bounds the fp32 [chunk, vocab] temporaries
+    # Where the teacher's logits come from: its forward at every step (live), or a store of its
+    # top-k logits at every training example's answer positions, built once into
+    # <teachers.cache_dir>/outputs and shared by every run that needs the same one (stored).
+    teacher_outputs: TeacherOutputs = TeacherOutputs.live
+    # stored: logits kept per answer position (the rest is one tail bucket); null: every compared
+    # vocabulary row, which gives exactly the live loss (and a store as large as full logits).
+    top_k: Optional[int] = 32
+    store_batch_size: int = 64  # examples per teacher forward while a store is built
 
     def __post_init__(self) -> None:
         p: List[str] = []
         _check(p, self.temperature > 0, f"distill.temperature={self.temperature} must be > 0")
+        _check(p, self.top_k is None or self.top_k >= 1,
+               f"distill.top_k={self.top_k} must be >= 1 (logits kept per answer position), or null for every row")
+        _check(p, self.store_batch_size >= 1, f"distill.store_batch_size={self.store_batch_size} must be >= 1")
         _check(p, 0.0 <= self.alpha <= 1.0, f"distill.alpha={self.alpha} must be in [0, 1]")
         _check(p, 0.0 <= self.beta <= 1.0, f"distill.beta={self.beta} must be in [0, 1]")
         _check(p, 0.0 <= self.skew_lambda < 1.0, f"distill.skew_lambda={self.skew_lambda} must be in [0, 1)")
@@ -479,6 +495,11 @@ class TrainConfig:
                "benchmark=svamp is for evaluation only (it has no chain-of-thought solutions); train on arith or gsm8k")
         _check(p, self.distill.loss == DistillLoss.sft or len(self.teachers.ladder) > 0,
                f"distill.loss={self.distill.loss.value} needs a teacher ladder (teachers=none has none)")
+        if self.distill.teacher_outputs == TeacherOutputs.stored:
+            _check(p, self.distill.loss != DistillLoss.sft and self.distill.alpha < 1.0,
+                   f"distill.teacher_outputs=stored needs a teacher's loss term: distill.loss={self.distill.loss.value}, "
+                   f"alpha={self.distill.alpha} takes none; allowed: a divergence ({', '.join(LOSS_NAMES[1:])}) with "
+                   f"alpha < 1, or distill.teacher_outputs=live")
         names = [t.name for t in self.teachers.ladder]
         c = self.curriculum
         uses_teacher = c.difficulty == Difficulty.teacher_loss or (

@@ -179,6 +179,21 @@ def ladder_needed(tc: TrainConfig) -> bool:
                                          or Difficulty.teacher_loss in scorers(tc.curriculum))
 
 
+def distilling_teachers(tc: TrainConfig) -> List[int]:
+    """The rungs the teacher schedule picks over the run (indices into ``teachers.ladder``):
+    standard KD the strongest alone, ``fixed`` that one, ``progressive`` one per stage (with fewer
+    stages than rungs the last ones are never used); none for SFT."""
+    ladder = tc.teachers.ladder
+    if tc.distill.loss == DistillLoss.sft or not ladder:
+        return []
+    # One step in each stage, through the schedule the loop uses: stage k is step k here.
+    stages = tc.num_stages()
+    names = [t.name for t in ladder]
+    fixed = names.index(tc.teachers.fixed) if tc.teachers.fixed in names else 0
+    return sorted({teacher_index(k, schedule=tc.teachers.schedule, num_teachers=len(ladder), starts=list(range(1, stages)),
+                                 fixed_index=fixed) for k in range(stages)})
+
+
 def teachers_in_use(tc: TrainConfig) -> List[int]:
     """The rungs a run loads, as indices into ``teachers.ladder``: the ones its teacher schedule
     picks (standard KD: the strongest alone; ``fixed``: that one; ``progressive``: one per stage,
@@ -191,13 +206,7 @@ def teachers_in_use(tc: TrainConfig) -> List[int]:
     if tc.teachers.build_only:
         return list(range(len(ladder)))
     names = [t.name for t in ladder]
-    used = set()
-    if tc.distill.loss != DistillLoss.sft:
-        # One step in each stage, through the schedule the loop uses: stage k is step k here.
-        stages = tc.num_stages()
-        fixed = names.index(tc.teachers.fixed) if tc.teachers.fixed in names else 0
-        used |= {teacher_index(k, schedule=tc.teachers.schedule, num_teachers=len(ladder), starts=list(range(1, stages)),
-                               fixed_index=fixed) for k in range(stages)}
+    used = set(distilling_teachers(tc))
     if Difficulty.teacher_loss in scorers(tc.curriculum) and is_curriculum(tc.curriculum):
         used.add(names.index(tc.curriculum.teacher))  # clpd.train scores only when the order depends on it
     return sorted(used)

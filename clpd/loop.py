@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from clpd.config import LrSchedule, TrainerConfig
 from clpd.curriculum.sampler import Sampler
-from clpd.data.batching import answer_token_count, collate, cut_by_tokens, pack, position_count, read_token_count
+from clpd.data.batching import answer_mask, answer_token_count, collate, cut_by_tokens, pack, position_count, read_token_count
 from clpd.distributed import all_reduce_sum, all_reduce_max, ranks
 from clpd.errors import ClpdError, Interrupted
 from clpd.losses import LossTerms, cross_entropy_sum
@@ -174,14 +174,21 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sca
     step_loss = torch.zeros((), device=device)
     terms: Dict[str, torch.Tensor] = {}
     for i, mb in enumerate(micro_batches):
+        mb = dict(mb)
+        examples = mb.pop("index", None)  # indices into the training set: where stored teacher outputs are found
         mb = {k: v.to(device) for k, v in mb.items()}
+        # Logits at answer positions only: both models apply their output layer (152k rows for Qwen)
+        # to the positions the loss reads, flattened to [answer positions, V] in row-major order.
         targets = mb.pop("targets")
-        if "position_ids" in mb:  # packed: no cache, so transformers reads the examples' bounds from the positions
-            mb["use_cache"] = False
+        keep = answer_mask(targets)
+        targets = targets[keep]
+        mb["logits_to_keep"], mb["use_cache"] = keep, False  # no cache: packed rows' bounds come from position_ids
         teacher_logits = None
-        if teacher is not None:
+        if isinstance(teacher, torch.nn.Module):
             with torch.inference_mode(), autocast:
                 teacher_logits = teacher(**mb).logits
+        elif teacher is not None:  # a store (clpd.teacher_store): the top-k rows of these examples
+            teacher_logits = teacher.rows(examples.tolist(), device)
         # DDP all-reduces gradients in the backward of the last micro-batch only.
         sync = model.no_sync() if world > 1 and i < len(micro_batches) - 1 else nullcontext()
         with sync:
@@ -242,12 +249,16 @@ class Batches:
         micro-batch carries, not the update: the loss is normalised by the whole step's answer
         tokens. Under torchrun rank r takes examples r, r + N, ... of every micro-batch, so the
         ranks together see exactly the single-process batch, in lengths that are about equal."""
-        batch = sorted((self.examples[i] for i in self.sampler.batch(step, at)), key=lambda e: len(e["input_ids"]))
+        order = sorted(self.sampler.batch(step, at), key=lambda i: len(self.examples[i]["input_ids"]))
+        batch = [self.examples[i] for i in order]
         chunks = (cut_by_tokens(batch, self.micro_batch_tokens, self.packed) if self.micro_batch_tokens
                   else [batch[i:i + micro_size] for i in range(0, len(batch), micro_size)])
+        starts = np.cumsum([0, *map(len, chunks)])
         r = ranks()
         layout = pack if self.packed else functools.partial(collate, pad_id=self.pad_id)
-        mine = [layout(chunk[r.rank::r.world_size]) for chunk in chunks]
+        # Each micro-batch also says which examples it holds ("index"): stored teacher outputs are found by example.
+        mine = [{**layout(chunk[r.rank::r.world_size]), "index": torch.tensor(order[a:b][r.rank::r.world_size], dtype=torch.long)}
+                for chunk, a, b in zip(chunks, starts, starts[1:])]
         positions = sum(position_count(chunk[q::r.world_size], self.packed) for chunk in chunks for q in range(r.world_size))
         return StepBatch(batch, mine, read_token_count(batch), positions, answer_token_count(batch))
 

@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import hydra
 import torch
@@ -23,7 +23,7 @@ from rich.console import Console
 from transformers import PreTrainedTokenizerBase
 
 from clpd.checkpoint import FINAL, make_manifest, prune_checkpoints, step_name, write_checkpoint
-from clpd.config import Difficulty, DistillLoss, TrainConfig, register_configs, to_object
+from clpd.config import Difficulty, DistillLoss, TeacherOutputs, TrainConfig, register_configs, to_object
 from clpd.curriculum.sampler import Sampler, build_sampler
 from clpd.curriculum.score_cache import load_scores, save_scores
 from clpd.curriculum.scorers import compute_scores, is_curriculum, needs_model, per_example_loss
@@ -35,13 +35,14 @@ from clpd.data.prompts import encode_problems
 from clpd.errors import ClpdError
 from clpd.evaluate import evaluate, evaluate_checkpoint, evaluate_into
 from clpd.files import fingerprint, write_json
-from clpd.ladder import Ladder, build_ladder, ladder_needed, ladder_table
+from clpd.ladder import Ladder, build_ladder, distilling_teachers, ladder_needed, ladder_table
 from clpd.loop import Batches, Outputs, Supervision, TrainResult, TrainState, train
 from clpd.losses import distill_loss
 from clpd.models import apply_lora, count_parameters, load_model, load_tokenizer, resolve_device, resolve_precision
 from clpd.preflight import check_train
 from clpd.resume import finished_run, resume_source, resume_student
 from clpd.runs import environment, recorded_status, run_command
+from clpd.teacher_store import StorePool, TeacherStore, check_top_k, describe, prepare_stores
 from clpd.teachers import TeacherPool, make_schedule, teacher_dtype
 
 log = logging.getLogger("clpd.train")
@@ -153,8 +154,9 @@ def build_student(run: Run, ladder: Ladder) -> Student:
     return Student(model, scratch_base)
 
 
-def build_supervision(run: Run, ladder: Ladder, num_examples: int) -> Supervision:
-    """Gold solutions (SFT), or a divergence to the teachers of the schedule."""
+def build_supervision(run: Run, ladder: Ladder, data: Data) -> Supervision:
+    """Gold solutions (SFT), or a divergence to the teachers of the schedule: their live forward,
+    or their stored top-k outputs (built first where missing)."""
     tc = run.tc
     if tc.distill.loss == DistillLoss.sft:
         return Supervision()
@@ -162,8 +164,31 @@ def build_supervision(run: Run, ladder: Ladder, num_examples: int) -> Supervisio
     # Only the rows that the tokenizer, the student and every teacher share are compared.
     loss_fn = functools.partial(distill_loss, loss=d.loss.value, alpha=d.alpha, temperature=d.temperature, beta=d.beta,
                                 lam=d.skew_lambda, chunk_size=d.chunk_size, vocab_size=len(run.tokenizer))
-    teachers = TeacherPool(ladder.specs, run.tokenizer, device=run.device, dtype=teacher_dtype(run.autocast_dtype))
-    return Supervision(loss_fn, teachers, make_schedule(tc.teachers, stage_starts(tc, num_examples)))
+    if d.teacher_outputs == TeacherOutputs.stored:
+        teachers = StorePool(ladder.specs, main_first(lambda: stored_outputs(run, ladder, data)))
+    else:
+        teachers = TeacherPool(ladder.specs, run.tokenizer, device=run.device, dtype=teacher_dtype(run.autocast_dtype))
+    return Supervision(loss_fn, teachers, make_schedule(tc.teachers, stage_starts(tc, len(data.examples))))
+
+
+def stored_outputs(run: Run, ladder: Ladder, data: Data) -> Dict[int, TeacherStore]:
+    """The stores of the teachers the schedule uses (all rungs with teachers.build_only), built where missing."""
+    tc = run.tc
+    used = range(len(ladder.specs)) if tc.teachers.build_only else distilling_teachers(tc)
+    return prepare_stores(ladder.specs, list(used), data.examples, cache_dir=tc.teachers.cache_dir, top_k=tc.distill.top_k,
+                          max_length=tc.trainer.max_length, tokenizer=run.tokenizer, batch_size=tc.distill.store_batch_size,
+                          device=run.device, dtype=teacher_dtype(run.autocast_dtype), autocast_dtype=run.autocast_dtype,
+                          console=run.console)
+
+
+def teacher_outputs_summary(run: Run, supervision: Supervision) -> dict:
+    """Where the run's teacher logits came from, for summary.json and clpd report."""
+    if supervision.teachers is None:
+        return {"source": None}
+    if isinstance(supervision.teachers, StorePool):
+        return {"source": "stored", "top_k": run.tc.distill.top_k or len(run.tokenizer),
+                "stores": describe(supervision.teachers.stores, supervision.teachers.specs)}
+    return {"source": "live"}
 
 
 def curriculum_sampler(run: Run, data: Data, student: torch.nn.Module,
@@ -232,7 +257,7 @@ def generation(run: Run) -> dict:
 
 
 def finish(run: Run, student: Student, result: TrainResult, ladder: Ladder, data: Data, manifest: dict,
-           saves: List[dict], resumed_from: Optional[str]) -> dict:
+           saves: List[dict], resumed_from: Optional[str], teacher_outputs: dict) -> dict:
     """The final checkpoint, the final evaluation (into <run>/eval), the merged model and summary.json."""
     tc, model, state = run.tc, student.model, result.state
     if not ranks().main:  # rank 0 writes the run's results
@@ -261,6 +286,7 @@ def finish(run: Run, student: Student, result: TrainResult, ladder: Ladder, data
         "teacher_switches": state.teacher_switches, "resumed_from": resumed_from,
         "checkpoint_saves": saves, "environment": environment(run.device),
         "checkpoint": str(checkpoint) if tc.trainer.save else None, "eval": final_eval,
+        "teacher_outputs": teacher_outputs,
     }
     write_json(run.run_dir / "summary.json", summary)
     run.console.print(f"[bold green]done[/] {state.step} steps in {state.train_time_s:.0f}s, final loss "
@@ -280,14 +306,19 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
         resume_from = resume_source(tc.trainer, run_dir)
         check_train(tc)  # every other check that needs no weights, before the first teacher is built
         run = start_run(cfg, tc, run_dir, console)
+        if tc.distill.teacher_outputs == TeacherOutputs.stored:
+            check_top_k(tc.distill.top_k, len(run.tokenizer))  # before any teacher is trained
         data = load_data(run)  # before the teachers: a token budget too small for the data is refused first
         ladder = prepare_ladder(run)
         if tc.teachers.build_only:
-            summary = {"teachers": ladder.rows, "wall_time_s": round(time.perf_counter() - run.started, 2)}
+            stores = (main_first(lambda: stored_outputs(run, ladder, data))
+                      if tc.distill.teacher_outputs == TeacherOutputs.stored and ladder.specs else {})
+            summary = {"teachers": ladder.rows, "stores": describe(stores, ladder.specs),
+                       "wall_time_s": round(time.perf_counter() - run.started, 2)}
             write_json(run_dir / "summary.json", summary)
             return summary
         student = build_student(run, ladder)
-        supervision = build_supervision(run, ladder, len(data.examples))
+        supervision = build_supervision(run, ladder, data)
         sampler, scores = main_first(lambda: curriculum_sampler(run, data, student.model, ladder))  # scores cached by rank 0
         in_use = ladder.in_use() if supervision.teachers is not None else []  # the rungs built and loaded
         manifest = make_manifest(cfg, teachers=[{"name": t.name, "source": t.path} for t in in_use],
@@ -301,7 +332,8 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
                        device=run.device, autocast_dtype=run.autocast_dtype, resume=resume)
         if supervision.teachers is not None:
             supervision.teachers.release()
-        summary = finish(run, student, result, ladder, data, manifest, saves, resume and resume.checkpoint)
+        summary = finish(run, student, result, ladder, data, manifest, saves, resume and resume.checkpoint,
+                         teacher_outputs_summary(run, supervision))
     return summary
 
 

@@ -44,6 +44,14 @@ def pack(examples: Sequence[dict]) -> Dict[str, torch.Tensor]:
     return {"input_ids": as_row(ids), "position_ids": as_row(positions), "targets": as_row(targets)}
 
 
+def answer_mask(targets: torch.Tensor) -> torch.Tensor:
+    """The positions a loss is taken on, as transformers' ``logits_to_keep`` takes them: a boolean
+    [rows, positions] mask, for which the model applies its output layer to those positions only and
+    returns their logits flattened to [answer positions, vocabulary], in row-major order (the order
+    ``targets[mask]`` and the stored teacher outputs list them in)."""
+    return targets != IGNORE_INDEX
+
+
 def read_token_count(examples: Sequence[dict]) -> int:
     """The tokens the student reads that predict a next token: ``len - 1`` per example, in either
     layout (padding, and the last token of an example, predict nothing)."""

@@ -1,0 +1,204 @@
+"""Stored teacher outputs (clpd/teacher_store.py): what a store holds, that training on it is
+training on the live teacher when nothing is cut, and that a wrong or damaged store is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from clpd.config import ModelConfig
+from clpd.data.batching import answer_mask, collate, pack
+from clpd.errors import ClpdError
+from clpd.losses import top_k_outputs
+from clpd.models import load_model
+from clpd.teacher_store import TeacherStore, build_store, store_dir, store_key
+from clpd.tokenizer import build_char_tokenizer
+from clpd.train import run_train
+from tests.conftest import REPO, TINY_OVERRIDES
+from tests.test_teachers import ladder_cfg
+
+QUIET = Console(quiet=True)
+
+
+def encoded(n: int = 12) -> list:
+    """n encoded arith-like examples of different lengths: a prompt (no loss) and an answer."""
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        prompt, answer = rng.integers(3, 20, 3 + i % 4).tolist(), rng.integers(3, 20, 2 + i % 5).tolist()
+        out.append({"id": i, "input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
+    return out
+
+
+def tiny_teacher(tmp_path: Path) -> tuple[ModelConfig, object]:
+    tokenizer = build_char_tokenizer()
+    spec = ModelConfig(name="t", hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
+    torch.manual_seed(0)
+    model = load_model(spec, tokenizer)
+    model.save_pretrained(tmp_path / "teacher")
+    return ModelConfig(name="t", path=str(tmp_path / "teacher")), tokenizer
+
+
+def build(tmp_path: Path, examples: list, top_k, batch_size: int = 5):
+    spec, tokenizer = tiny_teacher(tmp_path)
+    key = store_key(spec, examples, top_k=top_k, width=len(tokenizer), max_length=512, dtype=torch.float32)
+    folder = store_dir(tmp_path / "cache", spec.name, key)
+    build_store(spec, examples, key, folder, tokenizer=tokenizer, batch_size=batch_size, device=torch.device("cpu"),
+                dtype=torch.float32, autocast_dtype=None, console=QUIET)
+    return spec, tokenizer, key, folder
+
+
+def test_a_store_holds_the_teachers_top_k_at_every_answer_position_whatever_the_batch_layout(tmp_path):
+    examples = encoded()
+    spec, tokenizer, key, folder = build(tmp_path, examples, top_k=4)
+    store = TeacherStore(folder, key)
+    model = load_model(spec, tokenizer).eval()
+    width = len(tokenizer)
+    micro = [7, 2, 11, 0]  # any examples, in any order: rows come back in that order
+    for layout in (collate([examples[i] for i in micro], tokenizer.pad_token_id), pack([examples[i] for i in micro])):
+        targets = layout.pop("targets")
+        keep = answer_mask(targets)
+        with torch.inference_mode():
+            live = model(**layout, logits_to_keep=keep, use_cache=False).logits
+        expected = top_k_outputs(live, 4, width)
+        got = store.rows(micro, torch.device("cpu"))
+        assert torch.equal(got.indices, expected.indices)
+        torch.testing.assert_close(got.values, expected.values, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.tail_lse, expected.tail_lse, rtol=1e-5, atol=1e-5)
+    assert store.marker["rows"] == sum(int((torch.tensor(e["labels"][1:]) != -100).sum()) for e in examples)
+
+
+def test_the_batch_size_of_the_build_does_not_change_the_store(tmp_path):
+    examples = encoded()
+    *_, key1, one = build(tmp_path / "a", examples, top_k=3, batch_size=1)
+    *_, key2, many = build(tmp_path / "b", examples, top_k=3, batch_size=12)
+    for name in ("indices", "values", "tail_lse", "offsets"):
+        np.testing.assert_allclose(np.load(one / f"{name}.npy"), np.load(many / f"{name}.npy"), rtol=1e-5, atol=1e-5)
+
+
+def test_the_key_covers_k_the_data_and_the_teacher(tmp_path):
+    examples = encoded()
+    spec, tokenizer = tiny_teacher(tmp_path)
+    def key(examples=examples, **changes):
+        return store_key(spec, examples, **{"top_k": 4, "width": len(tokenizer), "max_length": 512,
+                                            "dtype": torch.float32, **changes}).digest()
+    assert len({key(), key(top_k=8), key(examples=examples[:-1]), key(dtype=torch.bfloat16)}) == 4
+    assert store_key(spec, examples, top_k=None, width=len(tokenizer), max_length=512,
+                     dtype=torch.float32).top_k == len(tokenizer)  # null: every row
+
+
+def test_a_store_for_another_teacher_or_a_damaged_file_is_refused_in_one_line(tmp_path):
+    examples = encoded()
+    spec, tokenizer, key, folder = build(tmp_path, examples, top_k=4)
+    other = store_key(spec, examples[:-1], top_k=4, width=len(tokenizer), max_length=512, dtype=torch.float32)
+    with pytest.raises(ClpdError, match="built for other training data"):
+        TeacherStore(folder, other)
+    marker = json.loads((folder / "store.json").read_text())
+    marker["key"]["teacher"]["weights"] = {"model.safetensors": "0" * 64}
+    (folder / "store.json").write_text(json.dumps(marker))
+    with pytest.raises(ClpdError, match="built for another teacher"):
+        TeacherStore(folder, key)
+    spec2, _, key2, folder2 = build(tmp_path / "again", examples, top_k=4)
+    data = (folder2 / "values.npy").read_bytes()
+    (folder2 / "values.npy").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(ClpdError, match=r"damaged \(values.npy"):
+        TeacherStore(folder2, key2)
+
+
+# --- end to end --------------------------------------------------------------------------------
+
+def kd_cfg(tmp_path: Path, *extra: str):
+    return ladder_cfg(tmp_path, "method=standard_kd", "trainer.max_steps=4", "trainer.grad_accum=2",
+                      "trainer.eval_at_end=false", *extra)
+
+
+def test_stored_outputs_of_every_row_train_the_student_the_live_teacher_trains(tmp_path):
+    live = run_train(kd_cfg(tmp_path), tmp_path / "live", QUIET)
+    stored = run_train(kd_cfg(tmp_path, "distill.teacher_outputs=stored", "distill.top_k=null"), tmp_path / "stored", QUIET)
+    assert live["teacher_outputs"] == {"source": "live"}
+    assert stored["teacher_outputs"]["source"] == "stored" and stored["teacher_outputs"]["stores"][0]["teacher"] == "c"
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+               if "loss" in json.loads(line)] for run in ("live", "stored")]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    weights = [load_file(tmp_path / run / "checkpoints" / "final" / "model.safetensors") for run in ("live", "stored")]
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], rtol=1e-4, atol=1e-5)
+
+
+def test_a_top_k_store_trains_and_is_built_once_for_the_runs_that_share_it(tmp_path):
+    first = run_train(kd_cfg(tmp_path, "distill.teacher_outputs=stored", "distill.top_k=4"), tmp_path / "one", QUIET)
+    second = run_train(kd_cfg(tmp_path, "distill.teacher_outputs=stored", "distill.top_k=4", "seed=1"), tmp_path / "two", QUIET)
+    assert first["teacher_outputs"]["stores"] == second["teacher_outputs"]["stores"]
+    assert len(list((tmp_path / "cache" / "outputs").glob("c-k4-*"))) == 1
+    assert np.isfinite(first["final_loss"]) and np.isfinite(second["final_loss"])
+
+
+def test_resuming_a_stored_run_gives_the_weights_of_the_run_that_never_stopped(tmp_path):
+    stored = ("distill.teacher_outputs=stored", "distill.top_k=4", "trainer.max_steps=6")
+    run_train(kd_cfg(tmp_path, *stored), tmp_path / "straight", QUIET)
+    run_train(kd_cfg(tmp_path, *stored, "trainer.save_every=3"), tmp_path / "halves", QUIET)
+    # Start again from step 3 of the second run, as a resume after a stop there does.
+    run_train(kd_cfg(tmp_path, *stored, "trainer.resume=" + str(tmp_path / "halves" / "checkpoints" / "step-0000003")),
+              tmp_path / "resumed", QUIET)
+    a = load_file(tmp_path / "straight" / "checkpoints" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoints" / "final" / "model.safetensors")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["distill.top_k=0"], "distill.top_k=0 must be >= 1"),
+    (["distill.top_k=100000"], "distill.top_k=100000 is larger than the vocabulary"),
+    (["distill=sft"], "distill.teacher_outputs=stored needs a teacher's loss term"),
+    (["distill.alpha=1.0"], "distill.teacher_outputs=stored needs a teacher's loss term"),
+])
+def test_bad_stored_settings_are_refused_before_any_teacher_is_trained(tmp_path, extra, message):
+    with pytest.raises(ClpdError, match=message):
+        run_train(kd_cfg(tmp_path, "distill.teacher_outputs=stored", *extra), tmp_path / "run", QUIET)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").glob("c-*"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_truncated_store_stops_the_run_before_its_first_step(tmp_path):
+    run_train(kd_cfg(tmp_path, "distill.teacher_outputs=stored", "distill.top_k=4"), tmp_path / "one", QUIET)
+    [folder] = (tmp_path / "cache" / "outputs").glob("c-k4-*")
+    data = (folder / "indices.npy").read_bytes()
+    (folder / "indices.npy").write_bytes(data[:-8])
+    with pytest.raises(ClpdError, match=r"damaged \(indices.npy"):
+        run_train(kd_cfg(tmp_path, "distill.teacher_outputs=stored", "distill.top_k=4"), tmp_path / "two", QUIET)
+    assert not (tmp_path / "two" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_two_runs_that_need_one_missing_store_build_it_once_and_both_finish(tmp_path):
+    # The ladder first (so that the two runs meet at the store, not at the teacher).
+    run_train(kd_cfg(tmp_path, "teachers.build_only=true"), tmp_path / "ladder", QUIET)
+    overrides = [*TINY_OVERRIDES, "method=standard_kd", "distill=forward_kl", "teachers.name=test",
+                 *[o for o in kd_cfg_overrides(tmp_path)], "distill.teacher_outputs=stored", "distill.top_k=4",
+                 "distill.store_batch_size=1"]
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+    runs = [subprocess.Popen(["clpd", "train", *overrides, f"hydra.run.dir={tmp_path / name}"], cwd=REPO, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PATH": path})
+            for name in ("one", "two")]
+    outputs = [r.communicate(timeout=600)[0] for r in runs]
+    assert [r.returncode for r in runs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    both = "".join(outputs)
+    assert both.count("storing teacher c's top-4 logits") == 1, both[-4000:]
+    assert "waiting for" in both
+    assert len(list((tmp_path / "cache" / "outputs").glob("c-k4-*"))) == 1
+
+
+def kd_cfg_overrides(tmp_path: Path) -> list:
+    from tests.test_teachers import LADDER
+
+    return [*LADDER, "teachers.build.max_steps=2", "teachers.build.warmup_steps=1", "teachers.build.batch_size=4",
+            "teachers.build.grad_accum=1", f"teachers.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=4",
+            "trainer.grad_accum=2", "trainer.eval_at_end=false"]
