@@ -69,7 +69,14 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     step at 8 x 512 tokens with Qwen's 152k-row vocabulary, half of it on prompt rows.
     """
     answer = targets != IGNORE_INDEX
-    return F.cross_entropy(logits[answer].float(), targets[answer], reduction="sum")
+    return F.cross_entropy(answer_rows(logits, answer).float(), answer_rows(targets, answer), reduction="sum")
+
+
+def answer_rows(x: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+    """``x[answer]``, without the copy when ``x`` holds nothing else: the training loop hands in
+    logits of answer positions only ([N, V], transformers' ``logits_to_keep``), and copying them
+    would cost one more [N, V] matrix (and a zero-filled gradient of that size in backward)."""
+    return x if answer.dim() == 1 and bool(answer.all()) else x[answer]
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,7 +273,9 @@ def kd_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targ
         width = vocab_size
 
     answer = targets != IGNORE_INDEX
-    student = student_logits[..., :width][answer]  # [N, width], in the logits' own dtype
+    student = answer_rows(student_logits[..., :width], answer)  # [N, width], in the logits' own dtype
+    # Always a copy: a live teacher's logits come from inference_mode, and the chunks' activation
+    # checkpoints cannot save inference tensors for backward; the copy is an ordinary tensor.
     teacher = teacher_logits[..., :width][answer]
     if student.size(0) == 0:
         return student.float().sum()  # 0, still attached to the graph so backward() works
@@ -400,7 +409,8 @@ def sparse_kd_loss_sum(student_logits: torch.Tensor, teacher: TopK, targets: tor
                         "(targets != -100): one teacher row per answer position, in row-major order")
     elif not 1 <= indices.size(1) <= width:
         problems.append(f"teacher TopK k = {indices.size(1)} must be in [1, width = {width}]")
-    elif n_answer and (int(indices.min()) < 0 or int(indices.max()) >= width):
+    # The range is checked on the CPU only: on CUDA reading it would make the host wait for the device.
+    elif n_answer and not indices.is_cuda and (int(indices.min()) < 0 or int(indices.max()) >= width):
         problems.append(f"teacher TopK indices must be in [0, width = {width}), got "
                         f"[{int(indices.min())}, {int(indices.max())}]")
     if indices.dtype not in (torch.int64, torch.int32):
@@ -410,7 +420,7 @@ def sparse_kd_loss_sum(student_logits: torch.Tensor, teacher: TopK, targets: tor
                         "(or detach them)")
     _raise_if(problems)
 
-    student = student_logits[..., :width][answer]  # [N, width], in the logits' own dtype
+    student = answer_rows(student_logits[..., :width], answer)  # [N, width], in the logits' own dtype
     if n_answer == 0:
         return student.float().sum()  # 0, still attached to the graph so backward() works
 

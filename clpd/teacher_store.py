@@ -198,7 +198,7 @@ class TeacherStore:
     def rows(self, examples: Sequence[int], device: torch.device) -> TopK:
         """The stored rows of ``examples`` (indices into the training set), concatenated in that
         order: the answer positions of a micro-batch in the order its loss reads them."""
-        spans = [(int(self.offsets[e]), int(self.offsets[e + 1])) for e in examples]
+        spans = [(int(self.offsets[e]), int(self.offsets[e + 1])) for e in examples] or [(0, 0)]
         part = lambda name: torch.from_numpy(np.concatenate([self.arrays[name][a:b] for a, b in spans]))  # noqa: E731
         return TopK(part("indices").to(device, torch.long), part("values").to(device), part("tail_lse").to(device))
 

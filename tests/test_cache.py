@@ -19,7 +19,7 @@ from clpd.config import to_object
 from clpd.ladder import teachers_in_use
 from clpd.plan import timeline
 from clpd.train import run_train
-from tests.conftest import REPO, TINY_OVERRIDES, compose_config
+from tests.conftest import REPO, TINY_OVERRIDES
 from tests.test_teachers import LADDER, ladder_cfg
 
 QUIET = Console(quiet=True)

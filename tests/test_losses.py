@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clpd.losses import (DIVERGENCES, IGNORE_INDEX, LOSS_NAMES, cross_entropy_sum, distill_loss, forward_kl, jsd,
+from clpd.losses import (DIVERGENCES, IGNORE_INDEX, LOSS_NAMES, answer_rows, cross_entropy_sum, distill_loss, forward_kl, jsd,
                          kd_loss_sum, reverse_kl, skew_forward_kl, skew_reverse_kl, tvd)
 
 NAMES = list(DIVERGENCES)
@@ -353,3 +353,10 @@ def test_distill_rejects_unknown_losses_bad_alpha_and_a_missing_teacher():
         distill_loss(student, teacher, targets, loss="jsd", alpha=1.5)
     with pytest.raises(ValueError, match="needs teacher_logits"):
         distill_loss(student, None, targets, loss="jsd", alpha=0.5)
+
+
+def test_logits_of_answer_positions_only_are_read_in_place_not_copied():
+    logits = torch.randn(5, 7)  # what the loop hands in: [answer positions, V]
+    assert answer_rows(logits, torch.ones(5, dtype=torch.bool)).data_ptr() == logits.data_ptr()
+    mixed = torch.tensor([True, False, True, True, False])
+    assert torch.equal(answer_rows(logits, mixed), logits[mixed])

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from clpd.report import collect_runs, group_runs, paired_difference, t_quantile_975, write_report
 from clpd.report.command import main
+from clpd.report.runs import teacher_outputs
 
 CLPD = str(Path(sys.executable).parent / "clpd")
 
@@ -275,3 +276,10 @@ def test_the_clpd_command(tmp_path):
                              timeout=120, env=env)
     assert missing.returncode == 1
     assert missing.stderr.strip().splitlines() == ["clpd report: error: /does/not/exist does not exist"]
+
+
+def test_a_report_says_where_each_runs_teacher_logits_came_from():
+    assert teacher_outputs({"teacher_outputs": {"source": "stored", "top_k": 8, "stores": []}}) == "stored k=8"
+    assert teacher_outputs({"teacher_outputs": {"source": "live"}}) == "live"
+    assert teacher_outputs({"teacher_outputs": {"source": None}}) is None  # SFT: no teacher
+    assert teacher_outputs({}) is None  # a run from before clpd recorded it

@@ -20,7 +20,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from clpd.config import BenchmarkConfig, BenchmarkName, ModelConfig, StudentConfig
+from clpd.config import BenchmarkConfig, BenchmarkName, ModelConfig
 from clpd.data import load_problems
 from clpd.data.batching import collate
 from clpd.data.prompts import encode_example

@@ -135,14 +135,14 @@ def _rel(path: str, out_dir: Path) -> str:
 
 def _csv_columns(runs: Sequence[dict], kept: Sequence[str], differing: Sequence[str]) -> List[str]:
     difficulties = sorted({d for r in runs for d in r["by_difficulty"]})
-    columns = ["run", "status", "error", "group", *kept, "seed", *METRICS, *EXTRA_METRICS]
+    columns = ["run", "status", "error", "group", *kept, "seed", "teacher_outputs", *METRICS, *EXTRA_METRICS]
     columns += [f"accuracy_strict_steps_{d}" for d in difficulties]
     columns += [k for k in differing if k not in columns]
     return columns
 
 
 def _csv_value(run: dict, column: str) -> Any:
-    if column in ("run", "status", "error", "group", "seed"):
+    if column in ("run", "status", "error", "group", "seed", "teacher_outputs"):
         value = run.get(column)
     elif column in run["metrics"]:
         value = run["metrics"][column]
@@ -178,14 +178,14 @@ def write_report(runs: Sequence[dict], out_dir: Path, console: Optional[Console]
     # report.md
     done = sum(r["status"] == "completed" for r in runs)
     failed = sum(r["status"] in ("failed", "unreadable") for r in runs)
-    run_header = ["run", *kept, "seed", "status", "acc strict", "acc flexible", "test problems", "tokens seen",
-                  "train time", "final loss", "error"]
+    run_header = ["run", *kept, "seed", "status", "teacher outputs", "acc strict", "acc flexible", "test problems",
+                  "tokens seen", "train time", "final loss", "error"]
     run_rows = []
     for g in groups:
         for r in sorted(g["runs"], key=lambda r: (_compact(r["seed"]), r["run"])):
             m = r["metrics"]
             run_rows.append([_rel(r["run"], out_dir), *(_display(r["params"].get(k)) for k in kept), _display(r["seed"]),
-                             r["status"], _fmt_number(m["accuracy_strict"], "acc"),
+                             r["status"], r["teacher_outputs"] or "-", _fmt_number(m["accuracy_strict"], "acc"),
                              _fmt_number(m["accuracy_flexible"], "acc"), _display(m["n"]),
                              _fmt_number(m["tokens_seen"], "tokens"), _fmt_number(m["train_time_s"], "time"),
                              _fmt_number(m["final_loss"], "loss"), _one_line(r["error"])])

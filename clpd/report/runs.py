@@ -115,6 +115,7 @@ def read_run(run_dir: Path) -> dict:
     """One run dir as a row: its parameters (config, group choices, overrides), status and metrics."""
     hydra_dir = run_dir / ".hydra"
     run: Dict[str, Any] = {"run": str(run_dir), "command": None, "status": "unfinished", "error": None, "eval_curve": [],
+                           "teacher_outputs": None,
                            "params": {}, "override_keys": [], "choice_keys": [], "seed": None,
                            "metrics": {m: None for m in METRICS + EXTRA_METRICS}, "by_difficulty": {}, "curve": []}
     try:
@@ -160,6 +161,7 @@ def read_run(run_dir: Path) -> dict:
             run["metrics"][key] = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
         run["by_difficulty"] = {int(k): v for k, v in (metrics.get("by_difficulty") or {}).items()
                                 if str(k).lstrip("-").isdigit()}
+        run["teacher_outputs"] = teacher_outputs(summary)
         run["curve"], run["eval_curve"] = _curves(run_dir / "metrics.jsonl")
         run["metrics"]["curve_accuracy"] = curve_mean(run["eval_curve"])
     except Exception as exc:  # one broken run dir is a row that says so, not the end of the report
@@ -168,6 +170,15 @@ def read_run(run_dir: Path) -> dict:
         run["metrics"] = {m: None for m in run["metrics"]}
         run["by_difficulty"] = {}
     return run
+
+
+def teacher_outputs(summary: dict) -> Optional[str]:
+    """Where a finished run's teacher logits came from: "live", "stored k=N", or None (no teacher,
+    or a run from before clpd recorded it)."""
+    record = summary.get("teacher_outputs") or {}
+    if record.get("source") == "stored":
+        return f"stored k={record.get('top_k')}"
+    return record.get("source")
 
 
 def collect_runs(paths: Iterable[Any]) -> List[dict]:
