@@ -23,8 +23,15 @@ each printing a table and, with ``--json PATH``, writing the numbers.
     32 real arith training problems (clpd's Sampler, step 0) as 4 micro-batches of 8, fp32.
     ``--preset qwen``: a Qwen2.5-0.5B-shaped student and a Qwen2.5-1.5B-shaped teacher (random weights,
     Qwen2 configs, nothing downloaded; shapes from scripts/bench_distill.py, ``--student``/``--teacher``
-    take another preset or h,l,heads,kv,ffn,vocab), fp32 on the CPU, 2 examples of 128 random token
-    ids (first half prompt, second half answer), KD over the tokenizer's 151,665 rows.
+    take another preset such as qwen2.5-7b, or h,l,heads,kv,ffn,vocab), fp32 on the CPU, 2 examples
+    (``--batch-size``) of 128 (``--seq-len``) random token ids (first half prompt, second half answer),
+    KD over the tokenizer's 151,665 rows. The store holds exactly the batch's examples.
+    ``--device cuda`` (either preset) builds the models on the GPU and fences every timed step with
+    ``torch.cuda.synchronize()``; per arm it also reports the peak of ``torch.cuda.max_memory_allocated()``
+    (reset at the start of each run; both models' weights included). ``--precision bf16`` (CUDA only)
+    is how clpd trains there: the student's weights fp32 under ``torch.autocast("cuda", bfloat16)`` (the
+    context handed to ``optimizer_step``), the teacher's weights bf16, the store built under the same
+    autocast on the GPU, fused AdamW.
 
 ``size``: bytes per answer token of a store, for k in ``--ks`` (8, 32, 128), measured from the files of
     real stores (``write_store`` of a random 1-layer Qwen2 with hidden size 16 and ``--vocab`` (151,936)
@@ -32,11 +39,17 @@ each printing a table and, with ``--json PATH``, writing the numbers.
     also the formula: k * (4 + 4) + 4 per answer row (int32 index and fp32 logit per kept row, one fp32
     tail logsumexp), plus the int64 offsets (8 bytes per example) and the four .npy headers.
 
-``build``: the time to build a store for arith's 20,000 training problems with the ``large`` arith
-    teacher shape (random weights: the forward's cost does not depend on them), ``--top-k`` (32),
-    ``--batch-size`` (64) examples per forward: wall seconds, examples/s, answer positions/s, the
+``build``: the time to build a store (``write_store``): wall seconds, examples/s, answer positions/s, the
     store's size; and the time to open (verify: sha256 of every file) the store, which each run that
-    reads it pays once.
+    reads it pays once. Random weights: the forward's cost does not depend on them. ``--top-k`` (32).
+    ``--preset arith`` (default): arith's 20,000 training problems with the ``large`` arith teacher
+    shape, ``--batch-size`` (64) examples per forward.
+    ``--preset qwen``: ``--examples`` (512) random examples of ``--seq-len`` (512) tokens, the last
+    ``--answer-fraction`` (half) answer, through a ``--teacher`` shape (qwen2.5-1.5b; e.g. qwen2.5-7b),
+    ``--batch-size`` (16) examples per forward; also the TFLOP/s of its weight matmuls.
+    ``--device cuda`` / ``--precision bf16`` as for ``step`` (the teacher's weights bf16, bf16 autocast);
+    on CUDA one batch is stored untimed first (CUDA's first kernels), and the peak allocated memory of
+    the build is reported.
 
 ``memory``: peak memory of the logits and the KD loss alone, at a ``--vocab`` (151,936) row vocabulary
     and ``--tokens`` (4096) positions per micro-batch, ``--answer-fraction`` (0.5) of them answer
@@ -63,6 +76,13 @@ Examples (the real measurements: run each alone on the machine, one at a time; t
     python scripts/bench_store.py build --json /tmp/bench_store_build.json                     # ~2-3 min, ~0.4 GB store
     python scripts/bench_store.py memory --json /tmp/bench_store_memory.json                   # ~2 min, naive ~17 GB
 
+On a GPU (H100/H200; scripts/device_check.sh runs these two, ~30-60 s each)::
+
+    python scripts/bench_store.py build --preset qwen --teacher qwen2.5-7b --examples 512 --seq-len 512 \
+        --batch-size 16 --device cuda --precision bf16 --json /tmp/bench_store_build_7b.json
+    python scripts/bench_store.py step --preset qwen --student qwen2.5-0.5b --teacher qwen2.5-7b --batch-size 8 \
+        --seq-len 512 --rounds 3 --steps 5 --device cuda --precision bf16 --json /tmp/bench_store_step_7b.json
+
 With other work on the machine, set ``--threads 1``: two OpenMP threads on two cores of which one is
 busy wait for each other, and a step then takes many times longer (measured 30-50x for ``step``).
 
@@ -73,6 +93,7 @@ Tiny runs (seconds)::
     python scripts/bench_store.py step --preset qwen --student tiny --teacher tiny-teacher --rounds 1 --steps 1
     python scripts/bench_store.py size --vocab 1000 --examples 8
     python scripts/bench_store.py build --train-limit 200
+    python scripts/bench_store.py build --preset qwen --teacher tiny-teacher --examples 8 --seq-len 32 --batch-size 4
     python scripts/bench_store.py memory --vocab 2000 --tokens 256
 """
 
@@ -171,11 +192,17 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def environment(threads: int) -> dict:
-    return {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-            "python": platform.python_version(), "cpus": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(), "threads": threads,
-            "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "git_head": git_head()}
+def environment(threads: int, where: Optional["Placement"] = None) -> dict:
+    env = {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+           "python": platform.python_version(), "cpus": os.cpu_count(),
+           "processor": platform.processor() or platform.machine(), "threads": threads,
+           "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "git_head": git_head()}
+    if where is not None:
+        env.update(device=str(where.device), precision=where.precision)
+        if where.cuda:
+            env.update(device_name=torch.cuda.get_device_name(where.device), cuda=torch.version.cuda,
+                       device_memory_gib=torch.cuda.get_device_properties(where.device).total_memory / 2**30)
+    return env
 
 
 def git_head() -> Optional[str]:
@@ -202,12 +229,12 @@ def quiet_console():
     return Console(quiet=True)
 
 
-def bench_key(what: dict, top_k: int, width: int, max_length: int):
+def bench_key(what: dict, top_k: int, width: int, max_length: int, dtype: str = "float32"):
     """A store key for a benchmark's own teacher (``store_key`` would hash saved weights)."""
     from clpd.teacher_store import StoreKey
 
     return StoreKey(teacher={"bench": json.dumps(what, sort_keys=True)}, data="bench", top_k=top_k, width=width,
-                    max_length=max_length, dtype="float32")
+                    max_length=max_length, dtype=dtype)
 
 
 def arith_spec(which: str):
@@ -251,11 +278,65 @@ def random_examples(n: int, length: int, answer_fraction: float, vocab: int, see
     return out
 
 
-def qwen_model(shape: Shape, seq_len: int, seed: int) -> torch.nn.Module:
+def qwen_model(shape: Shape, seq_len: int, seed: int, dtype: torch.dtype = torch.float32,
+               device: torch.device = torch.device("cpu")) -> torch.nn.Module:
+    """A random-weight Qwen2 of ``shape``, built directly on ``device`` (bench_distill.build_model)."""
     from bench_distill import build_model
 
     torch.manual_seed(seed)
-    return build_model(shape, torch.float32, torch.device("cpu"), seq_len)
+    return build_model(shape, dtype, device, seq_len)
+
+
+@dataclass
+class Placement:
+    """Where and in what precision a subcommand runs, as clpd trains: on CUDA with bf16, the student's
+    weights fp32 under ``torch.autocast("cuda", dtype=torch.bfloat16)``, the teacher's weights in bf16
+    (clpd.teachers.teacher_dtype), the store built under the same autocast; fp32 everywhere else."""
+    device: torch.device
+    precision: str  # fp32 | bf16
+    autocast_dtype: Optional[torch.dtype]
+    teacher_dtype: torch.dtype
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        """A fresh autocast context (what clpd.loop.train passes to optimizer_step), or a null one."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gib(self) -> Optional[float]:
+        return torch.cuda.max_memory_allocated() / 2**30 if self.cuda else None
+
+    def allocated_gib(self) -> Optional[float]:
+        return torch.cuda.memory_allocated() / 2**30 if self.cuda else None
+
+    def describe(self) -> str:
+        name = f"cuda ({torch.cuda.get_device_name(self.device)})" if self.cuda else "cpu"
+        if self.precision == "bf16":
+            return f"{name}, bf16 (student fp32 under bf16 autocast, teacher bf16)"
+        return f"{name}, fp32"
+
+
+def placement(args: argparse.Namespace, command: str) -> Placement:
+    """``--device``/``--precision`` checked (each problem refused in one line) and resolved."""
+    if args.precision == "bf16" and args.device != "cuda":
+        raise SystemExit(f"bench_store.py {command}: --precision bf16 needs --device cuda (on a CPU clpd trains "
+                         "and builds stores in fp32)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"bench_store.py {command}: --device cuda but torch {torch.__version__} sees no CUDA device")
+    bf16 = args.precision == "bf16"
+    return Placement(torch.device(args.device), args.precision, torch.bfloat16 if bf16 else None,
+                     torch.bfloat16 if bf16 else torch.float32)
 
 
 def answer_positions(examples: Sequence[dict]) -> int:
@@ -281,20 +362,26 @@ class Workload:
     max_length: int
     pad_id: int
     describe: dict
+    where: Placement
 
 
-def save_initial(model: torch.nn.Module, path: Path) -> Path:
-    """``model``'s weights, saved to be reloaded before each arm: memory-mapped from the file (the
-    page cache), so a Qwen-sized copy does not stay in this process's RSS beside the models."""
-    torch.save(model.state_dict(), path)
-    return path
+def save_initial(model: torch.nn.Module, path: Path):
+    """``model``'s weights, saved to be reloaded before each arm. On the CPU: a file, memory-mapped
+    when reloaded (the page cache), so a Qwen-sized copy does not stay in this process's RSS beside
+    the models. On a GPU: a copy in pinned host memory, so it takes no device memory (the peak per arm
+    is the arm's own) and reloads at PCIe speed."""
+    if next(model.parameters()).device.type == "cpu":
+        torch.save(model.state_dict(), path)
+        return path
+    return {k: v.detach().to("cpu", copy=True).pin_memory() for k, v in model.state_dict().items()}
 
 
-def reload(model: torch.nn.Module, path: Path) -> None:
-    model.load_state_dict(torch.load(path, mmap=True, weights_only=True))
+def reload(model: torch.nn.Module, initial) -> None:
+    state = torch.load(initial, mmap=True, weights_only=True) if isinstance(initial, Path) else initial
+    model.load_state_dict(state)
 
 
-def step_workload(args: argparse.Namespace) -> Workload:
+def step_workload(args: argparse.Namespace, where: Placement) -> Workload:
     from clpd.curriculum.sampler import Sampler
     from clpd.loop import Batches
     from clpd.models import count_parameters
@@ -307,9 +394,9 @@ def step_workload(args: argparse.Namespace) -> Workload:
         batch = [examples[i] for i in pick]
         pad_id, width = tokenizer.pad_token_id, len(tokenizer)
         torch.manual_seed(args.seed)
-        student = load_model(arith_spec("student"), tokenizer)
+        student = load_model(arith_spec("student"), tokenizer).to(where.device)
         torch.manual_seed(args.seed + 1)
-        teacher = load_model(arith_spec("teacher"), tokenizer)
+        teacher = load_model(arith_spec("teacher"), tokenizer, dtype=where.teacher_dtype).to(where.device)
         shapes = {"student": "conf/student/micro.yaml", "teacher": "conf/teachers/arith_tiny.yaml: large"}
         data = (f"{len(batch)} arith training problems (Sampler(range({len(examples)}), {args.batch_size}, "
                 f"seed={args.seed}).batch(0))")
@@ -317,8 +404,8 @@ def step_workload(args: argparse.Namespace) -> Workload:
         width = args.tokenizer_size or min(args.student.vocab, args.teacher.vocab, QWEN_TOKENIZER)
         batch = random_examples(args.batch_size, args.seq_len, args.answer_fraction, width, args.seed)
         pad_id, max_length = 0, args.seq_len
-        student = qwen_model(args.student, args.seq_len, args.seed)
-        teacher = qwen_model(args.teacher, args.seq_len, args.seed + 1)
+        student = qwen_model(args.student, args.seq_len, args.seed, torch.float32, where.device)
+        teacher = qwen_model(args.teacher, args.seq_len, args.seed + 1, where.teacher_dtype, where.device)
         shapes = {"student": args.student.describe(), "teacher": args.teacher.describe()}
         data = (f"{len(batch)} random examples of {args.seq_len} tokens, the last {args.answer_fraction:.0%} answer, "
                 f"ids < {width}")
@@ -331,36 +418,51 @@ def step_workload(args: argparse.Namespace) -> Workload:
     describe = {"preset": args.preset, **shapes, "data": data, "student_params": count_parameters(student),
                 "teacher_params": count_parameters(teacher), "kd_width": width, "batch_size": len(batch),
                 "micro_batches": len(step.micro_batches), "tokens_per_step": step.tokens,
-                "positions_per_step": step.positions, "answer_tokens_per_step": step.answer_tokens}
-    return Workload(batch, step, student, teacher, width, max_length, pad_id, describe)
+                "positions_per_step": step.positions, "answer_tokens_per_step": step.answer_tokens,
+                "device": str(where.device), "precision": where.precision,
+                "weights_gib": where.allocated_gib()}  # both models on the GPU (None on the CPU)
+    return Workload(batch, step, student, teacher, width, max_length, pad_id, describe, where)
 
 
 def build_bench_store(work: Workload, top_k: int, batch_size: int, folder: Path, what: dict) -> tuple:
-    """The store of ``work.teacher`` over ``work.examples`` in ``folder``: (TeacherStore, numbers)."""
+    """The store of ``work.teacher`` over ``work.examples`` in ``folder``, built on the workload's
+    device under its autocast (as clpd.teacher_store.build_store does): (TeacherStore, numbers)."""
     from clpd.teacher_store import TeacherStore, store_bytes, write_store
 
-    key = bench_key(what, top_k, work.width, work.max_length)
+    where = work.where
+    key = bench_key(what, top_k, work.width, work.max_length, str(where.teacher_dtype).removeprefix("torch."))
+    where.reset_peak()
     start = time.perf_counter()
     marker = write_store(folder, work.teacher, work.examples, key, pad_id=work.pad_id, batch_size=batch_size,
-                         device=torch.device("cpu"), autocast_dtype=None, console=quiet_console(), name="bench")
+                         device=where.device, autocast_dtype=where.autocast_dtype, console=quiet_console(),
+                         name="bench")
+    where.sync()
     built = time.perf_counter() - start
     start = time.perf_counter()
     store = TeacherStore(folder, key)
     opened = time.perf_counter() - start
     return store, {"top_k": top_k, "examples": len(work.examples), "rows": marker["rows"], "build_s": built,
-                   "open_s": opened, "bytes": store_bytes(folder)}
+                   "open_s": opened, "bytes": store_bytes(folder), "peak_allocated_gib": where.peak_gib()}
 
 
-def run_arm(work: Workload, arm: str, store, initial: Path, args: argparse.Namespace) -> dict:
-    """One arm's run: the student reset to its initial weights, a fresh AdamW, ``--warmup`` untimed
-    and ``--steps`` timed optimizer steps through ``clpd.loop.optimizer_step``."""
+def run_arm(work: Workload, arm: str, store, initial, args: argparse.Namespace) -> dict:
+    """One arm's run: the student reset to its initial weights, a fresh AdamW (fused on CUDA, as
+    clpd.loop.train builds it), ``--warmup`` untimed and ``--steps`` timed optimizer steps through
+    ``clpd.loop.optimizer_step`` under the workload's autocast. On CUDA each step is fenced by
+    ``torch.cuda.synchronize()`` and the peak allocated memory of the run (both models' weights,
+    AdamW's state, activations, logits, loss) is read after resetting it at the run's start."""
     from clpd.config import TrainerConfig
     from clpd.loop import build_optimizer, optimizer_step, sft_loss
 
+    where = work.where
     reload(work.student, initial)
+    gc.collect()
+    where.reset_peak()
+    before = where.allocated_gib()
     cfg = TrainerConfig(lr=args.lr, grad_accum=args.grad_accum, batch_size=args.batch_size)
-    optimizer = build_optimizer(work.student, cfg, fused=False)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    optimizer = build_optimizer(work.student, cfg, fused=where.cuda)
+    scaler = torch.amp.GradScaler(where.device.type, enabled=False)  # bf16 and fp32 need no loss scaling
+    autocast = where.autocast()
     kd = functools.partial(distill_loss, loss="forward_kl", alpha=0.0, vocab_size=work.width)
     loss_fn, teacher = {"sft": (sft_loss, None), "live": (kd, work.teacher), "stored": (kd, store)}[arm]
     step_s, losses, applied = [], [], 0
@@ -368,19 +470,25 @@ def run_arm(work: Workload, arm: str, store, initial: Path, args: argparse.Names
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             start = clock()
+        where.sync()
         t0 = time.perf_counter()
         result = optimizer_step(work.student, optimizer, scaler, work.step.micro_batches,
                                 answer_tokens=work.step.answer_tokens, loss_fn=loss_fn, teacher=teacher,
-                                autocast=nullcontext(), grad_clip=cfg.grad_clip)
+                                autocast=autocast, grad_clip=cfg.grad_clip)
+        where.sync()
         seconds = time.perf_counter() - t0
         losses.append(result.loss)
         if i >= args.warmup:
             step_s.append(seconds)
             applied += result.applied
     shares = load_shares(start, clock())
+    peak = where.peak_gib()
     del optimizer
     gc.collect()
-    return {"step_s": step_s, "mean_step_s": statistics.fmean(step_s), "losses": losses, "applied": applied, **shares}
+    out = {"step_s": step_s, "mean_step_s": statistics.fmean(step_s), "losses": losses, "applied": applied, **shares}
+    if peak is not None:
+        out.update(peak_allocated_gib=peak, allocated_before_gib=before)
+    return out
 
 
 def summarize_arms(runs: Dict[str, List[dict]], tokens_per_step: int) -> Dict[str, dict]:
@@ -395,6 +503,8 @@ def summarize_arms(runs: Dict[str, List[dict]], tokens_per_step: int) -> Dict[st
                     "max_others_cores": max(r["others_cores"] for r in rounds),
                     "first_loss": rounds[0]["losses"][0], "steps_applied": sum(r["applied"] for r in rounds),
                     "steps_timed": sum(len(r["step_s"]) for r in rounds)}
+        if all("peak_allocated_gib" in r for r in rounds):
+            out[arm]["peak_allocated_gib"] = max(r["peak_allocated_gib"] for r in rounds)
     if "sft" in out:
         for arm in out:
             out[arm]["ratio_to_sft"] = out[arm]["median_step_s"] / out["sft"]["median_step_s"]
@@ -404,15 +514,17 @@ def summarize_arms(runs: Dict[str, List[dict]], tokens_per_step: int) -> Dict[st
 
 
 def step_table(summary: Dict[str, dict]) -> str:
+    gpu = all("peak_allocated_gib" in s for s in summary.values())
     head = (f"{'arm':<8} {'s/step':>9} {'min-max over rounds':>21} {'tokens/s':>10} {'x SFT':>6} {'per round':>11} "
-            f"{'cpu/wall':>8} {'others':>6} {'loss@1':>8}")
+            f"{'cpu/wall':>8} {'others':>6} {'loss@1':>8}" + (f" {'peak GiB':>9}" if gpu else ""))
     lines = [head, "-" * len(head)]
     for arm, s in summary.items():
         rounds = s.get("round_ratios_to_sft") or []
         spread = f"{min(rounds):.2f}-{max(rounds):.2f}" if rounds else "-"
         lines.append(f"{arm:<8} {s['median_step_s']:>9.4f} {s['min_step_s']:>10.4f}-{s['max_step_s']:<10.4f} "
                      f"{s['tokens_per_s']:>10,.0f} {s.get('ratio_to_sft', float('nan')):>5.2f}x {spread:>11} "
-                     f"{s['cpu_per_wall']:>8.2f} {s['max_others_cores']:>6.2f} {s['first_loss']:>8.4f}")
+                     f"{s['cpu_per_wall']:>8.2f} {s['max_others_cores']:>6.2f} {s['first_loss']:>8.4f}"
+                     + (f" {s['peak_allocated_gib']:>9.2f}" if gpu else ""))
     return "\n".join(lines)
 
 
@@ -432,18 +544,21 @@ def cmd_step(args: argparse.Namespace) -> int:
         problems.append(f"--batch-size {args.batch_size} must divide by --grad-accum {args.grad_accum}")
     if problems:
         raise SystemExit("bench_store.py step: " + "; ".join(problems))
+    where = placement(args, "step")
     threads = set_threads(args.threads)
 
     t0 = time.perf_counter()
-    work = step_workload(args)
+    work = step_workload(args, where)
+    where.sync()
     prep_s = time.perf_counter() - t0
     if args.top_k > work.width:
         raise SystemExit(f"bench_store.py step: --top-k {args.top_k} exceeds the {work.width} vocabulary rows compared")
     d = work.describe
     print(f"step: SFT vs live KD vs stored KD through clpd.loop.optimizer_step; torch {torch.__version__}, "
-          f"{threads} threads, {os.cpu_count()} CPUs", flush=True)
+          f"{threads} threads, {os.cpu_count()} CPUs; {where.describe()}", flush=True)
+    weights = f"; weights on the GPU {d['weights_gib']:.2f} GiB" if where.cuda else ""
     print(f"student {d['student']} ({d['student_params'] / 1e6:.2f}M params), teacher {d['teacher']} "
-          f"({d['teacher_params'] / 1e6:.2f}M), random weights, fp32", flush=True)
+          f"({d['teacher_params'] / 1e6:.2f}M), random weights, {where.precision}{weights}", flush=True)
     print(f"batch: {d['data']}; {d['micro_batches']} micro-batches, {d['tokens_per_step']:,} tokens "
           f"({d['answer_tokens_per_step']:,} answer) per step, KD over {d['kd_width']:,} rows; "
           f"{args.warmup} warm-up + {args.steps} timed steps per arm, {args.rounds} rounds; setup {prep_s:.1f}s",
@@ -456,16 +571,19 @@ def cmd_step(args: argparse.Namespace) -> int:
                                               {"preset": args.preset, "seed": args.seed})
         print(f"store: top-{args.top_k} of the teacher at {store_info['rows']:,} answer positions of "
               f"{store_info['examples']} examples, {store_info['bytes'] / 2**20:.2f} MiB, built in "
-              f"{store_info['build_s']:.2f}s, opened (verified) in {store_info['open_s']:.3f}s", flush=True)
+              f"{store_info['build_s']:.2f}s (first forwards included), opened (verified) in "
+              f"{store_info['open_s']:.3f}s"
+              + (f", peak {store_info['peak_allocated_gib']:.2f} GiB" if where.cuda else ""), flush=True)
         runs: Dict[str, List[dict]] = {arm: [] for arm in ARMS}
         started = time.perf_counter()
         for r in range(args.rounds):
             for arm in ARMS[r % len(ARMS):] + ARMS[:r % len(ARMS)]:
                 out = run_arm(work, arm, store, initial, args)
                 runs[arm].append({"round": r, **out})
+                peak = f"  peak {out['peak_allocated_gib']:.2f} GiB" if "peak_allocated_gib" in out else ""
                 print(f"round {r + 1} {arm:<7} {out['mean_step_s']:.4f} s/step  cpu/wall {out['cpu_per_wall']:.2f}  "
-                      f"others {out['others_cores']:.2f} cores  loss {out['losses'][0]:.4f} -> {out['losses'][-1]:.4f}",
-                      flush=True)
+                      f"others {out['others_cores']:.2f} cores  loss {out['losses'][0]:.4f} -> {out['losses'][-1]:.4f}"
+                      f"{peak}", flush=True)
         wall = time.perf_counter() - started
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -473,7 +591,9 @@ def cmd_step(args: argparse.Namespace) -> int:
     summary = summarize_arms(runs, d["tokens_per_step"])
     print(f"\nmedian over {args.rounds} rounds of each round's mean s/step; 'per round': the arm's s/step over "
           f"SFT's in the same round; 'others': the most CPU cores the rest of the machine used in a run; "
-          f"loss@1: the first step's loss per answer token (stored <= live: the top-{args.top_k} + tail coarsening)")
+          f"loss@1: the first step's loss per answer token (stored <= live: the top-{args.top_k} + tail coarsening)"
+          + ("; peak GiB: torch.cuda.max_memory_allocated over the arm's runs (both models' weights included), "
+             "reset at each run's start" if where.cuda else ""))
     print(step_table(summary))
     print(f"\nlive/SFT {summary['live']['ratio_to_sft']:.2f}x, stored/SFT {summary['stored']['ratio_to_sft']:.2f}x, "
           f"stored/live {summary['stored']['median_step_s'] / summary['live']['median_step_s']:.2f}x; "
@@ -483,7 +603,7 @@ def cmd_step(args: argparse.Namespace) -> int:
     if unapplied:
         print(f"WARNING: steps not applied (non-finite loss; no optimizer update was timed): {unapplied}")
     write_report(args.json, {
-        "subcommand": "step", "command": sys.argv, "environment": environment(threads),
+        "subcommand": "step", "command": sys.argv, "environment": environment(threads, where),
         "args": {k: asdict(v) if isinstance(v, Shape) else v for k, v in vars(args).items() if k != "func"},
         "workload": d, "setup_s": prep_s, "store": store_info, "summary": summary,
         "ratios": {"live/sft": summary["live"]["ratio_to_sft"], "stored/sft": summary["stored"]["ratio_to_sft"],
@@ -566,30 +686,87 @@ def cmd_size(args: argparse.Namespace) -> int:
 
 # --- build --------------------------------------------------------------------------------------------
 
+BUILD_BATCH = {"arith": 64, "qwen": 16}  # default --batch-size: examples per teacher forward
+
+
+def weight_flops(shape: Shape, params: int, tokens: int, rows: int) -> float:
+    """Forward FLOPs of a Qwen2's weight matmuls: 2 per parameter of the body (all but the embedding
+    and the output layer) per token, and 2 * vocab * hidden per answer row for the output layer
+    (``logits_to_keep``). Attention's own T^2 terms are left out (a few percent at 512 tokens)."""
+    embedding = shape.vocab * shape.hidden
+    body = params - embedding * (1 if shape.tied else 2)
+    return 2.0 * body * tokens + 2.0 * embedding * rows
+
+
 def cmd_build(args: argparse.Namespace) -> int:
-    from clpd.models import count_parameters, load_model
+    from clpd.models import count_parameters
     from clpd.teacher_store import TeacherStore, store_bytes, write_store
 
+    where = placement(args, "build")
+    if args.batch_size is None:
+        args.batch_size = BUILD_BATCH[args.preset]
+    problems = [f"--{k.replace('_', '-')} must be >= 1" for k in ("batch_size", "top_k", "examples", "seq_len")
+                if getattr(args, k) < 1]
+    if not 0.0 < args.answer_fraction <= 1.0:
+        problems.append(f"--answer-fraction must be in (0, 1], got {args.answer_fraction}")
+    if problems:
+        raise SystemExit("bench_store.py build: " + "; ".join(problems))
     threads = set_threads(args.threads)
     t0 = time.perf_counter()
-    examples, tokenizer, max_length = arith_examples(args.train_limit)
-    encode_s = time.perf_counter() - t0
-    torch.manual_seed(args.seed)
-    teacher = load_model(arith_spec("teacher"), tokenizer).eval()
-    width = len(tokenizer)
+    if args.preset == "arith":
+        from clpd.models import load_model
+
+        examples, tokenizer, max_length = arith_examples(args.train_limit)
+        encode_s = time.perf_counter() - t0
+        torch.manual_seed(args.seed)
+        teacher = load_model(arith_spec("teacher"), tokenizer, dtype=where.teacher_dtype).to(where.device).eval()
+        width, pad_id = len(tokenizer), tokenizer.pad_token_id
+        what = {"build": "arith_tiny large", "seed": args.seed}
+        shape_text = "arith_tiny's large teacher shape"
+        data = f"{len(examples):,} arith training examples (encoded in {encode_s:.1f}s)"
+    else:
+        args.teacher = args.teacher or PRESETS["qwen2.5-1.5b"]
+        width = args.tokenizer_size or min(args.teacher.vocab, QWEN_TOKENIZER)
+        if not 1 <= width <= args.teacher.vocab:
+            raise SystemExit(f"bench_store.py build: --tokenizer-size must be in [1, {args.teacher.vocab}], got {width}")
+        examples = random_examples(args.examples, args.seq_len, args.answer_fraction, width, args.seed)
+        encode_s = time.perf_counter() - t0
+        teacher = qwen_model(args.teacher, args.seq_len, args.seed, where.teacher_dtype, where.device).eval()
+        pad_id, max_length = 0, args.seq_len
+        what = {"build": args.teacher.describe(), "seed": args.seed}
+        shape_text = f"a Qwen2 teacher {args.teacher.describe()}"
+        data = (f"{len(examples):,} random examples of {args.seq_len} tokens, the last {args.answer_fraction:.0%} "
+                f"answer, ids < {width}")
+    teacher.requires_grad_(False)
+    where.sync()
+    setup_s = time.perf_counter() - t0
+    params = count_parameters(teacher)
     if not 1 <= args.top_k <= width:
         raise SystemExit(f"bench_store.py build: --top-k must be in [1, {width}], got {args.top_k}")
-    key = bench_key({"build": "arith_tiny large", "seed": args.seed}, args.top_k, width, max_length)
-    print(f"build: arith_tiny's large teacher shape ({count_parameters(teacher) / 1e6:.2f}M params, RANDOM weights: "
-          f"the forward costs the same), {len(examples):,} arith training examples (encoded in {encode_s:.1f}s), "
-          f"k={args.top_k}, {args.batch_size} examples per forward, {threads} threads", flush=True)
+    key = bench_key(what, args.top_k, width, max_length, str(where.teacher_dtype).removeprefix("torch."))
+    print(f"build: {shape_text} ({params / 1e6:.2f}M params, RANDOM weights: the forward costs the same), {data}, "
+          f"k={args.top_k}, {args.batch_size} examples per forward, {where.describe()}, {threads} threads; "
+          f"setup {setup_s:.1f}s", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench_store_build_"))
     try:
+        warm_s = None
+        if where.cuda:  # CUDA's first kernels (cuBLAS handles, allocator growth) are not the build's cost
+            start = time.perf_counter()
+            write_store(tmp / "warm", teacher, examples[:args.batch_size], key, pad_id=pad_id,
+                        batch_size=args.batch_size, device=where.device, autocast_dtype=where.autocast_dtype,
+                        console=quiet_console(), name="warm-up")
+            where.sync()
+            warm_s = time.perf_counter() - start
+            shutil.rmtree(tmp / "warm", ignore_errors=True)
         folder = tmp / "store"
+        where.reset_peak()
         start, c0 = time.perf_counter(), clock()
-        marker = write_store(folder, teacher, examples, key, pad_id=tokenizer.pad_token_id, batch_size=args.batch_size,
-                             device=torch.device("cpu"), autocast_dtype=None, console=quiet_console(), name="large")
+        marker = write_store(folder, teacher, examples, key, pad_id=pad_id, batch_size=args.batch_size,
+                             device=where.device, autocast_dtype=where.autocast_dtype, console=quiet_console(),
+                             name="bench")
+        where.sync()
         wall, shares = time.perf_counter() - start, load_shares(c0, clock())
+        peak = where.peak_gib()
         start = time.perf_counter()
         TeacherStore(folder, key)
         open_s = time.perf_counter() - start
@@ -597,20 +774,31 @@ def cmd_build(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     tokens = sum(len(e["input_ids"]) for e in examples)
-    result = {"examples": len(examples), "tokens": tokens, "rows": marker["rows"], "top_k": args.top_k,
-              "batch_size": args.batch_size, "wall_s": wall, "forward_s": marker["build_s"],
-              "examples_per_s": len(examples) / wall, "rows_per_s": marker["rows"] / wall, "bytes": size,
-              "bytes_per_row": size / marker["rows"], "open_s": open_s, "encode_s": encode_s,
-              "teacher_params": count_parameters(teacher), "random_weights": True, **shares}
+    result = {"preset": args.preset, "examples": len(examples), "tokens": tokens, "rows": marker["rows"],
+              "top_k": args.top_k, "kd_width": width, "batch_size": args.batch_size, "wall_s": wall,
+              "forward_s": marker["build_s"], "examples_per_s": len(examples) / wall,
+              "rows_per_s": marker["rows"] / wall, "tokens_per_s": tokens / wall, "bytes": size,
+              "store_mib": size / 2**20, "bytes_per_row": size / marker["rows"], "open_s": open_s,
+              "encode_s": encode_s, "setup_s": setup_s, "warmup_s": warm_s, "teacher_params": params,
+              "random_weights": True, "device": str(where.device), "precision": where.precision,
+              "peak_allocated_gib": peak, **shares}
+    if args.preset == "qwen":
+        result["teacher_shape"] = asdict(args.teacher)
+        flops = weight_flops(args.teacher, params, tokens, marker["rows"])
+        result.update(weight_tflop=flops / 1e12, weight_tflop_per_s=flops / 1e12 / wall)
     print(f"{'wall s':>8} {'examples/s':>11} {'answer pos/s':>13} {'rows':>11} {'store MiB':>10} {'bytes/row':>10} "
-          f"{'open s':>7} {'cpu/wall':>8} {'others':>6}")
+          f"{'open s':>7} {'cpu/wall':>8} {'others':>6}" + (f" {'peak GiB':>9}" if peak is not None else ""))
     print(f"{wall:>8.1f} {result['examples_per_s']:>11,.1f} {result['rows_per_s']:>13,.0f} {marker['rows']:>11,} "
           f"{size / 2**20:>10.1f} {result['bytes_per_row']:>10.1f} {open_s:>7.2f} {shares['cpu_per_wall']:>8.2f} "
-          f"{shares['others_cores']:>6.2f}")
+          f"{shares['others_cores']:>6.2f}" + (f" {peak:>9.2f}" if peak is not None else ""))
     print(f"(wall s: the whole write_store, forwards {marker['build_s']:.1f}s + hashing the files; open s: "
-          f"TeacherStore() verifying every file's sha256, paid once by each run that reads the store)")
-    write_report(args.json, {"subcommand": "build", "command": sys.argv, "environment": environment(threads),
-                             "args": {k: v for k, v in vars(args).items() if k != "func"}, "result": result})
+          f"TeacherStore() verifying every file's sha256, paid once by each run that reads the store"
+          + (f"; {result['weight_tflop_per_s']:.1f} TFLOP/s in the weights' matmuls" if "weight_tflop" in result else "")
+          + (f"; untimed warm-up of one batch first: {warm_s:.1f}s; peak GiB: torch.cuda.max_memory_allocated "
+             f"during the build, the teacher's weights included" if warm_s is not None else "") + ")")
+    write_report(args.json, {"subcommand": "build", "command": sys.argv, "environment": environment(threads, where),
+                             "args": {k: asdict(v) if isinstance(v, Shape) else v for k, v in vars(args).items()
+                                      if k != "func"}, "result": result})
     return 0
 
 
@@ -793,6 +981,13 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the numbers as JSON here")
 
+    def placed(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                       help="where the models run (cuda: built directly on the GPU, steps fenced by synchronize)")
+        q.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                       help="bf16 (--device cuda only): the teacher's weights bf16, the student's fp32 under bf16 "
+                            "autocast, the store built under it, as clpd trains on CUDA")
+
     s = sub.add_parser("step", help="one optimizer step: SFT vs live KD vs stored KD, interleaved",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("--preset", choices=sorted(STEP_DEFAULTS), default="arith")
@@ -805,15 +1000,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=32, help="logits kept per answer position in the store")
     s.add_argument("--store-batch-size", type=int, default=64, help="examples per teacher forward building the store")
     s.add_argument("--train-limit", type=int, default=None, help="arith: draw the batch from the first N problems")
-    s.add_argument("--seq-len", type=int, default=128, help="qwen: tokens per example")
+    s.add_argument("--seq-len", type=int, default=128, help="qwen: tokens per example (e.g. 512 on a GPU)")
     s.add_argument("--answer-fraction", type=float, default=0.5, help="qwen: the answer's share of each example")
     s.add_argument("--student", type=parse_shape, default=None, metavar="PRESET|h,l,heads,kv,ffn,vocab",
                    help="qwen: the student's shape (default qwen2.5-0.5b)")
     s.add_argument("--teacher", type=parse_shape, default=None, metavar="PRESET|h,l,heads,kv,ffn,vocab",
-                   help="qwen: the teacher's shape (default qwen2.5-1.5b)")
+                   help="qwen: the teacher's shape (default qwen2.5-1.5b; qwen2.5-7b on a GPU)")
     s.add_argument("--tokenizer-size", type=int, default=None,
                    help=f"qwen: rows KD compares and ids are drawn from (default: min({QWEN_TOKENIZER}, the "
                         "models' rows))")
+    placed(s)
     common(s)
     s.set_defaults(func=cmd_step)
 
@@ -827,11 +1023,22 @@ def build_parser() -> argparse.ArgumentParser:
     common(z)
     z.set_defaults(func=cmd_size)
 
-    b = sub.add_parser("build", help="time to build a store for arith's training set",
+    b = sub.add_parser("build", help="time to build a store: arith's training set, or random examples for a Qwen shape",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--preset", choices=sorted(BUILD_BATCH), default="arith")
     b.add_argument("--top-k", type=int, default=32)
-    b.add_argument("--batch-size", type=int, default=64, help="examples per teacher forward")
-    b.add_argument("--train-limit", type=int, default=None, help="the first N problems (default: all 20,000)")
+    b.add_argument("--batch-size", type=int, default=None,
+                   help=f"examples per teacher forward (default: {', '.join(f'{k} {v}' for k, v in BUILD_BATCH.items())})")
+    b.add_argument("--train-limit", type=int, default=None, help="arith: the first N problems (default: all 20,000)")
+    b.add_argument("--examples", type=int, default=512, help="qwen: random examples the store holds")
+    b.add_argument("--seq-len", type=int, default=512, help="qwen: tokens per example")
+    b.add_argument("--answer-fraction", type=float, default=0.5, help="qwen: the answer's share of each example")
+    b.add_argument("--teacher", type=parse_shape, default=None, metavar="PRESET|h,l,heads,kv,ffn,vocab",
+                   help="qwen: the teacher's shape (default qwen2.5-1.5b; qwen2.5-7b on a GPU)")
+    b.add_argument("--tokenizer-size", type=int, default=None,
+                   help=f"qwen: rows kept in the store's top-k and ids are drawn from (default: min({QWEN_TOKENIZER}, "
+                        "the teacher's rows))")
+    placed(b)
     common(b)
     b.set_defaults(func=cmd_build)
 

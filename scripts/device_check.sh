@@ -4,11 +4,15 @@
 #
 #   bash scripts/device_check.sh          # writes under ${OUT:-/tmp/clpd_device_check}
 #
-# Parts: environment, imports, the gpu-marked tests, and two distillation benchmarks on random
-# weights (0.5B student with the 1.5B and the 7B teacher shapes). Every part runs even if an
-# earlier one failed; a summary table comes last, and the exit status is non-zero if any part
-# failed. Budget: well under 3 minutes (each benchmark is capped at 75 s, the tests at 60 s, and
-# all parts together at BUDGET_S=170 s).
+# Parts: environment, imports, the gpu-marked tests, two distillation benchmarks on random
+# weights (0.5B student with the 1.5B and the 7B teacher shapes), and two of stored teacher
+# outputs (scripts/bench_store.py, bf16): building a store with the 7B teacher shape (512 examples
+# of 512 tokens), and one optimizer step SFT vs live KD vs stored KD, 0.5B student <- 7B teacher
+# (8 x 512 tokens). Every part runs even if an earlier one failed; a summary table comes last,
+# and the exit status is non-zero if any part failed. Budget: about 6 minutes at most, well under
+# 8 with the machine's start-up (the tests are capped at 80 s, the distillation benchmarks at 75 s,
+# the store benchmarks at 90 s, and all parts together at BUDGET_S=360 s; estimated from FLOPs,
+# each store benchmark takes ~30-50 s on an H200, most of it imports and building the models).
 #
 # The image of the lent H100/H200 machines has torch, transformers, peft and rich but not hydra-core,
 # omegaconf and antlr4 (clpd.config and tests/conftest.py import them): carry them as wheels in .whl/
@@ -30,7 +34,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PIP_NO_INDE
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
 START=$SECONDS
-BUDGET_S=${BUDGET_S:-170}  # the whole check stays under 3 minutes, hung parts included
+BUDGET_S=${BUDGET_S:-360}  # the whole check stays under 6 minutes, hung parts included
 NAMES=()
 CODES=()
 TIMES=()
@@ -127,6 +131,12 @@ part "bench 0.5b <- 1.5b" bench_0.5b_1.5b.txt timeout "$(limit 75)" "$PY" script
 part "bench 0.5b <- 7b" bench_0.5b_7b.txt timeout "$(limit 75)" "$PY" scripts/bench_distill.py \
     --student qwen2.5-0.5b --teacher qwen2.5-7b --batch 8 --seq-len 512 --steps 10 --precision bf16 \
     --json "$OUT/bench_0.5b_7b.json"
+part "store build 7b" store_build_7b.txt timeout "$(limit 90)" "$PY" scripts/bench_store.py build \
+    --preset qwen --teacher qwen2.5-7b --examples 512 --seq-len 512 --batch-size 16 --device cuda --precision bf16 \
+    --json "$OUT/store_build_7b.json"
+part "stored step 0.5b <- 7b" store_step_0.5b_7b.txt timeout "$(limit 90)" "$PY" scripts/bench_store.py step \
+    --preset qwen --student qwen2.5-0.5b --teacher qwen2.5-7b --batch-size 8 --seq-len 512 --rounds 3 --steps 5 \
+    --device cuda --precision bf16 --json "$OUT/store_step_0.5b_7b.json"
 
 header "summary ($((SECONDS - START))s in all)"
 failed=0
