@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 
 from clpd.report import collect_runs, group_runs, paired_difference, t_quantile_975, write_report
-from clpd.report.command import main
+from clpd.report.command import main, run_report
 from clpd.report.runs import teacher_outputs
 
 CLPD = str(Path(sys.executable).parent / "clpd")
@@ -34,8 +34,9 @@ TRAIN_TIME = {0: 10.0, 1: 12.0, 2: 14.0, 3: 16.0}
 
 
 def make_run(run_dir: Path, method: str, seed: int, status: str, acc: float | None, *,
-             eval_in_summary: bool = True, hydra_yaml: bool = True) -> Path:
-    """A train run dir like ``clpd train -m +experiment=arith method=... seed=...`` leaves it."""
+             eval_in_summary: bool = True, hydra_yaml: bool = True, distill: dict | None = None) -> Path:
+    """A train run dir like ``clpd train -m +experiment=arith method=... seed=...`` leaves it;
+    ``distill``: overrides of ``distill.*`` keys (e.g. {"teacher_outputs": "stored", "top_k": 8})."""
     (run_dir / ".hydra").mkdir(parents=True)
     clpd = method == "clpd"
     config = {
@@ -45,13 +46,15 @@ def make_run(run_dir: Path, method: str, seed: int, status: str, acc: float | No
                      "cache_dir": f"/scratch/{seed}/teachers",  # a location, not an experimental factor
                      "build": {"seed": "${seed}"}},  # follows the seed: must not split the groups
         "curriculum": {"name": "easy_to_hard" if clpd else "none", "pacing": "root" if clpd else "none"},
-        "distill": {"name": "forward_kl", "loss": "forward_kl"},
+        "distill": {"name": "forward_kl", "loss": "forward_kl", **({"teacher_outputs": "live", "top_k": 32} if distill else {}),
+                    **(distill or {})},
         "benchmark": {"name": "arith", "data_dir": None, "seed": 1234},
         "trainer": {"max_steps": 20, "lr": 0.005},
         "seed": seed,
     }
     OmegaConf.save(OmegaConf.create(config), run_dir / ".hydra" / "config.yaml")
-    OmegaConf.save(OmegaConf.create(["+experiment=arith", f"method={method}", f"seed={seed}",
+    distill_overrides = [f"distill.{k}={'null' if v is None else v}" for k, v in (distill or {}).items()]
+    OmegaConf.save(OmegaConf.create(["+experiment=arith", f"method={method}", *distill_overrides, f"seed={seed}",
                                      f"hydra.sweep.dir=/scratch/{seed}"]), run_dir / ".hydra" / "overrides.yaml")
     if hydra_yaml:
         choices = {"experiment": "arith", "method": method, "distill": "forward_kl",
@@ -283,3 +286,93 @@ def test_a_report_says_where_each_runs_teacher_logits_came_from():
     assert teacher_outputs({"teacher_outputs": {"source": "live"}}) == "live"
     assert teacher_outputs({"teacher_outputs": {"source": None}}) is None  # SFT: no teacher
     assert teacher_outputs({}) is None  # a run from before clpd recorded it
+
+
+# --baseline KEY=VALUE. scripts/stored_vs_live.sh's three sweeps: (method, arm) -> strict accuracy of
+# seeds 0, 1, 2. The live runs keep the config's top_k (32); the stored ones set it (8, or null: every
+# row). Stored minus live, per method: standard_kd k=8 -0.02 (differences -0.02, -0.03, -0.01), every
+# row 0; clpd k=8 -0.05 (-0.05, -0.10, 0), every row +0.01. Paired across methods instead, clpd k=8
+# minus standard_kd live would be +0.183.
+STORED_VS_LIVE = {
+    ("standard_kd", "live"): (0.40, 0.50, 0.30), ("standard_kd", "stored-k8"): (0.38, 0.47, 0.29),
+    ("standard_kd", "stored-all"): (0.40, 0.50, 0.30),
+    ("clpd", "live"): (0.50, 0.80, 0.60), ("clpd", "stored-k8"): (0.45, 0.70, 0.60), ("clpd", "stored-all"): (0.51, 0.81, 0.61),
+}
+ARMS = {"live": {"teacher_outputs": "live"}, "stored-k8": {"teacher_outputs": "stored", "top_k": 8},
+        "stored-all": {"teacher_outputs": "stored", "top_k": None}}
+
+
+@pytest.fixture(scope="module")
+def stored_vs_live(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stored_vs_live") / "runs"
+    for (method, arm), accs in STORED_VS_LIVE.items():
+        for seed, acc in enumerate(accs):
+            make_run(root / f"seed{seed}" / method / arm, method, seed, "completed", acc, distill=ARMS[arm])
+    return root
+
+
+def _report(root: Path, out: Path, *argv: str) -> dict:
+    result = run_report([str(root), "--out", str(out), *argv], Console(file=io.StringIO(), width=250))
+    result["md"] = (out / "report.md").read_text()
+    result["by_label"] = {g["label"]: g for g in result["groups"]}
+    return result
+
+
+def test_baseline_default_is_method_standard_kd_and_unchanged(reported, stored_vs_live, tmp_path):
+    """No --baseline and --baseline method=standard_kd write the same files as before the option."""
+    default = _report(reported["root"], tmp_path / "default")
+    _report(reported["root"], tmp_path / "explicit", "--baseline", "method=standard_kd")
+    for name in ("report.md", "report.csv"):
+        assert (tmp_path / "default" / name).read_text() == (tmp_path / "explicit" / name).read_text()
+    assert "| method | acc strict | acc flexible | Δ strict vs standard_kd [95% CI] |" in default["md"]
+    assert "Δ is the paired difference of strict accuracy to `method=standard_kd` over the seeds both completed, " \
+           "with a 95% t-interval. Curve acc" in default["md"]
+    assert default["by_label"]["clpd"]["vs_baseline"]["mean"] == pytest.approx(0.2)
+    # On the stored/live runs the default still compares methods: each clpd group to standard_kd's of the same arm.
+    d = _report(stored_vs_live, tmp_path / "svl")["by_label"]["clpd / stored / 8"]["vs_baseline"]
+    assert d["baseline"] == "standard_kd / stored / 8" and d["mean"] == pytest.approx((0.07 + 0.23 + 0.31) / 3)
+
+
+def test_baseline_teacher_outputs_live_pairs_each_stored_group_with_the_live_group_of_its_method(stored_vs_live, tmp_path):
+    result = _report(stored_vs_live, tmp_path / "out", "--baseline", "distill.teacher_outputs=live")
+    assert result["varied"] == ["method", "distill.teacher_outputs", "distill.top_k"]
+    by = result["by_label"]
+    assert {label for label, g in by.items() if g["is_baseline"]} == {"standard_kd / live / 32", "clpd / live / 32"}
+    expected = {"standard_kd / stored / 8": ("standard_kd / live / 32", -0.02),
+                "standard_kd / stored / -": ("standard_kd / live / 32", 0.0),
+                "clpd / stored / 8": ("clpd / live / 32", -0.05), "clpd / stored / -": ("clpd / live / 32", 0.01)}
+    for label, (baseline, mean) in expected.items():
+        d = by[label]["vs_baseline"]
+        assert (d["baseline"], d["n"], d["mean"]) == (baseline, 3, pytest.approx(mean, abs=1e-12)), label
+        assert by[label]["vs_baseline_curve"]["mean"] == pytest.approx(0.0)  # the fixture's curves follow the seed only
+    d = by["clpd / stored / 8"]["vs_baseline"]  # differences (-0.05, -0.10, 0): sd 0.05, t(2) = 4.3027
+    assert (d["low"], d["high"]) == (pytest.approx(-0.05 - 4.3027 * 0.05 / math.sqrt(3)),
+                                     pytest.approx(-0.05 + 4.3027 * 0.05 / math.sqrt(3)))
+    md = result["md"].splitlines()
+    assert md[md.index("## Groups") + 2] == (
+        "| method | distill.teacher_outputs | distill.top_k | acc strict | acc flexible "
+        "| Δ strict vs distill.teacher_outputs=live [95% CI] | curve acc | Δ curve vs distill.teacher_outputs=live [95% CI] "
+        "| tokens seen | train time | n |")
+    assert "| clpd | stored | 8 | 0.583 ± 0.126 | 0.633 ± 0.126 | -0.050 [-0.174, +0.074] (3 pairs) |" in result["md"]
+    assert "clpd / stored / 8 vs clpd / live / 32" in result["md"]  # report.md says which group is whose baseline
+    # VALUE is spelled as in an override: null for None. k=8 and live minus every row, per method.
+    by = _report(stored_vs_live, tmp_path / "null", "--baseline", "distill.top_k=null")["by_label"]
+    assert by["clpd / stored / 8"]["vs_baseline"]["baseline"] == "clpd / stored / -"
+    assert by["clpd / stored / 8"]["vs_baseline"]["mean"] == pytest.approx(-0.06)
+    assert by["standard_kd / live / 32"]["vs_baseline"]["baseline"] == "standard_kd / stored / -"
+
+
+def test_a_bad_baseline_is_refused_in_one_line(stored_vs_live, capsys):
+    keys = "method, distill.teacher_outputs, distill.top_k"
+    for arg, message in (
+            ("distill.teacher=live", (f"--baseline distill.teacher=live: no run has a parameter distill.teacher "
+                                      f"(the keys the groups differ by: {keys})")),
+            ("distill.teacher_outputs=cached", ("--baseline distill.teacher_outputs=cached: no run has "
+                                                "distill.teacher_outputs=cached; the runs have distill.teacher_outputs=live, stored")),
+            ("distill.top_k=None", "no run has distill.top_k=None; the runs have distill.top_k=32, 8, null"),
+            ("seed=0", f"--baseline seed=0: seed (values 0, 1, 2) is not one of the keys the groups differ by: {keys}"),
+            ("live", "--baseline live: give KEY=VALUE")):
+        assert main([str(stored_vs_live), "--baseline", arg]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("clpd report: error: ") and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (stored_vs_live / "report.md").exists()

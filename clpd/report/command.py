@@ -1,4 +1,4 @@
-"""``clpd report PATH... [--out DIR]``: tables and plots over run dirs.
+"""``clpd report PATH... [--out DIR] [--baseline KEY=VALUE]``: tables and plots over run dirs.
 
 PATH is a run dir, a sweep dir, or any folder above them: every dir holding ``.hydra/config.yaml``
 and ``.hydra/overrides.yaml`` is a run (teacher caches have no ``.hydra`` and are not). Each run
@@ -7,6 +7,13 @@ group (mean ± sample std over the completed seeds); when the groups differ by `
 them is ``standard_kd``, every other group gets the paired difference of strict accuracy to it over
 the seeds both completed, with a 95% t-interval. Written into ``--out`` (default: the single PATH, or
 the current directory): ``report.md``, ``report.csv`` (one row per run) and ``report.png``.
+
+``--baseline KEY=VALUE`` compares to other groups than ``method=standard_kd``: each group to the
+group with KEY=VALUE that agrees with it on the other varied keys, skipping keys on which no KEY=VALUE
+group has its value (:func:`clpd.report.stats.group_runs`); e.g. ``distill.teacher_outputs=live``
+pairs every stored group with the live group of the same method. VALUE is spelled as in an override:
+a string as it is, ``null``, ``true``, ``8``. A KEY that no run has, a VALUE that no run has, or a
+KEY that does not tell the groups apart (``seed``, or a key another one explains) is refused.
 
 Which columns a table shows: the config keys that differ between the runs, minus the ones that a
 key shown before them already explains. Keys are considered in the order the user chose them (the
@@ -34,7 +41,7 @@ from clpd.errors import ClpdError
 from clpd.files import write_text
 from clpd.report.plot import plot_report
 from clpd.report.runs import EXTRA_METRICS, METRICS, _compact, collect_runs
-from clpd.report.stats import BASELINE_VALUE, METHOD_KEY, _display, group_runs, varied_keys
+from clpd.report.stats import BASELINE, BASELINE_VALUE, _display, group_runs, spelled, varied_keys
 
 
 def _fmt_number(x: Optional[float], kind: str) -> str:
@@ -91,14 +98,25 @@ DELTA = f"Δ strict vs {BASELINE_VALUE} [95% CI]"
 CURVE, CURVE_DELTA = "curve acc", f"Δ curve vs {BASELINE_VALUE} [95% CI]"
 
 
-def group_table_rows(groups: Sequence[dict], kept: Sequence[str]) -> Tuple[List[str], List[List[str]]]:
+def delta_headers(baseline: Tuple[str, str] = BASELINE) -> Tuple[str, str]:
+    """The Δ column headers: "Δ strict vs standard_kd [95% CI]" for the default baseline (as before
+    ``--baseline`` existed), "Δ strict vs KEY=VALUE [95% CI]" for any other."""
+    if tuple(baseline) == BASELINE:
+        return DELTA, CURVE_DELTA
+    name = "=".join(baseline)
+    return f"Δ strict vs {name} [95% CI]", f"Δ curve vs {name} [95% CI]"
+
+
+def group_table_rows(groups: Sequence[dict], kept: Sequence[str],
+                     baseline: Tuple[str, str] = BASELINE) -> Tuple[List[str], List[List[str]]]:
     compared = any(g["is_baseline"] for g in groups)  # else no Δ columns: nothing to compare with
     curves = any(g["curve_accuracy"]["values"] for g in groups)  # else no run has a learning curve
+    delta, curve_delta = delta_headers(baseline)
     columns = [("acc strict", True, lambda g: _fmt_stats(g["accuracy_strict"], "acc")),
                ("acc flexible", True, lambda g: _fmt_stats(g["accuracy_flexible"], "acc")),
-               (DELTA, compared, _fmt_delta),
+               (delta, compared, _fmt_delta),
                (CURVE, curves, lambda g: _fmt_stats(g["curve_accuracy"], "acc")),
-               (CURVE_DELTA, compared and curves, lambda g: _fmt_delta(g, "vs_baseline_curve")),
+               (curve_delta, compared and curves, lambda g: _fmt_delta(g, "vs_baseline_curve")),
                ("tokens seen", True, lambda g: _fmt_stats(g["tokens_seen"], "tokens")),
                ("train time", True, lambda g: _fmt_stats(g["train_time_s"], "time")),
                ("n", True, _fmt_n)]
@@ -153,16 +171,35 @@ def _csv_value(run: dict, column: str) -> Any:
     return "" if value is None else value
 
 
-def write_report(runs: Sequence[dict], out_dir: Path, console: Optional[Console] = None) -> dict:
-    """Print the group table and write report.md, report.csv and report.png into ``out_dir``.
+def check_baseline(runs: Sequence[dict], baseline: Tuple[str, str]) -> None:
+    """Refuse (one line) a ``--baseline KEY=VALUE`` that no run has, or whose KEY does not tell the
+    groups apart; the message names the key and the values the runs have (or the keys that vary)."""
+    key, value = baseline
+    kept, _ = varied_keys(runs)
+    keys = ", ".join(kept) or "none: the runs differ only by seed"
+    if not any(key in r["params"] for r in runs):
+        raise ClpdError(f"--baseline {key}={value}: no run has a parameter {key} (the keys the groups differ by: {keys})")
+    have = sorted({spelled(r["params"].get(key)) for r in runs})
+    if value not in have:
+        raise ClpdError(f"--baseline {key}={value}: no run has {key}={value}; the runs have {key}={', '.join(have)}")
+    if key not in kept:
+        raise ClpdError(f"--baseline {key}={value}: {key} (values {', '.join(have)}) is not one of the keys the "
+                        f"groups differ by: {keys}")
+
+
+def write_report(runs: Sequence[dict], out_dir: Path, console: Optional[Console] = None,
+                 baseline: Tuple[str, str] = BASELINE) -> dict:
+    """Print the group table and write report.md, report.csv and report.png into ``out_dir``;
+    ``baseline`` (KEY, VALUE) picks the groups that the others are compared to (see ``group_runs``).
 
     Returns {"varied": the group keys, "groups": group_runs' groups, "files": the written paths}."""
     console = console or Console()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    groups = group_runs(runs)
+    baseline = tuple(baseline)
+    groups = group_runs(runs, baseline)
     kept, differing = varied_keys(runs)
-    header, rows = group_table_rows(groups, kept)
+    header, rows = group_table_rows(groups, kept, baseline)
 
     table = Table(title=f"{len(runs)} runs, {len(groups)} group{'s' * (len(groups) != 1)}")
     for i, column in enumerate(header):
@@ -178,6 +215,10 @@ def write_report(runs: Sequence[dict], out_dir: Path, console: Optional[Console]
     # report.md
     done = sum(r["status"] == "completed" for r in runs)
     failed = sum(r["status"] in ("failed", "unreadable") for r in runs)
+    pairs = "; ".join(f"{g['label']} vs {g['vs_baseline']['baseline']}" for g in groups if g["vs_baseline"])
+    rule = "" if baseline == BASELINE else (
+        f"Each group is compared to the `{'='.join(baseline)}` group that agrees with it on the other varied keys, "
+        f"skipping keys on which no `{'='.join(baseline)}` group has its value; compared: {pairs or 'none'}. ")
     run_header = ["run", *kept, "seed", "status", "teacher outputs", "acc strict", "acc flexible", "test problems",
                   "tokens seen", "train time", "final loss", "error"]
     run_rows = []
@@ -195,8 +236,8 @@ def write_report(runs: Sequence[dict], out_dir: Path, console: Optional[Console]
         f"Varied: {', '.join(f'`{k}`' for k in kept) or 'only the seed'}.", "",
         "Accuracy is the final student's test accuracy as a fraction (strict: the `#### N` answer; flexible: the "
         "last number of the output), mean ± sample std (ddof=1) over the completed seeds. "
-        + (f"Δ is the paired difference of strict accuracy to `{METHOD_KEY}={BASELINE_VALUE}` over the seeds both "
-           "completed, with a 95% t-interval. " if any(g["is_baseline"] for g in groups) else "")
+        + (f"Δ is the paired difference of strict accuracy to `{'='.join(baseline)}` over the seeds both "
+           "completed, with a 95% t-interval. " + rule if any(g["is_baseline"] for g in groups) else "")
         + ("Curve acc is the mean test accuracy over a run's learning curve (its `trainer.eval_every` evaluations): "
            "how soon it learned, where the final accuracy says how far. " if CURVE in header else "")
         + "n counts the completed seeds; failed and unfinished runs are listed below.", "",
@@ -234,6 +275,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="a run dir, a sweep dir, or a folder containing them (searched at any depth)")
     p.add_argument("--out", metavar="DIR",
                    help="where report.md/.csv/.png go (default: the PATH when one is given, else the current dir)")
+    p.add_argument("--baseline", metavar="KEY=VALUE",
+                   help="compare each group to the group with KEY=VALUE that agrees with it on the other varied keys "
+                        "(skipping keys on which no such group has its value), e.g. distill.teacher_outputs=live; "
+                        "default: method=standard_kd")
     return p
 
 
@@ -245,14 +290,21 @@ def run_report(argv: Sequence[str], console: Optional[Console] = None) -> dict:
     if not runs:
         raise ClpdError(f"no runs under {', '.join(args.paths)} (a run dir holds .hydra/config.yaml and "
                         ".hydra/overrides.yaml)")
+    baseline = BASELINE
+    if args.baseline is not None:
+        key, eq, value = args.baseline.partition("=")
+        if not key or not eq:
+            raise ClpdError(f"--baseline {args.baseline}: give KEY=VALUE, e.g. --baseline distill.teacher_outputs=live")
+        baseline = (key, value)
+        check_baseline(runs, baseline)
     out = Path(args.out) if args.out else Path(args.paths[0]) if len(args.paths) == 1 else Path.cwd()
     if out.exists() and not out.is_dir():
         raise ClpdError(f"--out {out} is not a directory")
-    return write_report(runs, out, console)
+    return write_report(runs, out, console, baseline)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``clpd report PATH... [--out DIR]``; returns the exit status (0, or 1 after a one-line error).
+    """``clpd report PATH... [--out DIR] [--baseline KEY=VALUE]``; returns the exit status (0, or 1 after a one-line error).
 
     The ``clpd`` dispatcher calls ``main()`` with the arguments in ``sys.argv`` and ignores the
     return value, so in that case a failure leaves through ``SystemExit(1)``."""

@@ -9,7 +9,7 @@ import numpy as np
 
 from clpd.report.runs import METRICS, _compact, _is_noise
 
-BASELINE = ("method", "standard_kd")  # the key and value of the group that the others are compared to
+BASELINE = ("method", "standard_kd")  # the default key and value of the groups that the others are compared to
 METHOD_KEY, BASELINE_VALUE = BASELINE
 
 # The 0.975 quantile of Student's t for df = 1..30 (scipy is not a dependency; these are
@@ -104,6 +104,12 @@ def paired_difference(a: Dict[Any, float], b: Dict[Any, float]) -> Tuple[Optiona
     return mean, mean - half, mean + half, n
 
 
+def spelled(value: Any) -> str:
+    """A parameter value as ``--baseline KEY=VALUE`` spells it: a string as it is, anything else as
+    compact JSON (``null``, ``true``, ``8``, ``0.005``), as a Hydra override would write it."""
+    return value if isinstance(value, str) else _compact(value)
+
+
 def _display(value: Any) -> str:
     if value is None:
         return "-"
@@ -124,16 +130,27 @@ def _by_seed(runs: Sequence[dict], metric: str = "accuracy_strict") -> Dict[Any,
     return {s: float(np.mean(v)) for s, v in by_seed.items()}
 
 
-def group_runs(runs: Sequence[dict]) -> List[dict]:
+def group_runs(runs: Sequence[dict], baseline: Tuple[str, str] = BASELINE) -> List[dict]:
     """Runs that differ only by seed, as groups with their statistics, in order of first appearance.
 
     Each group: ``params`` (its values of the varied keys), ``label``, ``runs``, the counts
     ``completed``, ``failed`` and ``unfinished``, one ``_stats`` dict (mean, std, n, values) per
-    metric of ``METRICS`` over the completed runs, ``accuracy_by_seed``, ``curve_by_seed``, and
-    ``vs_baseline``: the paired difference of strict accuracy to the ``method=standard_kd`` group
-    (None for that group itself, and where there is none); ``vs_baseline_curve`` the same for the
-    learning-curve mean (``curve_accuracy``).
+    metric of ``METRICS`` over the completed runs, ``accuracy_by_seed``, ``curve_by_seed``,
+    ``is_baseline``, and ``vs_baseline``: the paired difference of strict accuracy to the group's
+    baseline (None for a baseline group itself, and where there is none); ``vs_baseline_curve`` the
+    same for the learning-curve mean (``curve_accuracy``).
+
+    ``baseline`` is (KEY, VALUE), by default ``method=standard_kd``. The baseline groups are those
+    whose KEY is spelled VALUE (:func:`spelled`); there are none unless KEY is one of the varied keys
+    that tell the groups apart. Each other group's baseline is the one baseline group that agrees with
+    it on every other varied key, skipping the keys on which no baseline group has the group's value:
+    with KEY=``distill.teacher_outputs``, VALUE=``live``, a stored group with ``distill.top_k=8``
+    is compared to the live group of its ``method`` (the live groups all have the default top_k, so
+    top_k is skipped; ``method`` is not, since a live group of that method exists). If no baseline
+    group, or more than one, agrees on the keys that are left, the group has no baseline. With a
+    single baseline group, every other group is compared to it.
     """
+    key, value = baseline
     kept, _ = varied_keys(runs)
     groups: Dict[tuple, dict] = {}
     for r in runs:
@@ -156,20 +173,22 @@ def group_runs(runs: Sequence[dict]) -> List[dict]:
         g["accuracy_by_seed"] = _by_seed(g["runs"])
         g["curve_by_seed"] = _by_seed(g["runs"], "curve_accuracy")
         g["vs_baseline"] = g["vs_baseline_curve"] = None
-        g["is_baseline"] = METHOD_KEY in kept and g["params"].get(METHOD_KEY) == BASELINE_VALUE
+        g["is_baseline"] = key in kept and spelled(g["params"][key]) == value
 
     baselines = [g for g in out if g["is_baseline"]]
+    others = [k for k in kept if k != key]
     for g in out:
         if g["is_baseline"] or not baselines:
             continue
-        # The standard_kd group that agrees on every other varied key; else the only one there is.
-        same = [b for b in baselines if all(_compact(b["params"][k]) == _compact(g["params"][k])
-                                            for k in kept if k != METHOD_KEY)]
-        base = same[0] if len(same) == 1 else baselines[0] if len(baselines) == 1 else None
-        if base is not None:
-            for key, by_seed in (("vs_baseline", "accuracy_by_seed"), ("vs_baseline_curve", "curve_by_seed")):
+        at = {k: _compact(g["params"][k]) for k in others}
+        # The keys on which some baseline group has this group's value must agree; the others are skipped.
+        keys = [k for k in others if any(_compact(b["params"][k]) == at[k] for b in baselines)]
+        same = [b for b in baselines if all(_compact(b["params"][k]) == at[k] for k in keys)]
+        if len(same) == 1:
+            base = same[0]
+            for name, by_seed in (("vs_baseline", "accuracy_by_seed"), ("vs_baseline_curve", "curve_by_seed")):
                 mean, low, high, n = paired_difference(g[by_seed], base[by_seed])
-                g[key] = {"baseline": base["label"], "mean": mean, "low": low, "high": high, "n": n}
+                g[name] = {"baseline": base["label"], "mean": mean, "low": low, "high": high, "n": n}
     return out
 
 
