@@ -387,7 +387,10 @@ class DistillConfig:
     alpha: float = 0.0  # loss = alpha * ce + (1 - alpha) * kd (kd losses only)
     beta: float = 0.5  # jsd: the teacher's weight in the mixture
     skew_lambda: float = 0.1  # skew_forward_kl / skew_reverse_kl: DistiLLM's lambda
-    chunk_size: int = 1024  # answer tokens per chunk: bounds the fp32 [chunk, vocab] temporaries
+    # Answer tokens per chunk of the KD loss: bounds its fp32 [chunk, vocab] temporaries. 256 rather
+    # than 1024: at 152k rows and 2,048 answer rows per micro-batch the loss then peaks at 0.18x of
+    # naive full-vocabulary logits with stored outputs (1024: 0.29x), at no measurable cost in speed.
+    chunk_size: int = 256
     # Where the teacher's logits come from: its forward at every step (live), or a store of its
     # top-k logits at every training example's answer positions, built once into
     # <teachers.cache_dir>/outputs and shared by every run that needs the same one (stored).

@@ -185,7 +185,9 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sca
         mb["logits_to_keep"], mb["use_cache"] = keep, False  # no cache: packed rows' bounds come from position_ids
         teacher_logits = None
         if isinstance(teacher, torch.nn.Module):
-            with torch.inference_mode(), autocast:
+            # no_grad, not inference_mode: the chunked loss reads (and its checkpoints keep) these logits
+            # as they are, where inference tensors would first have to be copied (one more [N, V] matrix).
+            with torch.no_grad(), autocast:
                 teacher_logits = teacher(**mb).logits
         elif teacher is not None:  # a store (clpd.teacher_store): the top-k rows of these examples
             teacher_logits = teacher.rows(examples.tolist(), device)

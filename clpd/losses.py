@@ -227,6 +227,25 @@ def _raise_if(problems: List[str]) -> None:
         raise ValueError("; ".join(problems))
 
 
+# Up to this many [rows, vocabulary] elements (64 MiB of fp32) the loss is one chunk whose fp32
+# temporaries are kept for backward: recomputing chunks costs a second forward of the loss, and
+# splitting small ones costs kernel launches, for a few MiB saved (scripts/bench_store.py step,
+# arith micro student, 100 rows: stored KD went from 1.16x to about 1.1x SFT's step). A 152k-row
+# vocabulary crosses it from 111 answer rows on, and is then chunked and recomputed.
+RECOMPUTE_ABOVE = 1 << 24
+
+
+def needs_recompute(rows: torch.Tensor) -> bool:
+    """Whether the chunked loss over ``rows`` ([N, width] logits) recomputes its chunks in backward."""
+    return torch.is_grad_enabled() and rows.requires_grad and rows.numel() > RECOMPUTE_ABOVE
+
+
+def rows_per_chunk(rows: torch.Tensor, chunk_size: int) -> int:
+    """``chunk_size``, or all of ``rows`` in one chunk where they are small: below RECOMPUTE_ABOVE
+    every chunk's temporaries are kept for backward anyway, and each further chunk only costs time."""
+    return chunk_size if rows.numel() > RECOMPUTE_ABOVE else max(chunk_size, rows.size(0))
+
+
 def _chunk_sum(student: torch.Tensor, teacher: torch.Tensor, fn: Divergence, temperature: float) -> torch.Tensor:
     """Summed divergence of one chunk of [rows, V] logits, computed in (at least) fp32."""
     dtype = torch.promote_types(student.dtype, torch.float32)
@@ -238,7 +257,7 @@ def _chunk_sum(student: torch.Tensor, teacher: torch.Tensor, fn: Divergence, tem
 
 def kd_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, *,
                 divergence: str, temperature: float = 1.0, beta: float = 0.5, lam: float = 0.1,
-                chunk_size: int = 1024, vocab_size: Optional[int] = None) -> torch.Tensor:
+                chunk_size: int = 256, vocab_size: Optional[int] = None) -> torch.Tensor:
     """Summed token-level divergence between student and teacher over the answer tokens
     (``targets != -100``), times ``temperature ** 2``; an fp32 scalar (fp64 if the logits are).
 
@@ -274,18 +293,20 @@ def kd_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targ
 
     answer = targets != IGNORE_INDEX
     student = answer_rows(student_logits[..., :width], answer)  # [N, width], in the logits' own dtype
-    # Always a copy: a live teacher's logits come from inference_mode, and the chunks' activation
-    # checkpoints cannot save inference tensors for backward; the copy is an ordinary tensor.
-    teacher = teacher_logits[..., :width][answer]
+    # (Teacher logits made under inference_mode are copied here all the same: activation checkpoints
+    # cannot keep inference tensors. The loop runs its teacher under no_grad, which needs no copy.)
+    teacher = teacher_logits[..., :width]
+    teacher = teacher[answer] if teacher.is_inference() else answer_rows(teacher, answer)
     if student.size(0) == 0:
         return student.float().sum()  # 0, still attached to the graph so backward() works
 
     per_chunk = partial(_chunk_sum, fn=partial(DIVERGENCES[divergence], beta=beta, lam=lam), temperature=temperature)
     # Recompute each chunk in backward instead of keeping its fp32 [chunk, V] temporaries.
-    recompute = torch.is_grad_enabled() and student.requires_grad
+    recompute = needs_recompute(student)
     sums = [checkpoint(per_chunk, s, t, use_reentrant=False) if recompute else per_chunk(s, t)
             # split (not slicing in a loop): one backward node, one concatenated gradient
-            for s, t in zip(student.split(chunk_size), teacher.split(chunk_size))]
+            for s, t in zip(student.split(rows_per_chunk(student, chunk_size)),
+                            teacher.split(rows_per_chunk(student, chunk_size)))]
     return torch.stack(sums).sum() * temperature ** 2
 
 
@@ -370,7 +391,7 @@ def _sparse_chunk_sum(student: torch.Tensor, indices: torch.Tensor, values: torc
 
 def sparse_kd_loss_sum(student_logits: torch.Tensor, teacher: TopK, targets: torch.Tensor, *,
                        divergence: str, temperature: float = 1.0, beta: float = 0.5, lam: float = 0.1,
-                       chunk_size: int = 1024, vocab_size: Optional[int] = None) -> torch.Tensor:
+                       chunk_size: int = 256, vocab_size: Optional[int] = None) -> torch.Tensor:
     """:func:`kd_loss_sum` against a stored top-k teacher: the summed divergence over the answer
     tokens between the (k+1)-bucket coarsenings of student and teacher (the teacher's k rows, and one
     bucket for the other ``width - k``), times ``temperature ** 2``; an fp32 scalar (fp64 if the
@@ -426,9 +447,9 @@ def sparse_kd_loss_sum(student_logits: torch.Tensor, teacher: TopK, targets: tor
 
     per_chunk = partial(_sparse_chunk_sum, fn=partial(DIVERGENCES[divergence], beta=beta, lam=lam),
                         temperature=temperature)
-    recompute = torch.is_grad_enabled() and student.requires_grad
-    chunks = zip(student.split(chunk_size), indices.long().split(chunk_size), values.split(chunk_size),
-                 tail_lse.split(chunk_size))
+    recompute = needs_recompute(student)
+    rows = rows_per_chunk(student, chunk_size)
+    chunks = zip(student.split(rows), indices.long().split(rows), values.split(rows), tail_lse.split(rows))
     sums = [checkpoint(per_chunk, *c, use_reentrant=False) if recompute else per_chunk(*c) for c in chunks]
     return torch.stack(sums).sum() * temperature ** 2
 
@@ -444,7 +465,7 @@ class LossTerms(NamedTuple):
 def distill_loss(student_logits: torch.Tensor, teacher_logits: Optional[Union[torch.Tensor, TopK]],
                  targets: torch.Tensor, *,
                  loss: str, alpha: float, temperature: float = 1.0, beta: float = 0.5, lam: float = 0.1,
-                 chunk_size: int = 1024, vocab_size: Optional[int] = None) -> LossTerms:
+                 chunk_size: int = 256, vocab_size: Optional[int] = None) -> LossTerms:
     """The loop's loss, summed over answer tokens, with its terms.
 
     ``loss == "sft"``: cross-entropy on the gold tokens; ``teacher_logits`` and the KD knobs are

@@ -8,7 +8,7 @@ each printing a table and, with ``--json PATH``, writing the numbers.
     micro-batches by the loop's own ``clpd.loop.Batches`` (each carries its ``index``, where a store
     finds its rows), from the same initial student (its state reloaded and a fresh AdamW built at the
     start of every arm's run). SFT: ``sft_loss``, no teacher. live: the teacher module (its forward
-    under ``inference_mode``, output layer at answer positions only). stored: a ``TeacherStore`` of
+    under ``no_grad``, output layer at answer positions only). stored: a ``TeacherStore`` of
     that teacher's top ``--top-k`` logits, built once beforehand (``write_store``, into a temporary
     folder; its build time is reported). KD is ``distill_loss(loss="forward_kl", alpha=0)``. A round
     runs every arm once (``--warmup`` untimed steps, then ``--steps`` timed ones), the order rotated by
@@ -58,8 +58,8 @@ each printing a table and, with ``--json PATH``, writing the numbers.
     naive: full-vocabulary fp32 student and teacher logits at every position, log_softmax of both,
     forward KL (``F.kl_div(log_target=True)``) masked to the answer positions, backward to the hidden
     states. clpd_live: student logits at answer rows only (what ``logits_to_keep`` gives) and
-    ``distill_loss`` (chunks of ``--chunk-size`` 1024 rows) against the teacher's answer-row logits
-    (computed under ``inference_mode``), both freed before backward as the loop does. clpd_stored: the
+    ``distill_loss`` (chunks of ``--chunk-size`` rows, distill.chunk_size by default) against the teacher's answer-row logits
+    (computed under ``no_grad``), both freed before backward, as the loop does. clpd_stored: the
     same student side against a stored ``TopK`` (k = ``--top-k``, 32) of those teacher rows.
     Each variant runs in its own fresh process (this script, ``memory --variant X``); the number is
     the peak RSS (``resource.getrusage().ru_maxrss``) minus the RSS right before the variant starts,
@@ -125,6 +125,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench_distill import PRESETS, Shape, parse_shape  # noqa: E402
+from clpd.config import DistillConfig  # noqa: E402
 from clpd.losses import IGNORE_INDEX, TopK, distill_loss, top_k_outputs  # noqa: E402
 
 ARMS = ("sft", "live", "stored")
@@ -842,11 +843,11 @@ def naive_kd(h_s, h_t, w_s, w_t, targets, **_) -> torch.Tensor:
 
 def clpd_kd(h_s, h_t, w_s, w_t, targets, *, top_k=None, chunk_size: int, **_) -> torch.Tensor:
     """clpd's loop: logits at answer rows only (``logits_to_keep``), the teacher's under
-    ``inference_mode`` (or its stored TopK), chunked ``distill_loss``, logits freed before backward."""
+    ``no_grad`` (or its stored TopK), chunked ``distill_loss``, logits freed before backward."""
     keep = targets != IGNORE_INDEX
     n = int(keep.sum())
     if top_k is None:
-        with torch.inference_mode():
+        with torch.no_grad():  # as the loop runs its teacher
             teacher = h_t[keep] @ w_t.T
     else:
         teacher = top_k
@@ -1049,7 +1050,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--vocab", type=int, default=QWEN_VOCAB)
     m.add_argument("--hidden", type=int, default=QWEN_HIDDEN)
     m.add_argument("--top-k", type=int, default=32)
-    m.add_argument("--chunk-size", type=int, default=1024)
+    m.add_argument("--chunk-size", type=int, default=DistillConfig.chunk_size, help="the loss's chunk (distill.chunk_size)")
     m.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
     m.add_argument("--force", action="store_true", help="run a variant even when it looks larger than MemAvailable")
     m.add_argument("--variant", choices=VARIANTS, default=None, help=argparse.SUPPRESS)  # internal: the child

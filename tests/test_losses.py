@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from clpd import losses
 from clpd.losses import (DIVERGENCES, IGNORE_INDEX, LOSS_NAMES, answer_rows, cross_entropy_sum, distill_loss, forward_kl, jsd,
                          kd_loss_sum, reverse_kl, skew_forward_kl, skew_reverse_kl, tvd)
 
@@ -194,7 +195,8 @@ def test_student_mass_on_a_row_the_teacher_forbids_is_pushed_down_by_reverse_kl(
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_chunked_equals_unchunked_in_value_and_gradient(name):
+def test_chunked_equals_unchunked_in_value_and_gradient(name, monkeypatch):
+    monkeypatch.setattr(losses, "RECOMPUTE_ABOVE", 0)  # chunked (and recomputed) however small the batch
     student, teacher, targets = batch()
     small = value_and_grad(student, teacher, targets, divergence=name, chunk_size=3)
     whole = value_and_grad(student, teacher, targets, divergence=name, chunk_size=10_000)
@@ -205,9 +207,11 @@ def test_chunked_equals_unchunked_in_value_and_gradient(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_fp32_chunk_temporaries_are_not_kept_for_backward(name):
-    """Only the selected answer rows (in their own dtype) are kept for backward; every fp32
-    [chunk, V] temporary is recomputed, which is what bounds memory for a 152k-row vocabulary."""
+def test_fp32_chunk_temporaries_are_not_kept_for_backward(name, monkeypatch):
+    """Above losses.RECOMPUTE_ABOVE elements (here: always), only the selected answer rows (in their
+    own dtype) are kept for backward; every fp32 [chunk, V] temporary is recomputed, which is what
+    bounds memory for a 152k-row vocabulary."""
+    monkeypatch.setattr(losses, "RECOMPUTE_ABOVE", 0)
     student, teacher, targets = batch(b=4, t=16, vs=64, vt=64)
     student = student.detach().bfloat16().requires_grad_()
     saved = {}
@@ -360,3 +364,17 @@ def test_logits_of_answer_positions_only_are_read_in_place_not_copied():
     assert answer_rows(logits, torch.ones(5, dtype=torch.bool)).data_ptr() == logits.data_ptr()
     mixed = torch.tensor([True, False, True, True, False])
     assert torch.equal(answer_rows(logits, mixed), logits[mixed])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_small_losses_keep_their_chunks_for_backward_with_the_same_value_and_gradient(name, monkeypatch):
+    student, teacher, targets = batch(b=4, t=16, vs=64, vt=64)
+    results = []
+    for threshold in (0, losses.RECOMPUTE_ABOVE):  # recomputed chunks of 8, then one kept chunk (4 x 16 x 64 is small)
+        monkeypatch.setattr(losses, "RECOMPUTE_ABOVE", threshold)
+        s = student.detach().clone().requires_grad_()
+        value = kd_loss_sum(s, teacher, targets, divergence=name, chunk_size=8)
+        value.backward()
+        results.append((value.detach(), s.grad))
+    # (one chunk against chunks of 8: the same sums in another order)
+    assert torch.allclose(results[0][0], results[1][0], rtol=1e-6) and torch.allclose(results[0][1], results[1][1], atol=1e-7)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from clpd import losses
 from clpd.losses import (DIVERGENCES, IGNORE_INDEX, TopK, distill_loss, kd_loss_sum, sparse_kd_loss_sum,
                          tempered_tail_lse, top_k_outputs)
 
@@ -223,7 +224,8 @@ def test_the_forward_kl_gradient_is_p_s_minus_p_t_on_the_top_k_and_proportional_
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", NAMES)
-def test_chunk_size_one_and_1024_give_the_same_value_and_gradient(name):
+def test_chunk_size_one_and_1024_give_the_same_value_and_gradient(name, monkeypatch):
+    monkeypatch.setattr(losses, "RECOMPUTE_ABOVE", 0)  # chunked (and recomputed) however small the batch
     student, teacher, targets = batch(v=33)
     for k in (4, 33):
         top = stored(teacher, targets, k, 33)
@@ -236,9 +238,11 @@ def test_chunk_size_one_and_1024_give_the_same_value_and_gradient(name):
             torch.testing.assert_close(sparse_kd_loss_sum(student, top, targets, chunk_size=1, **kw), whole[0], **TOL)
 
 
-def test_fp32_chunk_temporaries_are_not_kept_for_backward():
-    """As for kd_loss_sum: only the student's answer rows (in their own dtype), the mask and the stored
-    teacher rows are kept for backward; every fp32 [chunk, width] temporary is recomputed."""
+def test_fp32_chunk_temporaries_are_not_kept_for_backward(monkeypatch):
+    """As for kd_loss_sum, above losses.RECOMPUTE_ABOVE elements (here: always): only the student's
+    answer rows (in their own dtype), the mask and the stored teacher rows are kept for backward;
+    every fp32 [chunk, width] temporary is recomputed."""
+    monkeypatch.setattr(losses, "RECOMPUTE_ABOVE", 0)
     student, teacher, targets = batch(b=4, t=16, v=64)
     student = student.detach().bfloat16().requires_grad_()
     top = stored(teacher, targets, 8, 64)
