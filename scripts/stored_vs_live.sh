@@ -32,5 +32,5 @@ sweep() {  # sweep NAME OVERRIDES...: the seeds x arms of one way of getting tea
 sweep live distill.teacher_outputs=live "$@"
 sweep stored-k8 distill.teacher_outputs=stored distill.top_k=8 "$@"
 sweep stored-all distill.teacher_outputs=stored distill.top_k=null "$@"
-run clpd report "$OUT/runs" --out "$OUT"
+run clpd report "$OUT/runs" --out "$OUT" --baseline distill.teacher_outputs=live   # stored minus live, per method
 echo "stored_vs_live: $((SECONDS - START)) s in all; report in $OUT"
