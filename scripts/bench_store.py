@@ -119,12 +119,13 @@ from typing import Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable from a checkout that is not pip-installed
-sys.path.insert(0, str(REPO / "scripts"))  # bench_distill's Qwen2.5 shapes
+sys.path.insert(0, str(REPO / "scripts"))  # bench_distill's Qwen2.5 shapes, bench_trl's load readings
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench_distill import PRESETS, Shape, parse_shape  # noqa: E402
+from bench_trl import clock  # noqa: E402  (machine-load readings; trl itself is imported lazily there)
 from clpd.config import DistillConfig  # noqa: E402
 from clpd.losses import IGNORE_INDEX, TopK, distill_loss, top_k_outputs  # noqa: E402
 
@@ -141,24 +142,6 @@ def set_threads(threads: Optional[int]) -> int:
     if threads:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
-
-
-CLOCK_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def busy_cpu_s() -> float:
-    """CPU seconds the whole machine has been busy (every process, /proc/stat); 0 where unknown."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return 0.0
-    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / CLOCK_TICK
-
-
-def clock() -> tuple:
-    """(wall, this process's CPU, the machine's busy CPU) seconds."""
-    return time.perf_counter(), time.process_time(), busy_cpu_s()
 
 
 def load_shares(start: tuple, end: tuple) -> dict:
