@@ -259,7 +259,8 @@ class Batches:
         r = ranks()
         layout = pack if self.packed else functools.partial(collate, pad_id=self.pad_id)
         # Each micro-batch also says which examples it holds ("index"): stored teacher outputs are found by example.
-        mine = [{**layout(chunk[r.rank::r.world_size]), "index": torch.tensor(order[a:b][r.rank::r.world_size], dtype=torch.long)}
+        mine = [{**layout(chunk[r.rank::r.world_size]),
+                 "index": torch.tensor(order[a:b][r.rank::r.world_size], dtype=torch.long)}
                 for chunk, a, b in zip(chunks, starts, starts[1:])]
         positions = sum(position_count(chunk[q::r.world_size], self.packed) for chunk in chunks for q in range(r.world_size))
         return StepBatch(batch, mine, read_token_count(batch), positions, answer_token_count(batch))

@@ -191,8 +191,8 @@ def teacher_outputs_summary(run: Run, supervision: Supervision) -> dict:
     return {"source": "live"}
 
 
-def curriculum_sampler(run: Run, data: Data, student: torch.nn.Module,
-                       ladder: Ladder) -> tuple[Sampler, Optional[List[float]]]:
+def curriculum_sampler(run: Run, data: Data, student: torch.nn.Module, ladder: Ladder,
+                       packed: bool) -> tuple[Sampler, Optional[List[float]]]:
     """Score, order and pace the training set (the explicit curriculum) into the run's sampler;
     returns it with the scores (None without a curriculum).
 
@@ -211,7 +211,7 @@ def curriculum_sampler(run: Run, data: Data, student: torch.nn.Module,
             def loss_of(model):
                 run.console.print(f"scoring {n} examples by the loss of {getattr(model, 'name_or_path', '') or 'a model'}")
                 return per_example_loss(model.to(device), examples, batch_size=c.score_batch_size, device=device,
-                                        pad_id=run.tokenizer.pad_token_id)
+                                        pad_id=run.tokenizer.pad_token_id, packed=packed)  # the loop's layout
 
             def teacher_loss():
                 spec = next(t for t in ladder.specs if t.name == c.teacher)
@@ -319,14 +319,15 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
             return summary
         student = build_student(run, ladder)
         supervision = build_supervision(run, ladder, data)
-        sampler, scores = main_first(lambda: curriculum_sampler(run, data, student.model, ladder))  # scores cached by rank 0
+        packed = choose_layout(run, student.model)  # padded or packed micro-batches, for scoring and training
+        sampler, scores = main_first(lambda: curriculum_sampler(run, data, student.model, ladder, packed))  # cached by rank 0
         in_use = ladder.in_use() if supervision.teachers is not None else []  # the rungs built and loaded
         manifest = make_manifest(cfg, teachers=[{"name": t.name, "source": t.path} for t in in_use],
                                  data=fingerprint(data.examples), scores=scores)
         resume = resume_student(resume_from, manifest, student.model, run_dir, console,
                                 force=tc.trainer.resume_force) if resume_from else None
         saves: List[dict] = []
-        batches = Batches(data.examples, sampler, run.tokenizer.pad_token_id, packed=choose_layout(run, student.model),
+        batches = Batches(data.examples, sampler, run.tokenizer.pad_token_id, packed=packed,
                           micro_batch_tokens=tc.trainer.micro_batch_tokens)
         result = train(student.model, batches, tc.trainer, supervision, outputs(run, student, manifest, saves),
                        device=run.device, autocast_dtype=run.autocast_dtype, resume=resume)

@@ -171,12 +171,14 @@ def reference_loss(model, example) -> float:
     return F.cross_entropy(logits, labels[1:], ignore_index=IGNORE_INDEX).item()
 
 
-def test_per_example_loss_in_batches_equals_one_example_at_a_time(tiny):
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_per_example_loss_in_batches_equals_one_example_at_a_time(tiny, packed):
     model, tokenizer, examples = tiny
     assert len({len(e["input_ids"]) for e in examples}) == len(examples)  # lengths differ: batches are padded
     expected = [reference_loss(model, e) for e in examples]
     for batch_size in (1, 3, 8):
-        got = per_example_loss(model, examples, batch_size=batch_size, device="cpu", pad_id=tokenizer.pad_token_id)
+        got = per_example_loss(model, examples, batch_size=batch_size, device="cpu", pad_id=tokenizer.pad_token_id,
+                               packed=packed)
         assert got == pytest.approx(expected, abs=1e-5)
 
 
@@ -186,6 +188,9 @@ def test_per_example_loss_restores_training_mode_and_scores_no_answer_tokens_as_
     model.train()
     got = per_example_loss(model, [cut, examples[1]], batch_size=2, device="cpu", pad_id=tokenizer.pad_token_id)
     assert model.training
+    packed = per_example_loss(model, [cut, examples[1]], batch_size=2, device="cpu", pad_id=tokenizer.pad_token_id,
+                              packed=True)
+    assert packed == pytest.approx(got, abs=1e-5)
     assert got[0] == 0.0 and got[1] == pytest.approx(reference_loss(model, examples[1]), abs=1e-5)
 
 

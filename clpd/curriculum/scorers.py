@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from clpd.config import CurriculumConfig, Difficulty, Order, Pacing
-from clpd.data.batching import collate
+from clpd.data.batching import answer_mask, answer_token_count, collate, pack
 from clpd.data.prompts import IGNORE_INDEX
 from clpd.data.records import Problem
 
@@ -43,18 +43,19 @@ def random_scores(n: int, seed: int) -> np.ndarray:
 
 
 def per_example_loss(model: torch.nn.Module, examples: Sequence[Dict[str, Any]], *, batch_size: int,
-                     device: torch.device | str, pad_id: int) -> np.ndarray:
+                     device: torch.device | str, pad_id: int, packed: bool = False) -> np.ndarray:
     """The mean cross-entropy of each example's answer tokens under ``model`` (a transformers
     causal LM already on ``device``): the ``student_loss`` scorer with the initial student, the
     ``teacher_loss`` scorer with a teacher.
 
     One pass over the examples in batches of ``batch_size``, longest first (similar lengths share
-    a batch, so little padding; an out-of-memory error shows on the first batch), right-padded
-    with an attention mask, in eval mode under ``torch.inference_mode()``. The model's train/eval
-    mode is restored afterwards. The logits are upcast to fp32 one row at a time, so the fp32
-    temporary is ``[length, vocab]``, not ``[batch, length, vocab]``. An example with no answer
-    token (a prompt cut by ``max_len``) scores 0.0: it contributes no loss to training either.
-    Returned in the order of ``examples``.
+    a batch, so little padding; an out-of-memory error shows on the first batch), in the training
+    loop's layout: right-padded rows with an attention mask, or with ``packed`` one padding-free row
+    (``clpd.data.batching.pack``), in eval mode under ``torch.inference_mode()``. The model's
+    train/eval mode is restored afterwards. The output layer runs on answer positions only
+    (``logits_to_keep``), and their logits are upcast to fp32 one example at a time. An example with
+    no answer token (a prompt cut by ``max_len``) scores 0.0: it contributes no loss to training
+    either. Returned in the order of ``examples``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
@@ -67,16 +68,16 @@ def per_example_loss(model: torch.nn.Module, examples: Sequence[Dict[str, Any]],
         with torch.inference_mode():
             for start in range(0, n, batch_size):
                 rows = by_length[start:start + batch_size]
-                batch = collate([examples[i] for i in rows], pad_id)  # the training loop's batching
-                logits = model(input_ids=batch["input_ids"].to(device),
-                               attention_mask=batch["attention_mask"].to(device)).logits
-                targets = batch["targets"].to(device)  # position j predicts token j + 1
-                for r, i in enumerate(rows):
-                    answer = targets[r] != IGNORE_INDEX
-                    count = int(answer.sum())
+                part = [examples[i] for i in rows]
+                batch = {k: v.to(device) for k, v in (pack(part) if packed else collate(part, pad_id)).items()}
+                targets = batch.pop("targets")  # position j predicts token j + 1
+                keep = answer_mask(targets)
+                logits = model(**batch, logits_to_keep=keep, use_cache=False).logits  # [answer positions, V]
+                # Answer positions come example by example (row-major), in each example's order.
+                counts = [answer_token_count([e]) for e in part]
+                for i, count, x, y in zip(rows, counts, logits.split(counts), targets[keep].split(counts)):
                     if count:
-                        ce = F.cross_entropy(logits[r][answer].float(), targets[r][answer], reduction="sum")
-                        losses[i] = ce.item() / count
+                        losses[i] = F.cross_entropy(x.float(), y, reduction="sum").item() / count
                 del logits
     finally:
         model.train(was_training)
