@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from clpd.config import Difficulty, DistillLoss, TrainConfig, register_configs, to_object
+from clpd.config import Difficulty, DistillLoss, TeacherOutputs, TrainConfig, register_configs, to_object
 from clpd.curriculum.sampler import build_sampler
 from clpd.curriculum.scorers import compute_scores, is_curriculum, needs_model, scorers
 from clpd.curriculum.stages import stage_at, stage_starts
@@ -25,7 +25,7 @@ from clpd.data.prompts import encode_problems
 from clpd.errors import ClpdError
 from clpd.models import load_tokenizer
 from clpd.files import atomic_path, write_json
-from clpd.ladder import teachers_in_use
+from clpd.ladder import distilling_teachers, teachers_in_use
 from clpd.runs import run_command
 from clpd.teachers import make_schedule
 
@@ -138,6 +138,10 @@ def run_plan(cfg: DictConfig, run_dir: Path, console: Console | None = None) -> 
     if plan["teachers_in_use"]:
         console.print(f"teachers loaded (trained first when not in teachers.cache_dir={tc.teachers.cache_dir}): "
                       f"{', '.join(plan['teachers_in_use'])}", soft_wrap=True)
+    if tc.distill.teacher_outputs == TeacherOutputs.stored:
+        kept = f"top-{tc.distill.top_k}" if tc.distill.top_k else "every row"
+        console.print(f"teacher outputs: stored, {kept} (built first when not in {tc.teachers.cache_dir}/outputs) for "
+                      f"{', '.join(tc.teachers.ladder[i].name for i in distilling_teachers(tc))}", soft_wrap=True)
     console.print(f"plan.json and plan.png in {run_dir}", soft_wrap=True)
     return plan
 

@@ -202,3 +202,15 @@ def kd_cfg_overrides(tmp_path: Path) -> list:
     return [*LADDER, "teachers.build.max_steps=2", "teachers.build.warmup_steps=1", "teachers.build.batch_size=4",
             "teachers.build.grad_accum=1", f"teachers.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=4",
             "trainer.grad_accum=2", "trainer.eval_at_end=false"]
+
+
+def test_the_plan_names_the_stores_a_run_would_read(tmp_path):
+    from rich.console import Console as RichConsole
+
+    from clpd.plan import run_plan
+
+    console = RichConsole(record=True, width=200)
+    run_plan(kd_cfg(tmp_path, "distill.teacher_outputs=stored", "distill.top_k=8"), tmp_path / "plan", console)
+    line = next(line for line in console.export_text().splitlines() if line.startswith("teacher outputs:"))
+    assert line.startswith("teacher outputs: stored, top-8 (built first when not in")
+    assert line.endswith(" for c")  # standard KD: the strongest rung alone
