@@ -125,7 +125,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench_distill import PRESETS, Shape, parse_shape  # noqa: E402
-from bench_trl import clock  # noqa: E402  (machine-load readings; trl itself is imported lazily there)
+from bench_trl import clock, reset_peak_rss  # noqa: E402  (machine-load readings; trl itself is imported lazily there)
 from clpd.config import DistillConfig  # noqa: E402
 from clpd.losses import IGNORE_INDEX, TopK, distill_loss, top_k_outputs  # noqa: E402
 
@@ -165,15 +165,6 @@ def rss_mib() -> float:
 def max_rss_mib() -> float:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
-
-
-def reset_peak_rss() -> bool:
-    """Linux >= 4.0: writing 5 to clear_refs resets the peak RSS (VmHWM, and ru_maxrss with it)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def environment(threads: int, where: Optional["Placement"] = None) -> dict:
