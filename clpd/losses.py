@@ -10,8 +10,8 @@ Three layers:
 * ``DIVERGENCES``: per-token divergences, pure functions of fp32 log-probabilities
   ``(s_logp, t_logp)`` of shape ``[N, V]`` (s = student, t = teacher) returning ``[N]``.
 * ``kd_loss_sum``: logits in, summed divergence out; aligns vocabularies, keeps only answer
-  positions, and works through them in checkpointed chunks so memory stays bounded for a
-  152k-row vocabulary.
+  positions, and works through them in checkpointed chunks (when large) so memory stays bounded
+  for a 152k-row vocabulary.
 * ``distill_loss``: what the loop calls; ``alpha * CE + (1 - alpha) * KD``, or plain CE for
   ``"sft"``, returned with its two terms apart (:class:`LossTerms`) so that both can be logged.
 
@@ -246,6 +246,19 @@ def rows_per_chunk(rows: torch.Tensor, chunk_size: int) -> int:
     return chunk_size if rows.numel() > RECOMPUTE_ABOVE else max(chunk_size, rows.size(0))
 
 
+def _chunked_sum(per_chunk: Callable[..., torch.Tensor], student: torch.Tensor, *teacher: torch.Tensor,
+                 chunk_size: int) -> torch.Tensor:
+    """``per_chunk(student_rows, *teacher_rows)`` summed over chunks of the rows: large losses are
+    cut into ``chunk_size`` rows, each recomputed in backward (a non-reentrant activation checkpoint)
+    instead of keeping its fp32 [chunk, V] temporaries; small ones are one kept chunk."""
+    rows = rows_per_chunk(student, chunk_size)
+    recompute = needs_recompute(student)
+    # split (not slicing in a loop): one backward node, one concatenated gradient
+    chunks = zip(student.split(rows), *(t.split(rows) for t in teacher))
+    sums = [checkpoint(per_chunk, *c, use_reentrant=False) if recompute else per_chunk(*c) for c in chunks]
+    return torch.stack(sums).sum()
+
+
 def _chunk_sum(student: torch.Tensor, teacher: torch.Tensor, fn: Divergence, temperature: float) -> torch.Tensor:
     """Summed divergence of one chunk of [rows, V] logits, computed in (at least) fp32."""
     dtype = torch.promote_types(student.dtype, torch.float32)
@@ -267,7 +280,7 @@ def kd_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targ
     - Memory: answer positions are selected first, then processed ``chunk_size`` rows at a time,
       each chunk cast to fp32 and wrapped in a non-reentrant activation checkpoint when grad is on,
       so at most one chunk's fp32 ``[chunk, V]`` temporaries are alive at a time, in forward and in
-      backward.
+      backward; up to ``RECOMPUTE_ABOVE`` [rows, V] elements the rows are one kept chunk instead.
     - Temperature: both distributions are softened by ``temperature`` and the result is scaled by
       ``temperature ** 2`` (Hinton et al.: keeps the gradient scale independent of T), for every
       divergence.
@@ -301,13 +314,7 @@ def kd_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targ
         return student.float().sum()  # 0, still attached to the graph so backward() works
 
     per_chunk = partial(_chunk_sum, fn=partial(DIVERGENCES[divergence], beta=beta, lam=lam), temperature=temperature)
-    # Recompute each chunk in backward instead of keeping its fp32 [chunk, V] temporaries.
-    recompute = needs_recompute(student)
-    sums = [checkpoint(per_chunk, s, t, use_reentrant=False) if recompute else per_chunk(s, t)
-            # split (not slicing in a loop): one backward node, one concatenated gradient
-            for s, t in zip(student.split(rows_per_chunk(student, chunk_size)),
-                            teacher.split(rows_per_chunk(student, chunk_size)))]
-    return torch.stack(sums).sum() * temperature ** 2
+    return _chunked_sum(per_chunk, student, teacher, chunk_size=chunk_size) * temperature ** 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,11 +454,7 @@ def sparse_kd_loss_sum(student_logits: torch.Tensor, teacher: TopK, targets: tor
 
     per_chunk = partial(_sparse_chunk_sum, fn=partial(DIVERGENCES[divergence], beta=beta, lam=lam),
                         temperature=temperature)
-    recompute = needs_recompute(student)
-    rows = rows_per_chunk(student, chunk_size)
-    chunks = zip(student.split(rows), indices.long().split(rows), values.split(rows), tail_lse.split(rows))
-    sums = [checkpoint(per_chunk, *c, use_reentrant=False) if recompute else per_chunk(*c) for c in chunks]
-    return torch.stack(sums).sum() * temperature ** 2
+    return _chunked_sum(per_chunk, student, indices.long(), values, tail_lse, chunk_size=chunk_size) * temperature ** 2
 
 
 class LossTerms(NamedTuple):

@@ -46,10 +46,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from clpd.cache import build_once
 from clpd.checkpoint import sha256_file, weights_fingerprint
 from clpd.config import ModelConfig
-from clpd.data.batching import answer_mask, collate
+from clpd.data.batching import answer_mask, answer_token_count, collate
 from clpd.errors import ClpdError
 from clpd.files import fingerprint, plain_json, write_json
-from clpd.losses import IGNORE_INDEX, TopK, top_k_outputs
+from clpd.losses import TopK, top_k_outputs
 from clpd.models import load_model
 
 log = logging.getLogger("clpd.teacher_store")
@@ -93,11 +93,6 @@ def check_top_k(top_k: Optional[int], width: int) -> None:
                         f"allowed: 1..{width}, or null for every row")
 
 
-def answer_rows(example: dict) -> int:
-    """The answer positions of an encoded example: the targets (labels after the first) taken a loss on."""
-    return sum(1 for t in example["labels"][1:] if t != IGNORE_INDEX)
-
-
 # --- building ------------------------------------------------------------------------------------
 
 def _progress(console: Console) -> Progress:
@@ -113,7 +108,7 @@ def write_store(folder: Path, model: torch.nn.Module, examples: Sequence[dict], 
     the marker. Examples go through in length order (little padding), ``batch_size`` at a time,
     under ``inference_mode``; the output layer runs on answer positions only."""
     folder.mkdir(parents=True)
-    counts = [answer_rows(e) for e in examples]
+    counts = [answer_token_count([e]) for e in examples]  # each example's answer positions
     offsets = np.zeros(len(examples) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
     rows, k = int(offsets[-1]), key.top_k

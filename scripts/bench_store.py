@@ -946,6 +946,17 @@ def cmd_memory(args: argparse.Namespace) -> int:
 
 # --- command line -------------------------------------------------------------------------------------
 
+
+def qwen_examples(parser: argparse.ArgumentParser, *, seq_len: int) -> None:
+    """The qwen preset's random examples and teacher shape (``step`` and ``build``)."""
+    parser.add_argument("--seq-len", type=int, default=seq_len, help="qwen: tokens per example")
+    parser.add_argument("--answer-fraction", type=float, default=0.5, help="qwen: the answer's share of each example")
+    parser.add_argument("--teacher", type=parse_shape, default=None, metavar="PRESET|h,l,heads,kv,ffn,vocab",
+                        help="qwen: the teacher's shape (default qwen2.5-1.5b; qwen2.5-7b on a GPU)")
+    parser.add_argument("--tokenizer-size", type=int, default=None,
+                        help=f"qwen: rows compared, kept in a store's top-k and ids are drawn from (default: "
+                             f"min({QWEN_TOKENIZER}, the models' rows))")
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -975,15 +986,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=32, help="logits kept per answer position in the store")
     s.add_argument("--store-batch-size", type=int, default=64, help="examples per teacher forward building the store")
     s.add_argument("--train-limit", type=int, default=None, help="arith: draw the batch from the first N problems")
-    s.add_argument("--seq-len", type=int, default=128, help="qwen: tokens per example (e.g. 512 on a GPU)")
-    s.add_argument("--answer-fraction", type=float, default=0.5, help="qwen: the answer's share of each example")
     s.add_argument("--student", type=parse_shape, default=None, metavar="PRESET|h,l,heads,kv,ffn,vocab",
                    help="qwen: the student's shape (default qwen2.5-0.5b)")
-    s.add_argument("--teacher", type=parse_shape, default=None, metavar="PRESET|h,l,heads,kv,ffn,vocab",
-                   help="qwen: the teacher's shape (default qwen2.5-1.5b; qwen2.5-7b on a GPU)")
-    s.add_argument("--tokenizer-size", type=int, default=None,
-                   help=f"qwen: rows KD compares and ids are drawn from (default: min({QWEN_TOKENIZER}, the "
-                        "models' rows))")
+    qwen_examples(s, seq_len=128)
     placed(s)
     common(s)
     s.set_defaults(func=cmd_step)
@@ -1006,13 +1011,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"examples per teacher forward (default: {', '.join(f'{k} {v}' for k, v in BUILD_BATCH.items())})")
     b.add_argument("--train-limit", type=int, default=None, help="arith: the first N problems (default: all 20,000)")
     b.add_argument("--examples", type=int, default=512, help="qwen: random examples the store holds")
-    b.add_argument("--seq-len", type=int, default=512, help="qwen: tokens per example")
-    b.add_argument("--answer-fraction", type=float, default=0.5, help="qwen: the answer's share of each example")
-    b.add_argument("--teacher", type=parse_shape, default=None, metavar="PRESET|h,l,heads,kv,ffn,vocab",
-                   help="qwen: the teacher's shape (default qwen2.5-1.5b; qwen2.5-7b on a GPU)")
-    b.add_argument("--tokenizer-size", type=int, default=None,
-                   help=f"qwen: rows kept in the store's top-k and ids are drawn from (default: min({QWEN_TOKENIZER}, "
-                        "the teacher's rows))")
+    qwen_examples(b, seq_len=512)
     placed(b)
     common(b)
     b.set_defaults(func=cmd_build)

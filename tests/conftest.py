@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import List
 
@@ -42,3 +45,14 @@ def compose_config(config_name: str, overrides: List[str]) -> DictConfig:
 @pytest.fixture
 def tiny_train_cfg() -> DictConfig:
     return compose_config("train", ["+experiment=arith_sft", *TINY_OVERRIDES])
+
+
+def clpd_trains_at_once(overrides: List[str], run_dirs: List[Path], cwd: Path, timeout: int = 600) -> list:
+    """``clpd train OVERRIDES hydra.run.dir=D`` for each D, started together (the clpd of this
+    interpreter's environment); returns (returncode, stdout+stderr) of each once all have ended."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+    runs = [subprocess.Popen(["clpd", "train", *overrides, f"hydra.run.dir={d}"], cwd=cwd, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PATH": path})
+            for d in run_dirs]
+    outputs = [r.communicate(timeout=timeout)[0] for r in runs]
+    return [(r.returncode, out) for r, out in zip(runs, outputs)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from clpd.config import to_object
 from clpd.ladder import teachers_in_use
 from clpd.plan import timeline
 from clpd.train import run_train
-from tests.conftest import REPO, TINY_OVERRIDES
+from tests.conftest import REPO, TINY_OVERRIDES, clpd_trains_at_once
 from tests.test_teachers import LADDER, ladder_cfg
 
 QUIET = Console(quiet=True)
@@ -159,12 +158,9 @@ def test_two_runs_started_at_once_on_an_empty_cache_both_finish_and_train_each_t
                  "teachers.build.warmup_steps=1", "teachers.build.batch_size=4", "teachers.build.grad_accum=1",
                  "teachers.build.eval=false", "trainer.grad_accum=1", "trainer.eval_at_end=false",
                  f"teachers.cache_dir={cache}"]
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
-    runs = [subprocess.Popen(["clpd", "train", *overrides, f"hydra.run.dir={tmp_path / name}"], cwd=tmp_path, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PATH": path})
-            for name in ("one", "two")]
-    outputs = [r.communicate(timeout=600)[0] for r in runs]
-    assert [r.returncode for r in runs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    runs = clpd_trains_at_once(overrides, [tmp_path / "one", tmp_path / "two"], cwd=tmp_path)
+    outputs = [out for _, out in runs]
+    assert [rc for rc, _ in runs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     both = "".join(outputs)
     for name in ("a", "b", "c"):
         assert both.count(f"training teacher {name} ") == 1, both[-4000:]

@@ -4,9 +4,6 @@ training on the live teacher when nothing is cut, and that a wrong or damaged st
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +20,8 @@ from clpd.models import load_model
 from clpd.teacher_store import TeacherStore, build_store, store_dir, store_key
 from clpd.tokenizer import build_char_tokenizer
 from clpd.train import run_train
-from tests.conftest import REPO, TINY_OVERRIDES
-from tests.test_teachers import ladder_cfg
+from tests.conftest import REPO, clpd_trains_at_once, compose_config
+from tests.test_teachers import ladder_overrides
 
 QUIET = Console(quiet=True)
 
@@ -116,9 +113,13 @@ def test_a_store_for_another_teacher_or_a_damaged_file_is_refused_in_one_line(tm
 
 # --- end to end --------------------------------------------------------------------------------
 
+def kd_overrides(tmp_path: Path, *extra: str) -> list:
+    return ladder_overrides(tmp_path, "method=standard_kd", "trainer.max_steps=4", "trainer.grad_accum=2",
+                            "trainer.eval_at_end=false", *extra)
+
+
 def kd_cfg(tmp_path: Path, *extra: str):
-    return ladder_cfg(tmp_path, "method=standard_kd", "trainer.max_steps=4", "trainer.grad_accum=2",
-                      "trainer.eval_at_end=false", *extra)
+    return compose_config("train", kd_overrides(tmp_path, *extra))
 
 
 def test_stored_outputs_of_every_row_train_the_student_the_live_teacher_trains(tmp_path):
@@ -181,27 +182,13 @@ def test_a_truncated_store_stops_the_run_before_its_first_step(tmp_path):
 def test_two_runs_that_need_one_missing_store_build_it_once_and_both_finish(tmp_path):
     # The ladder first (so that the two runs meet at the store, not at the teacher).
     run_train(kd_cfg(tmp_path, "teachers.build_only=true"), tmp_path / "ladder", QUIET)
-    overrides = [*TINY_OVERRIDES, "method=standard_kd", "distill=forward_kl", "teachers.name=test",
-                 *[o for o in kd_cfg_overrides(tmp_path)], "distill.teacher_outputs=stored", "distill.top_k=4",
-                 "distill.store_batch_size=1"]
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
-    runs = [subprocess.Popen(["clpd", "train", *overrides, f"hydra.run.dir={tmp_path / name}"], cwd=REPO, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PATH": path})
-            for name in ("one", "two")]
-    outputs = [r.communicate(timeout=600)[0] for r in runs]
-    assert [r.returncode for r in runs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
-    both = "".join(outputs)
+    overrides = kd_overrides(tmp_path, "distill.teacher_outputs=stored", "distill.top_k=4", "distill.store_batch_size=1")
+    runs = clpd_trains_at_once(overrides, [tmp_path / "one", tmp_path / "two"], cwd=REPO)
+    both = "".join(out for _, out in runs)
+    assert [rc for rc, _ in runs] == [0, 0], both[-6000:]
     assert both.count("storing teacher c's top-4 logits") == 1, both[-4000:]
     assert "waiting for" in both
     assert len(list((tmp_path / "cache" / "outputs").glob("c-k4-*"))) == 1
-
-
-def kd_cfg_overrides(tmp_path: Path) -> list:
-    from tests.test_teachers import LADDER
-
-    return [*LADDER, "teachers.build.max_steps=2", "teachers.build.warmup_steps=1", "teachers.build.batch_size=4",
-            "teachers.build.grad_accum=1", f"teachers.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=4",
-            "trainer.grad_accum=2", "trainer.eval_at_end=false"]
 
 
 def test_the_plan_names_the_stores_a_run_would_read(tmp_path):

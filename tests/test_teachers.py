@@ -36,11 +36,15 @@ LADDER = [
 ]
 
 
+def ladder_overrides(tmp_path: Path, *extra: str) -> list:
+    """A tiny student distilled from the three-rung test ladder (built in 2 steps into tmp_path/cache)."""
+    return [*TINY_OVERRIDES, "method=none", "distill=forward_kl", "teachers.name=test", *LADDER,
+            "teachers.build.max_steps=2", "teachers.build.warmup_steps=1", "teachers.build.batch_size=4",
+            "teachers.build.grad_accum=1", f"teachers.cache_dir={tmp_path / 'cache'}", *extra]
+
+
 def ladder_cfg(tmp_path: Path, *extra: str):
-    return compose_config("train", [*TINY_OVERRIDES, "method=none", "distill=forward_kl", "teachers.name=test", *LADDER,
-                                    "teachers.build.max_steps=2", "teachers.build.warmup_steps=1",
-                                    "teachers.build.batch_size=4", "teachers.build.grad_accum=1",
-                                    f"teachers.cache_dir={tmp_path / 'cache'}", *extra])
+    return compose_config("train", ladder_overrides(tmp_path, *extra))
 
 
 # --- the schedule ------------------------------------------------------------------------------
