@@ -313,8 +313,54 @@ def kd_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targ
     if student.size(0) == 0:
         return student.float().sum()  # 0, still attached to the graph so backward() works
 
+    if divergence == "forward_kl":  # the common KD loss: its gradient is closed-form (below)
+        return _ForwardKL.apply(student, teacher, temperature, chunk_size) * temperature ** 2
     per_chunk = partial(_chunk_sum, fn=partial(DIVERGENCES[divergence], beta=beta, lam=lam), temperature=temperature)
     return _chunked_sum(per_chunk, student, teacher, chunk_size=chunk_size) * temperature ** 2
+
+
+class _ForwardKL(torch.autograd.Function):
+    """``forward_kl`` summed over [N, V] rows, with its gradient written out instead of recorded.
+
+    The generic path records every fp32 [chunk, V] temporary of the divergence for autograd (and,
+    chunked, computes them all a second time in backward), then walks them back op by op.
+    KL(p_t || softmax(s)) has the closed-form gradient ``softmax(s) * sum(w) - w`` with w = p_t
+    (zeroed where the student's log-probability is below ``LOG_PROB_FLOOR``, where the generic
+    path's floor stops the gradient): forward and backward each compute a chunk's two softmaxes
+    once, in place where they can, and only the two input matrices are kept, at any vocabulary
+    size. The value is the generic formula's; the gradient agrees with autograd's to float
+    rounding (tests/test_losses.py). What it saves in a step: README, "Against TRL" (SmolLM2 shapes)."""
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, temperature: float, chunk_size: int) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.promote_types(student.dtype, torch.float32), device=student.device)
+        for s, t in zip(student.split(chunk_size), teacher.split(chunk_size)):
+            s_logp, t_logp = (_tempered(x, temperature, total.dtype).log_softmax(-1) for x in (s, t))
+            p = t_logp.exp()
+            gap = t_logp.clamp_(min=LOG_PROB_FLOOR).sub_(s_logp.clamp_(min=LOG_PROB_FLOOR))
+            total += p.mul_(gap).sum()
+        ctx.save_for_backward(student, teacher)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        student, teacher = ctx.saved_tensors
+        out = torch.empty_like(student)
+        for s, t, g in zip(student.split(ctx.chunk_size), teacher.split(ctx.chunk_size), out.split(ctx.chunk_size)):
+            p = _tempered(s, ctx.temperature, grad.dtype).log_softmax(-1)
+            w = _tempered(t, ctx.temperature, grad.dtype).softmax(-1)
+            if p.min() < LOG_PROB_FLOOR:  # rare: rows so unlikely that the floor stops their gradient
+                w.masked_fill_(p < LOG_PROB_FLOOR, 0.0)
+            p.exp_().mul_(w.sum(-1, keepdim=True)).sub_(w).mul_(grad / ctx.temperature)  # d/d(s / T), times dL/dsum
+            g.copy_(p)
+        return out, None, None, None
+
+
+def _tempered(logits: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """``logits / temperature`` in ``dtype`` (possibly ``logits`` itself: not to be changed in place)."""
+    x = logits.to(dtype)
+    return x if temperature == 1.0 else x / temperature
 
 
 # --------------------------------------------------------------------------------------------

@@ -227,6 +227,30 @@ def test_fp32_chunk_temporaries_are_not_kept_for_backward(name, monkeypatch):
     assert sum(saved.values()) <= answer_rows_bytes + mask_bytes
 
 
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_forward_kl_has_a_written_out_gradient_equal_to_autograd_s_of_the_formula(temperature):
+    """kd_loss_sum computes forward KL with its closed-form gradient (losses._ForwardKL, no autograd
+    graph over [N, V]); value and gradient are those of autograd through the generic formula, also
+    with masked rows and underflowing probabilities, and its gradient passes gradcheck in fp64."""
+    student, teacher, targets = batch(b=3, t=7, vs=13, vt=13)
+    with torch.no_grad():
+        student[..., 6] = teacher[..., 6] = -math.inf
+        teacher[..., 7] = -math.inf
+        student[1, 0, 0], student[1, 0, 1] = 300.0, -300.0  # below LOG_PROB_FLOOR: no gradient there
+    keep = targets != IGNORE_INDEX
+    s = student.detach()[keep].clone().requires_grad_()
+    expected = forward_kl((s / temperature).log_softmax(-1), (teacher[keep] / temperature).log_softmax(-1)).sum()
+    (expected * temperature ** 2).backward()
+    value, grad = value_and_grad(student, teacher, targets, divergence="forward_kl", temperature=temperature, chunk_size=4)
+    assert torch.allclose(value, expected.detach() * temperature ** 2, rtol=1e-6)
+    assert torch.allclose(grad[keep], s.grad, atol=1e-7) and (grad[~keep] == 0).all()
+
+    g = torch.Generator().manual_seed(1)
+    s64 = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    t64 = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: losses._ForwardKL.apply(x, t64, temperature, 4), (s64,))
+
+
 def test_teacher_extra_vocab_rows_are_ignored():
     student, teacher, targets = batch(vs=11, vt=14)
     cut = value_and_grad(student, teacher[..., :11], targets, divergence="forward_kl")
