@@ -20,6 +20,7 @@ from clpd.loop import (Batches, Outputs, Supervision, TrainState, build_optimize
 from clpd.losses import IGNORE_INDEX, cross_entropy_sum, distill_loss
 from clpd.models import load_model, load_tokenizer
 from clpd.teachers import TeacherPool
+from clpd.tokenizer import build_char_tokenizer
 
 SPEC = ModelConfig(name="t", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_position_embeddings=64)
 
@@ -49,7 +50,23 @@ def test_collate_right_pads_and_shifts_targets_by_one():
     batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6], [8, 9]]
     assert batch["targets"].tolist() == [[6, 7], [9, -100]]
-    assert batch["attention_mask"].tolist() == [[1, 1], [1, 1]]
+    assert set(batch) == {"input_ids", "targets"}  # no attention mask: see the next test
+
+
+def test_right_padded_rows_need_no_attention_mask_in_a_causal_model():
+    """What collate relies on: without a mask, a padded row's logits at its real positions are the
+    example's own (padding comes after them, and a causal model never looks ahead)."""
+    tokenizer = build_char_tokenizer()
+    torch.manual_seed(0)
+    model = load_model(ModelConfig(name="m", hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                                   max_position_embeddings=64), tokenizer).eval()
+    data = [{"input_ids": list(range(5, 5 + n)), "labels": list(range(5, 5 + n))} for n in (9, 4, 6)]
+    batch = collate(data, pad_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        padded = model(input_ids=batch["input_ids"]).logits
+        for row, e in enumerate(data):
+            alone = model(input_ids=torch.tensor([e["input_ids"][:-1]])).logits[0]
+            assert torch.allclose(padded[row, :len(alone)], alone, atol=1e-5)
 
 
 def test_the_token_counts_are_those_of_the_collated_batch_without_collating_it():

@@ -1,7 +1,6 @@
 """Batching of encoded examples, shared by the training loop and the loss-based difficulty scorers.
 
-Two layouts of the same micro-batch. ``collate`` right-pads the examples into rows (the model
-gets an attention mask); ``pack`` concatenates them into one row without padding, with position
+Two layouts of the same micro-batch. ``collate`` right-pads the examples into rows; ``pack`` concatenates them into one row without padding, with position
 ids restarting at each example, from which transformers keeps attention inside each example (its
 masks for sdpa/eager, cu_seqlens for flash-attention). Both score the same (token, next token)
 pairs, so a step's loss is the same in either layout up to float rounding.
@@ -18,17 +17,20 @@ from clpd.losses import IGNORE_INDEX
 
 def collate(examples: Sequence[dict], pad_id: int) -> Dict[str, torch.Tensor]:
     """Right-pad a list of encoded examples and shift once: the model reads ``input_ids`` and is
-    scored on ``targets`` (the next token, -100 where no loss is taken)."""
+    scored on ``targets`` (the next token, -100 where no loss is taken).
+
+    No attention mask: in a causal model a real token attends only to the positions before it, and
+    with padding on the right those are all real, so a mask would change only the outputs at
+    padding, which no loss reads. Without one, sdpa runs its causal kernel instead of building
+    and applying a [rows, 1, T, T] mask."""
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
     for row, e in enumerate(examples):
         n = len(e["input_ids"])
         ids[row, :n] = torch.tensor(e["input_ids"])
         labels[row, :n] = torch.tensor(e["labels"])
-        mask[row, :n] = 1
-    return {"input_ids": ids[:, :-1], "attention_mask": mask[:, :-1], "targets": labels[:, 1:]}
+    return {"input_ids": ids[:, :-1], "targets": labels[:, 1:]}
 
 
 def pack(examples: Sequence[dict]) -> Dict[str, torch.Tensor]:
