@@ -17,9 +17,10 @@ The same work in every arm:
   examples: ``clpd.curriculum.sampler.Sampler(range(n), 32, seed).batch(s)``. TRL is given these
   token ids and labels as they are (a pre-tokenized dataset, one row per example, in step order, so
   ``train_sampling_strategy="sequential"`` hands each optimizer step exactly clpd's batch of that
-  step) and a collator that right-pads them the way clpd's ``collate`` does (pad id, attention
-  mask, -100 labels). TRL shifts inside ``compute_loss``; clpd shifts in ``collate``: both score
-  the same (token, next token) pairs.
+  step) and a collator that right-pads them the way clpd's ``collate`` does (pad id, -100 labels),
+  with the attention mask a Trainer's collators give (clpd's ``collate`` gives none: with right
+  padding in a causal model it changes only the outputs at padding). TRL shifts inside
+  ``compute_loss``; clpd shifts in ``collate``: both score the same (token, next token) pairs.
 * Loss: forward KL(teacher || student) over answer tokens, temperature 1, no CE term, summed and
   divided by the answer tokens of the whole optimizer step. clpd: ``distill_loss(loss="forward_kl",
   alpha=0)``. TRL: ``GKDConfig(lmbda=0.0, beta=0.0, seq_kd=False, temperature=1.0)``: lmbda=0 is
@@ -146,8 +147,19 @@ TRL_MISSING = ("TRL is not installed. It is not a dependency of clpd; install it
                "benchmark only: pip install trl (then check that torch and transformers kept their versions, e.g. "
                "pip install trl -c <(pip freeze | grep -v '^-e'))")
 
-STUDENT = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=192)  # conf/student/micro.yaml
-TEACHER = dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384)  # arith_tiny's "large"
+# The (student, teacher) shapes of --shapes. Random weights either way: the numbers are speed only.
+SHAPES = {
+    # conf/student/micro.yaml and arith_tiny's "large": the default job's models, a 100-row vocabulary
+    "arith": (dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=192),
+              dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384)),
+    # student=smollm2_cut6 and teachers=smollm2 (SmolLM2-135M-Instruct's config: 49,152 output rows,
+    # tied): a real small LM's shapes, where the output layer and the loss over the vocabulary weigh
+    # as much as the blocks. The data stays clpd's character-level arith ids (all below 100).
+    "smollm2": (dict(hidden_size=576, num_layers=6, num_heads=9, num_kv_heads=3, intermediate_size=1536,
+                     vocab_size=49152, max_position_embeddings=8192),
+                dict(hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, intermediate_size=1536,
+                     vocab_size=49152, max_position_embeddings=8192)),
+}
 
 
 # --- arms ----------------------------------------------------------------------------------------
@@ -349,7 +361,7 @@ def real_tokens(examples: List[dict]) -> int:
     return sum(len(e["input_ids"]) - 1 for e in examples)
 
 
-def build_models(student_dir: str, teacher_dir: str, seed: int, threads: int) -> dict:
+def build_models(student_dir: str, teacher_dir: str, seed: int, threads: int, shapes: str) -> dict:
     """Child: the student and teacher, random weights, saved once for every arm."""
     from transformers.utils import logging as hf_logging
 
@@ -359,13 +371,15 @@ def build_models(student_dir: str, teacher_dir: str, seed: int, threads: int) ->
     torch.set_num_threads(threads)
     tokenizer = build_char_tokenizer()
     out = {}
-    for name, shape, folder, offset in (("student", STUDENT, student_dir, 0), ("teacher", TEACHER, teacher_dir, 1)):
+    student_shape, teacher_shape = SHAPES[shapes]
+    for name, shape, folder, offset in (("student", student_shape, student_dir, 0), ("teacher", teacher_shape, teacher_dir, 1)):
         torch.manual_seed(seed + offset)
-        model = load_model(ModelConfig(name=name, max_position_embeddings=512, **shape), tokenizer)
+        model = load_model(ModelConfig(name=name, **{"max_position_embeddings": 512, **shape}), tokenizer)
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         out[f"{name}_params"] = count_parameters(model)
         out[f"{name}_attn"] = model.config._attn_implementation
+        out[f"{name}_vocab_rows"] = model.get_output_embeddings().weight.shape[0]
     try:
         from clpd.data.batching import packing_is_exact
     except ImportError:
@@ -381,8 +395,8 @@ def probe_kd(student: torch.nn.Module, teacher: torch.nn.Module, work: Work) -> 
     batch = collate([work.examples[i] for i in work.probe], work.pad_id)
     student.eval()
     with torch.no_grad():
-        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        s = student(input_ids=batch["input_ids"]).logits
+        t = teacher(input_ids=batch["input_ids"]).logits
         terms = distill_loss(s, t, batch["targets"], loss="forward_kl", alpha=0.0, vocab_size=work.vocab)
     answers = int((batch["targets"] != IGNORE_INDEX).sum())
     return float(terms.total) / max(answers, 1)
@@ -480,7 +494,7 @@ def run_trl(work: Work, arm: Arm) -> dict:
     positions: List[int] = []  # per micro-batch, in the order the Trainer collates them
 
     def collate_trl(features: List[dict]) -> Dict[str, torch.Tensor]:
-        """clpd's collate before its shift: right-padded ids, attention mask, -100 labels (TRL shifts)."""
+        """clpd's collate before its shift, plus an attention mask: right-padded ids, -100 labels (TRL shifts)."""
         width = max(len(f["input_ids"]) for f in features)
         ids = torch.full((len(features), width), work.pad_id, dtype=torch.long)
         labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
@@ -662,6 +676,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arms", default="default",
                    help=f"'default' (all but {', '.join(OPT_IN)}), 'all', or comma-separated names from: "
                         f"{', '.join(ARM_NAMES)}")
+    p.add_argument("--shapes", choices=sorted(SHAPES), default="arith",
+                   help="the student's and teacher's shapes: arith (the default job's micro student and large "
+                        "teacher, 100 rows) or smollm2 (SmolLM2-135M's config as the teacher, its 6-block cut as the "
+                        "student, 49,152 rows)")
     p.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step")
     p.add_argument("--micro-batch-tokens", type=int, default=512,
                    help="the token budget of the clpd_packed_tok arm (micro_batch_tokens); at least the longest example")
@@ -726,7 +744,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     prep_s = time.perf_counter() - t0
 
     folder = Path(tempfile.mkdtemp(prefix="bench_trl_models_"))
-    work = Work(examples, step_batches, probe, tokenizer.pad_token_id, len(tokenizer), str(folder / "student"),
+    # The rows every arm's loss compares: all of the models' output rows, as TRL compares them.
+    vocab = SHAPES[args.shapes][0].get("vocab_size") or len(tokenizer)
+    work = Work(examples, step_batches, probe, tokenizer.pad_token_id, vocab, str(folder / "student"),
                 str(folder / "teacher"), args)
     try:
         return measure(args, arms, skipped, support, work, prep_s, lengths, counts)
@@ -737,7 +757,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def measure(args: argparse.Namespace, arms: List[Arm], skipped: Dict[str, str], support: Dict[str, bool], work: Work,
             prep_s: float, lengths: List[int], counts: Dict[str, int]) -> int:
     examples = work.examples
-    models = in_child(lambda: build_models(work.student_dir, work.teacher_dir, args.seed, args.threads))
+    models = in_child(lambda: build_models(work.student_dir, work.teacher_dir, args.seed, args.threads, args.shapes))
     if "error" in models:
         print(models.get("traceback", models["error"]), file=sys.stderr)
         return 1
