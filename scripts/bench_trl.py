@@ -100,6 +100,8 @@ Run timed measurements under the shared lock, e.g.::
 
     flock /tmp/clpd-measure.lock python scripts/bench_trl.py --out /tmp/bench_trl.json   # 7 arms x 3 rounds x 21 steps
     python scripts/bench_trl.py --steps 2 --rounds 1 --train-limit 200 --arms clpd_ga4,trl_ga4_sorted   # a smoke test
+    flock /tmp/clpd-measure.lock python scripts/bench_trl.py --shapes smollm2 --batch-size 16 --steps 4 \
+        --arms clpd_ga1,clpd_ga4,trl_ga1,trl_ga4_sorted,trl_ga4_rebalance   # SmolLM2-135M shapes: ~20 minutes
 
 The default size (20 timed steps, 3 rounds, 7 arms) takes about 10 minutes on 2 idle cores; the
 time grows with whatever else runs on the machine: the JSON records the 1-minute load average and
