@@ -10,8 +10,8 @@ Three layers:
 * ``DIVERGENCES``: per-token divergences, pure functions of fp32 log-probabilities
   ``(s_logp, t_logp)`` of shape ``[N, V]`` (s = student, t = teacher) returning ``[N]``.
 * ``kd_loss_sum``: logits in, summed divergence out; aligns vocabularies, keeps only answer
-  positions, and works through them in checkpointed chunks (when large) so memory stays bounded
-  for a 152k-row vocabulary.
+  positions, and works through them in chunks (checkpointed when large, or for ``forward_kl`` with
+  its gradient written out) so memory stays bounded for a 152k-row vocabulary.
 * ``distill_loss``: what the loop calls; ``alpha * CE + (1 - alpha) * KD``, or plain CE for
   ``"sft"``, returned with its two terms apart (:class:`LossTerms`) so that both can be logged.
 
@@ -281,6 +281,7 @@ def kd_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targ
       each chunk cast to fp32 and wrapped in a non-reentrant activation checkpoint when grad is on,
       so at most one chunk's fp32 ``[chunk, V]`` temporaries are alive at a time, in forward and in
       backward; up to ``RECOMPUTE_ABOVE`` [rows, V] elements the rows are one kept chunk instead.
+      ``forward_kl`` keeps no temporaries at all (:class:`_ForwardKL`, same chunks).
     - Temperature: both distributions are softened by ``temperature`` and the result is scaled by
       ``temperature ** 2`` (Hinton et al.: keeps the gradient scale independent of T), for every
       divergence.
@@ -350,8 +351,7 @@ class _ForwardKL(torch.autograd.Function):
         for s, t, g in zip(student.split(ctx.chunk_size), teacher.split(ctx.chunk_size), out.split(ctx.chunk_size)):
             p = _tempered(s, ctx.temperature, grad.dtype).log_softmax(-1)
             w = _tempered(t, ctx.temperature, grad.dtype).softmax(-1)
-            if p.min() < LOG_PROB_FLOOR:  # rare: rows so unlikely that the floor stops their gradient
-                w.masked_fill_(p < LOG_PROB_FLOOR, 0.0)
+            w.masked_fill_(p < LOG_PROB_FLOOR, 0.0)  # rows so unlikely that the floor stops their gradient
             p.exp_().mul_(w.sum(-1, keepdim=True)).sub_(w).mul_(grad / ctx.temperature)  # d/d(s / T), times dL/dsum
             g.copy_(p)
         return out, None, None, None

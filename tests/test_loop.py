@@ -20,7 +20,6 @@ from clpd.loop import (Batches, Outputs, Supervision, TrainState, build_optimize
 from clpd.losses import IGNORE_INDEX, cross_entropy_sum, distill_loss
 from clpd.models import load_model, load_tokenizer
 from clpd.teachers import TeacherPool
-from clpd.tokenizer import build_char_tokenizer
 
 SPEC = ModelConfig(name="t", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_position_embeddings=64)
 
@@ -56,10 +55,9 @@ def test_collate_right_pads_and_shifts_targets_by_one():
 def test_right_padded_rows_need_no_attention_mask_in_a_causal_model():
     """What collate relies on: without a mask, a padded row's logits at its real positions are the
     example's own (padding comes after them, and a causal model never looks ahead)."""
-    tokenizer = build_char_tokenizer()
+    tokenizer = load_tokenizer(SPEC)
     torch.manual_seed(0)
-    model = load_model(ModelConfig(name="m", hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-                                   max_position_embeddings=64), tokenizer).eval()
+    model = load_model(SPEC, tokenizer).eval()
     data = [{"input_ids": list(range(5, 5 + n)), "labels": list(range(5, 5 + n))} for n in (9, 4, 6)]
     batch = collate(data, pad_id=tokenizer.pad_token_id)
     with torch.no_grad():

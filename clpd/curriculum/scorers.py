@@ -50,7 +50,7 @@ def per_example_loss(model: torch.nn.Module, examples: Sequence[Dict[str, Any]],
 
     One pass over the examples in batches of ``batch_size``, longest first (similar lengths share
     a batch, so little padding; an out-of-memory error shows on the first batch), in the training
-    loop's layout: right-padded rows with an attention mask, or with ``packed`` one padding-free row
+    loop's layout: right-padded rows (``clpd.data.batching.collate``), or with ``packed`` one padding-free row
     (``clpd.data.batching.pack``), in eval mode under ``torch.inference_mode()``. The model's
     train/eval mode is restored afterwards. The output layer runs on answer positions only
     (``logits_to_keep``), and their logits are upcast to fp32 one example at a time. An example with

@@ -1,8 +1,9 @@
 """Batching of encoded examples, shared by the training loop and the loss-based difficulty scorers.
 
-Two layouts of the same micro-batch. ``collate`` right-pads the examples into rows; ``pack`` concatenates them into one row without padding, with position
-ids restarting at each example, from which transformers keeps attention inside each example (its
-masks for sdpa/eager, cu_seqlens for flash-attention). Both score the same (token, next token)
+Two layouts of the same micro-batch. ``collate`` right-pads the examples into rows; ``pack``
+concatenates them into one row without padding, with position ids restarting at each example, from
+which transformers keeps attention inside each example (its masks for sdpa/eager, cu_seqlens for
+flash-attention). Both score the same (token, next token)
 pairs, so a step's loss is the same in either layout up to float rounding.
 """
 
