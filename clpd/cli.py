@@ -18,10 +18,10 @@ from typing import List
 from clpd.errors import ClpdError
 
 COMMANDS = {
-    "train": ("clpd.train", "distil (or fine-tune) a student; Hydra overrides, -m sweeps, +experiment=NAME"),
-    "eval": ("clpd.eval", "accuracy of a checkpoint or HF model: checkpoint=PATH benchmark=arith|gsm8k|svamp"),
-    "plan": ("clpd.plan", "the train config's timeline (stages, teachers, pool sizes) and plan.png, no training"),
-    "report": ("clpd.report.command", "tables and plots over run dirs: clpd report PATH..."),
+    "train": ("clpd.commands.train", "distil (or fine-tune) a student; Hydra overrides, -m sweeps, +experiment=NAME"),
+    "eval": ("clpd.commands.eval", "accuracy of a checkpoint or HF model: checkpoint=PATH benchmark=arith|gsm8k|svamp"),
+    "plan": ("clpd.commands.plan", "the train config's timeline (stages, teachers, pool sizes) and plan.png, no training"),
+    "report": ("clpd.commands.report", "tables and plots over run dirs: clpd report PATH..."),
 }
 
 USAGE = "usage: clpd <command> [hydra overrides]   (clpd <command> --help shows that command's config)"
@@ -100,7 +100,7 @@ def main(argv: List[str] | None = None) -> int:
     entry = importlib.import_module(COMMANDS[command][0]).main
     try:
         if command == "train":  # under torchrun: join the other ranks, and agree on one run dir
-            from clpd import distributed
+            from clpd.training import distributed
 
             argv = [command, *distributed.init_from_env(argv[1:])]
         sys.argv = [sys.argv[0], *argv[1:]]
@@ -114,8 +114,8 @@ def main(argv: List[str] | None = None) -> int:
         print(f"clpd {command}: error: {message}", file=sys.stderr)
         return 1
     finally:
-        if "clpd.distributed" in sys.modules:
-            sys.modules["clpd.distributed"].shutdown()
+        if "clpd.training.distributed" in sys.modules:
+            sys.modules["clpd.training.distributed"].shutdown()
     return 0
 
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clpd.errors import ClpdError
 from clpd.losses import LOSS_NAMES
-from clpd.sources import resolve_sources
+from clpd.models.sources import resolve_sources
 
 
 class Arch(str, Enum):
@@ -567,5 +567,5 @@ def to_object(cfg: DictConfig) -> Any:
     """Turn a composed DictConfig into the schema objects, running every ``__post_init__`` check.
 
     Model paths written ``pkg:MODULE`` become the folder of that installed package here
-    (:mod:`clpd.sources`); ``cfg`` itself keeps them as written (checkpoints, manifests)."""
+    (:mod:`clpd.models.sources`); ``cfg`` itself keeps them as written (checkpoints, manifests)."""
     return resolve_sources(OmegaConf.to_object(cfg))

@@ -74,5 +74,5 @@ class CheckLauncher(Callback):
             check_launcher(config)
         except ClpdError as exc:
             # Hydra turns a callback's exceptions into warnings and goes on; SystemExit stops it
-            # (as clpd.runs.run_command stops a single run), with the one line.
+            # (as clpd.commands.job.run_command stops a single run), with the one line.
             raise SystemExit(f"clpd {config.hydra.job.name}: error: {exc}") from None

@@ -5,7 +5,7 @@ Both arms train the same student on the same teacher; what differs is bookkeepin
 model: clpd draws each batch from a paced pool of a difficulty order (the sampler), finds the
 stage and the teacher of the step (the schedule), and describes the pool for the log; standard_kd
 draws from the whole set in random order and always asks the strongest teacher. This script times
-exactly those calls, as ``clpd.loop.train`` makes them, for every step of the default job's 700
+exactly those calls, as ``clpd.training.loop.train`` makes them, for every step of the default job's 700
 (``schedule_step``, ``lr_at``, ``Batches.step`` -- which also sorts, cuts and lays out the
 micro-batches --, the schedule, ``Sampler.describe``), in each arm's own configuration
 (``method=clpd`` and ``method=standard_kd`` composed as the CLI does, on the arith data), and the
@@ -42,11 +42,13 @@ from clpd.curriculum.scorers import compute_scores, is_curriculum  # noqa: E402
 from clpd.curriculum.stages import stage_starts  # noqa: E402
 from clpd.data import load_problems  # noqa: E402
 from clpd.data.prompts import encode_problems  # noqa: E402
-from clpd.loop import Batches, build_optimizer, lr_at, optimizer_step, schedule_step  # noqa: E402
+from clpd.training.batches import Batches
+from clpd.training.step import build_optimizer, optimizer_step
+from clpd.training.schedule import lr_at, schedule_step
 from clpd.losses import distill_loss  # noqa: E402
-from clpd.models import load_model  # noqa: E402
-from clpd.teachers import make_schedule  # noqa: E402
-from clpd.tokenizer import build_char_tokenizer  # noqa: E402
+from clpd.models.load import load_model  # noqa: E402
+from clpd.teachers.live import make_schedule  # noqa: E402
+from clpd.models.tokenizer import build_char_tokenizer  # noqa: E402
 
 
 def arm(method: str, limit: int | None):

@@ -4,8 +4,8 @@ save: step time, store size, build time and the memory of the loss (issue 14). F
 each printing a table and, with ``--json PATH``, writing the numbers.
 
 ``step``: one optimizer step, SFT vs live KD vs stored KD, interleaved in one run.
-    Every arm calls the real ``clpd.loop.optimizer_step`` on the same batch, cut into the same
-    micro-batches by the loop's own ``clpd.loop.Batches`` (each carries its ``index``, where a store
+    Every arm calls the real ``clpd.training.loop.optimizer_step`` on the same batch, cut into the same
+    micro-batches by the loop's own ``clpd.training.loop.Batches`` (each carries its ``index``, where a store
     finds its rows), from the same initial student (its state reloaded and a fresh AdamW built at the
     start of every arm's run). SFT: ``sft_loss``, no teacher. live: the teacher module (its forward
     under ``no_grad``, output layer at answer positions only). stored: a ``TeacherStore`` of
@@ -206,7 +206,7 @@ def quiet_console():
 
 def bench_key(what: dict, top_k: int, width: int, max_length: int, dtype: str = "float32"):
     """A store key for a benchmark's own teacher (``store_key`` would hash saved weights)."""
-    from clpd.teacher_store import StoreKey
+    from clpd.teachers.store import StoreKey
 
     return StoreKey(teacher={"bench": json.dumps(what, sort_keys=True)}, data="bench", top_k=top_k, width=width,
                     max_length=max_length, dtype=dtype)
@@ -232,7 +232,7 @@ def arith_examples(limit: Optional[int]) -> tuple:
     from clpd.config import TrainConfig
     from clpd.data import load_problems
     from clpd.data.prompts import encode_problems
-    from clpd.tokenizer import build_char_tokenizer
+    from clpd.models.tokenizer import build_char_tokenizer
 
     tc = TrainConfig()
     tokenizer = build_char_tokenizer()
@@ -266,7 +266,7 @@ def qwen_model(shape: Shape, seq_len: int, seed: int, dtype: torch.dtype = torch
 class Placement:
     """Where and in what precision a subcommand runs, as clpd trains: on CUDA with bf16, the student's
     weights fp32 under ``torch.autocast("cuda", dtype=torch.bfloat16)``, the teacher's weights in bf16
-    (clpd.teachers.teacher_dtype), the store built under the same autocast; fp32 everywhere else."""
+    (clpd.teachers.live.teacher_dtype), the store built under the same autocast; fp32 everywhere else."""
     device: torch.device
     precision: str  # fp32 | bf16
     autocast_dtype: Optional[torch.dtype]
@@ -277,7 +277,7 @@ class Placement:
         return self.device.type == "cuda"
 
     def autocast(self):
-        """A fresh autocast context (what clpd.loop.train passes to optimizer_step), or a null one."""
+        """A fresh autocast context (what clpd.training.loop.train passes to optimizer_step), or a null one."""
         return torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
 
     def sync(self) -> None:
@@ -330,7 +330,7 @@ class Workload:
     as the store is), its micro-batches, the student (reloaded from its initial weights before every
     arm's run) and the teacher."""
     examples: List[dict]
-    step: object  # clpd.loop.StepBatch
+    step: object  # clpd.training.loop.StepBatch
     student: torch.nn.Module
     teacher: torch.nn.Module
     width: int  # vocabulary rows KD compares
@@ -358,11 +358,11 @@ def reload(model: torch.nn.Module, initial) -> None:
 
 def step_workload(args: argparse.Namespace, where: Placement) -> Workload:
     from clpd.curriculum.sampler import Sampler
-    from clpd.loop import Batches
-    from clpd.models import count_parameters
+    from clpd.training.batches import Batches
+    from clpd.models.load import count_parameters
 
     if args.preset == "arith":
-        from clpd.models import load_model
+        from clpd.models.load import load_model
 
         examples, tokenizer, max_length = arith_examples(args.train_limit)
         pick = Sampler(range(len(examples)), args.batch_size, seed=args.seed).batch(0)
@@ -401,8 +401,8 @@ def step_workload(args: argparse.Namespace, where: Placement) -> Workload:
 
 def build_bench_store(work: Workload, top_k: int, batch_size: int, folder: Path, what: dict) -> tuple:
     """The store of ``work.teacher`` over ``work.examples`` in ``folder``, built on the workload's
-    device under its autocast (as clpd.teacher_store.build_store does): (TeacherStore, numbers)."""
-    from clpd.teacher_store import TeacherStore, store_bytes, write_store
+    device under its autocast (as clpd.teachers.store.build_store does): (TeacherStore, numbers)."""
+    from clpd.teachers.store import TeacherStore, store_bytes, write_store
 
     where = work.where
     key = bench_key(what, top_k, work.width, work.max_length, str(where.teacher_dtype).removeprefix("torch."))
@@ -422,12 +422,12 @@ def build_bench_store(work: Workload, top_k: int, batch_size: int, folder: Path,
 
 def run_arm(work: Workload, arm: str, store, initial, args: argparse.Namespace) -> dict:
     """One arm's run: the student reset to its initial weights, a fresh AdamW (fused on CUDA, as
-    clpd.loop.train builds it), ``--warmup`` untimed and ``--steps`` timed optimizer steps through
-    ``clpd.loop.optimizer_step`` under the workload's autocast. On CUDA each step is fenced by
+    clpd.training.loop.train builds it), ``--warmup`` untimed and ``--steps`` timed optimizer steps through
+    ``clpd.training.loop.optimizer_step`` under the workload's autocast. On CUDA each step is fenced by
     ``torch.cuda.synchronize()`` and the peak allocated memory of the run (both models' weights,
     AdamW's state, activations, logits, loss) is read after resetting it at the run's start."""
     from clpd.config import TrainerConfig
-    from clpd.loop import build_optimizer, optimizer_step, sft_loss
+    from clpd.training.step import build_optimizer, optimizer_step, sft_loss
 
     where = work.where
     reload(work.student, initial)
@@ -529,7 +529,7 @@ def cmd_step(args: argparse.Namespace) -> int:
     if args.top_k > work.width:
         raise SystemExit(f"bench_store.py step: --top-k {args.top_k} exceeds the {work.width} vocabulary rows compared")
     d = work.describe
-    print(f"step: SFT vs live KD vs stored KD through clpd.loop.optimizer_step; torch {torch.__version__}, "
+    print(f"step: SFT vs live KD vs stored KD through clpd.training.loop.optimizer_step; torch {torch.__version__}, "
           f"{threads} threads, {os.cpu_count()} CPUs; {where.describe()}", flush=True)
     weights = f"; weights on the GPU {d['weights_gib']:.2f} GiB" if where.cuda else ""
     print(f"student {d['student']} ({d['student_params'] / 1e6:.2f}M params), teacher {d['teacher']} "
@@ -608,7 +608,7 @@ def npy_header_bytes(path: Path) -> int:
 
 
 def cmd_size(args: argparse.Namespace) -> int:
-    from clpd.teacher_store import ARRAYS, store_bytes, write_store
+    from clpd.teachers.store import ARRAYS, store_bytes, write_store
 
     threads = set_threads(args.threads)
     ks = sorted({int(k) for k in args.ks.split(",")})
@@ -674,8 +674,8 @@ def weight_flops(shape: Shape, params: int, tokens: int, rows: int) -> float:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from clpd.models import count_parameters
-    from clpd.teacher_store import TeacherStore, store_bytes, write_store
+    from clpd.models.load import count_parameters
+    from clpd.teachers.store import TeacherStore, store_bytes, write_store
 
     where = placement(args, "build")
     if args.batch_size is None:
@@ -689,7 +689,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     threads = set_threads(args.threads)
     t0 = time.perf_counter()
     if args.preset == "arith":
-        from clpd.models import load_model
+        from clpd.models.load import load_model
 
         examples, tokenizer, max_length = arith_examples(args.train_limit)
         encode_s = time.perf_counter() - t0

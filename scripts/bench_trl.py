@@ -9,7 +9,7 @@ The same work in every arm:
 
 * Models: a from-scratch Llama student shaped like ``conf/student/micro.yaml`` and a live teacher
   shaped like the ``large`` rung of ``conf/teachers/arith_tiny.yaml``, built once by
-  ``clpd.models.load_model`` with clpd's character tokenizer (seeded, random weights: timing only),
+  ``clpd.models.load.load_model`` with clpd's character tokenizer (seeded, random weights: timing only),
   saved with ``save_pretrained`` and loaded from those folders by every arm, so all arms start
   from identical weights. fp32 on the CPU, ``torch.set_num_threads(--threads)`` (2) in every arm.
 * Data: clpd's ``arith`` training problems encoded by ``clpd.data.prompts.encode_problems``
@@ -38,7 +38,7 @@ The same work in every arm:
 
 What is timed: only optimizer steps. Model building, data preparation and Trainer construction are
 outside the clock, and the first ``--warmup`` steps of every arm are excluded. clpd: from the
-start of step ``warmup`` (its ``Batches.step`` call) to the return of ``clpd.loop.train``. TRL: from
+start of step ``warmup`` (its ``Batches.step`` call) to the return of ``clpd.training.loop.train``. TRL: from
 ``on_step_end`` of step ``warmup`` to ``on_step_end`` of the last step (a ``TrainerCallback``). Both
 windows hold the batching/collation of those steps, and nothing else that clpd or TRL would not do
 in a real run with logging, saving and evaluation off (clpd's also holds its one log line at the last
@@ -143,7 +143,7 @@ from clpd.data import load_problems  # noqa: E402
 from clpd.data.batching import collate  # noqa: E402
 from clpd.data.prompts import encode_problems  # noqa: E402
 from clpd.losses import IGNORE_INDEX, distill_loss  # noqa: E402
-from clpd.tokenizer import build_char_tokenizer  # noqa: E402
+from clpd.models.tokenizer import build_char_tokenizer  # noqa: E402
 
 TRL_MISSING = ("TRL is not installed. It is not a dependency of clpd; install it into this environment for this "
                "benchmark only: pip install trl (then check that torch and transformers kept their versions, e.g. "
@@ -203,7 +203,7 @@ def field_names(cls) -> set:
 def packing_support() -> Dict[str, bool]:
     """What this checkout's loop offers: padding-free micro-batches and micro-batches by tokens.
     Checked on the dataclasses, so the script runs before (and after) those fields exist."""
-    from clpd.loop import Batches
+    from clpd.training.batches import Batches
 
     batches, trainer = field_names(Batches), field_names(TrainerConfig)
     return {"packed": "packed" in batches, "micro_batch_tokens": "micro_batch_tokens" in batches,
@@ -214,9 +214,9 @@ def unavailable_reason(arm: Arm, support: Dict[str, bool], trl_ok: bool) -> Opti
     if arm.kind == "trl" and not trl_ok:
         return "trl is not installed"
     if arm.packed and not support["packed"]:
-        return "clpd.loop.Batches has no 'packed' field yet (padding-free micro-batches not in this checkout)"
+        return "clpd.training.loop.Batches has no 'packed' field yet (padding-free micro-batches not in this checkout)"
     if arm.micro_batch_tokens and not support["micro_batch_tokens"]:
-        return "clpd.loop.Batches has no 'micro_batch_tokens' field yet"
+        return "clpd.training.loop.Batches has no 'micro_batch_tokens' field yet"
     return None
 
 
@@ -233,9 +233,9 @@ def preimport(trl_too: bool) -> None:
     pays for them and every arm starts from the same interpreter state."""
     import rich.console  # noqa: F401
 
-    import clpd.loop  # noqa: F401
-    import clpd.models  # noqa: F401
-    import clpd.teachers  # noqa: F401
+    import clpd.training.loop  # noqa: F401
+    import clpd.models.load  # noqa: F401
+    import clpd.teachers.live  # noqa: F401
 
     if trl_too:
         import datasets  # noqa: F401
@@ -367,7 +367,7 @@ def build_models(student_dir: str, teacher_dir: str, seed: int, threads: int, sh
     """Child: the student and teacher, random weights, saved once for every arm."""
     from transformers.utils import logging as hf_logging
 
-    from clpd.models import count_parameters, load_model
+    from clpd.models.load import count_parameters, load_model
 
     hf_logging.disable_progress_bar()
     torch.set_num_threads(threads)
@@ -422,9 +422,9 @@ def run_clpd(work: Work, arm: Arm) -> dict:
     """Child: clpd's loop, called directly, on the step batches of ``work``."""
     from rich.console import Console
 
-    import clpd.loop as loop
-    from clpd.models import load_model
-    from clpd.teachers import TeacherPool
+    import clpd.training.loop as loop
+    from clpd.models.load import load_model
+    from clpd.teachers.live import TeacherPool
 
     tokenizer = build_char_tokenizer()
     student = load_model(ModelConfig(name="student", path=work.student_dir), tokenizer)
@@ -478,7 +478,7 @@ def run_trl(work: Work, arm: Arm) -> dict:
     from transformers.trainer_pt_utils import BatchRebalanceSampler
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    from clpd.models import load_model
+    from clpd.models.load import load_model
 
     transformers.logging.set_verbosity_error()
     a = work.args

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from clpd.answers import extract_flexible, extract_strict, is_correct, normalize
+from clpd.evaluation.answers import extract_flexible, extract_strict, is_correct, normalize
 
 
 def test_strict_takes_the_number_after_the_first_hashes():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from clpd.answers import extract_flexible, extract_strict, is_correct
+from clpd.evaluation.answers import extract_flexible, extract_strict, is_correct
 from clpd.config import BenchmarkConfig, BenchmarkName
 from clpd.data import LOADERS, Problem, load_problems
 from clpd.data import arith, gsm8k, svamp

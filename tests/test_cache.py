@@ -15,9 +15,9 @@ from rich.console import Console
 
 from clpd.cache import build_lock, build_once, lock_path
 from clpd.config import to_object
-from clpd.ladder import teachers_in_use
-from clpd.plan import timeline
-from clpd.train import run_train
+from clpd.teachers.ladder import teachers_in_use
+from clpd.commands.plan import timeline
+from clpd.commands.train import run_train
 from tests.conftest import REPO, TINY_OVERRIDES, clpd_trains_at_once
 from tests.test_teachers import LADDER, ladder_cfg
 

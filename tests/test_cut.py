@@ -16,9 +16,9 @@ from rich.console import Console
 
 from clpd.config import Arch, EvalConfig, ModelConfig, StudentConfig, to_object
 from clpd.errors import ClpdError
-from clpd.models import (count_parameters, cut_layers, decoder_layers, init_source, layers_to_keep, load_model,
+from clpd.models.load import (count_parameters, cut_layers, decoder_layers, init_source, layers_to_keep, load_model,
                          load_tokenizer)
-from clpd.train import run_train
+from clpd.commands.train import run_train
 from tests.conftest import TINY_OVERRIDES, compose_config
 from tests.test_bad_input import run_clpd
 
@@ -184,7 +184,7 @@ def test_a_student_cut_from_a_from_scratch_teacher_of_the_ladder_by_name(tmp_pat
 
 
 def test_eval_of_a_model_cut_to_some_layers(saved_source, tmp_path):
-    from clpd.eval import run_eval
+    from clpd.commands.eval import run_eval
 
     cfg = compose_config("eval", [f"checkpoint={saved_source}", "keep_layers=[1]", "benchmark.test_size=3",
                                   "max_new_tokens=4", f"hydra.run.dir={tmp_path}"])

@@ -16,7 +16,7 @@ from clpd.curriculum.score_cache import load_scores, save_scores
 from clpd.curriculum.scorers import cot_length, cot_steps, per_example_loss, random_scores, rrf
 from clpd.data.prompts import IGNORE_INDEX, encode_example
 from clpd.data.records import Problem
-from clpd.models import load_model, load_tokenizer
+from clpd.models.load import load_model, load_tokenizer
 
 PROBLEMS = [
     Problem("t-0", "What is 2 + 3?", "2 + 3 = <<2+3=5>>5\n#### 5", "5", 1, "arith"),

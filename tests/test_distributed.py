@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clpd.checkpoint import complete_checkpoints
+from clpd.training.checkpoint import complete_checkpoints
 from tests.conftest import TINY_OVERRIDES
 from tests.test_cli import CLPD
 from tests.test_teachers import LADDER
@@ -126,7 +126,7 @@ def test_sigterm_to_one_rank_stops_both_with_one_checkpoint_and_the_resumed_run_
 
 
 def test_a_batch_that_does_not_split_over_the_ranks_is_refused_in_one_line(monkeypatch):
-    import clpd.distributed as d
+    import clpd.training.distributed as d
 
     monkeypatch.setattr(d, "ranks", lambda: d.Ranks(rank=0, world_size=3))
     assert d.check_batch(8, 2) == ("trainer.batch_size=8 must be divisible by trainer.grad_accum * ranks = 2 * 3 under "
@@ -137,7 +137,7 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused_in_one_line(monke
 
 
 def test_a_sweep_under_torchrun_is_refused(monkeypatch):
-    import clpd.distributed as d
+    import clpd.training.distributed as d
     from clpd.errors import ClpdError
 
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -14,8 +14,8 @@ from clpd.data.prompts import (CHAT_STOP_STRINGS, FEWSHOT_DELIMITER, STOP_STRING
                                prompt_text, stop_strings)
 from clpd.data.records import Problem
 from clpd.errors import ClpdError
-from clpd.evaluate import answer_length, evaluate
-from clpd.models import load_model, load_tokenizer
+from clpd.evaluation.evaluate import answer_length, evaluate
+from clpd.models.load import load_model, load_tokenizer
 from tests.conftest import GSM8K_DIR, needs
 from tests.test_prompts import CHAT, PROBLEM
 

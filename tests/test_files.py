@@ -10,7 +10,7 @@ import pytest
 
 from clpd.config import to_object
 from clpd.files import atomic_path, fingerprint, plain_json, write_json, write_jsonl, write_text
-from clpd.ladder import teacher_key
+from clpd.teachers.ladder import teacher_key
 from tests.conftest import compose_config
 from tests.test_difficulty import PROBLEMS
 

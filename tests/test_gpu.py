@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from clpd.config import Arch, ModelConfig, Precision, TrainerConfig
-from clpd.loop import build_optimizer
+from clpd.training.step import build_optimizer
 from clpd.losses import IGNORE_INDEX, distill_loss
-from clpd.models import load_model, resolve_precision
-from clpd.tokenizer import build_char_tokenizer
+from clpd.models.load import load_model, resolve_precision
+from clpd.models.tokenizer import build_char_tokenizer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -122,7 +122,7 @@ def test_the_training_command_distils_on_cuda_in_bf16_with_a_progressive_ladder_
 
     from rich.console import Console
 
-    from clpd.train import run_train
+    from clpd.commands.train import run_train
     from tests.conftest import compose_config
 
     ladder = ("teachers.ladder=[{name: a, hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64},"

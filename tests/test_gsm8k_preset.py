@@ -8,9 +8,9 @@ import json
 from rich.console import Console
 
 from clpd.config import ModelConfig, to_object
-from clpd.models import load_model, load_tokenizer
-from clpd.plan import run_plan
-from clpd.train import run_train
+from clpd.models.load import load_model, load_tokenizer
+from clpd.commands.plan import run_plan
+from clpd.commands.train import run_train
 from tests.conftest import GPT2_DIR, GSM8K_DIR, compose_config, needs
 
 QUIET = Console(quiet=True)

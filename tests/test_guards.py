@@ -11,13 +11,13 @@ import torch
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from clpd.checkpoint import write_checkpoint
+from clpd.training.checkpoint import write_checkpoint
 from clpd.config import TrainerConfig
 from clpd.errors import ClpdError
-from clpd.loop import Supervision, sft_loss
+from clpd.training.step import Supervision, sft_loss
 from clpd.losses import LossTerms
-from clpd.models import load_model, load_tokenizer
-from clpd.train import run_train
+from clpd.models.load import load_model, load_tokenizer
+from clpd.commands.train import run_train
 from tests.conftest import TINY_OVERRIDES, compose_config
 from tests.test_cli import clpd
 from tests.test_loop import SPEC, examples, run_loop

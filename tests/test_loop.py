@@ -14,12 +14,16 @@ from clpd.config import LrSchedule, ModelConfig, TrainerConfig
 from clpd.curriculum.sampler import Sampler
 from clpd.errors import ClpdError
 from clpd.data.batching import answer_token_count, collate, read_token_count
-from clpd.distributed import Ranks
-from clpd.loop import (Batches, Outputs, Supervision, TrainState, build_optimizer, lr_at, optimizer_step,
-                       schedule_step, sft_loss, train)
+from clpd.training.distributed import Ranks
+from clpd.training.batches import Batches
+from clpd.training.log import Outputs
+from clpd.training.step import Supervision, build_optimizer, optimizer_step, sft_loss
+from clpd.training.state import TrainState
+from clpd.training.schedule import lr_at, schedule_step
+from clpd.training.loop import train
 from clpd.losses import IGNORE_INDEX, cross_entropy_sum, distill_loss
-from clpd.models import load_model, load_tokenizer
-from clpd.teachers import TeacherPool
+from clpd.models.load import load_model, load_tokenizer
+from clpd.teachers.live import TeacherPool
 
 SPEC = ModelConfig(name="t", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_position_embeddings=64)
 
@@ -75,14 +79,14 @@ def test_the_token_counts_are_those_of_the_collated_batch_without_collating_it()
 
 
 def test_the_ranks_together_see_the_single_process_batch_and_its_counts(monkeypatch):
-    import clpd.loop
+    import clpd.training.batches
 
     data = examples(16)
     batches = Batches(data, Sampler(range(16), 8, seed=0), pad_id=0)
     whole = batches.step(3, 3, micro_size=4)
     shares = []
     for rank in (0, 1):
-        monkeypatch.setattr(clpd.loop, "ranks", lambda rank=rank: Ranks(rank=rank, world_size=2))
+        monkeypatch.setattr(clpd.training.batches, "ranks", lambda rank=rank: Ranks(rank=rank, world_size=2))
         shares.append(batches.step(3, 3, micro_size=4))
     assert [len(mb["input_ids"]) for mb in whole.micro_batches] == [4, 4]
     assert all(len(mb["input_ids"]) == 2 for share in shares for mb in share.micro_batches)

@@ -10,8 +10,8 @@ import torch
 
 from clpd.config import Arch, ModelConfig, Precision
 from clpd.errors import ClpdError
-from clpd.models import load_model, load_tokenizer, resolve_precision
-from clpd.tokenizer import build_char_tokenizer
+from clpd.models.load import load_model, load_tokenizer, resolve_precision
+from clpd.models.tokenizer import build_char_tokenizer
 from tests.conftest import GPT2_DIR, needs
 
 TINY = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_position_embeddings=128)

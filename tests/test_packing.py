@@ -14,7 +14,7 @@ from clpd.config import ModelConfig, TrainerConfig
 from clpd.data.batching import (answer_token_count, collate, cut_by_tokens, pack, packing_is_exact, position_count,
                                 read_token_count)
 from clpd.losses import DIVERGENCES, IGNORE_INDEX, distill_loss
-from clpd.models import load_model, load_tokenizer
+from clpd.models.load import load_model, load_tokenizer
 from tests.conftest import TINY_OVERRIDES, compose_config
 from tests.test_loop import SPEC, examples, run_loop
 
@@ -116,7 +116,7 @@ def test_micro_batches_by_tokens_hold_at_most_the_budget():
 
 def test_a_token_budget_smaller_than_the_longest_example_is_refused_before_the_teachers(tmp_path):
     from clpd.errors import ClpdError
-    from clpd.train import run_train
+    from clpd.commands.train import run_train
 
     cfg = compose_config("train", ["+experiment=arith_kd", *TINY_OVERRIDES, "trainer.micro_batch_tokens=5",
                                    f"teachers.cache_dir={tmp_path / 'cache'}"])
@@ -127,15 +127,15 @@ def test_a_token_budget_smaller_than_the_longest_example_is_refused_before_the_t
 
 
 def test_packing_asked_for_on_a_model_that_cannot_is_refused(tmp_path, monkeypatch):
-    import clpd.train
+    import clpd.commands.train
     from clpd.errors import ClpdError
 
-    monkeypatch.setattr(clpd.train, "packing_is_exact", lambda model: False)
+    monkeypatch.setattr(clpd.commands.train, "packing_is_exact", lambda model: False)
     with pytest.raises(ClpdError, match=r"trainer.packing=true: the student's attention \(\w+\) does not keep packed "
                                         r"examples apart .*; allowed: false, or null"):
-        clpd.train.run_train(compose_config("train", ["+experiment=arith_sft", *TINY_OVERRIDES, "trainer.packing=true"]),
+        clpd.commands.train.run_train(compose_config("train", ["+experiment=arith_sft", *TINY_OVERRIDES, "trainer.packing=true"]),
                              tmp_path / "run", None)
-    summary = clpd.train.run_train(compose_config("train", ["+experiment=arith_sft", *TINY_OVERRIDES]), tmp_path / "auto")
+    summary = clpd.commands.train.run_train(compose_config("train", ["+experiment=arith_sft", *TINY_OVERRIDES]), tmp_path / "auto")
     assert summary["steps"] == 3  # null: padded, with one line saying why
     lines = [json.loads(line) for line in (tmp_path / "auto" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["positions_per_s"] >= r["tokens_per_s"] for r in lines)

@@ -17,9 +17,11 @@ import pytest
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from clpd.report import collect_runs, group_runs, paired_difference, t_quantile_975, write_report
-from clpd.report.command import main, run_report
-from clpd.report.runs import teacher_outputs
+from clpd.report.records import collect_runs
+from clpd.report.stats import group_runs, paired_difference, t_quantile_975
+from clpd.report.tables import write_report
+from clpd.commands.report import main, run_report
+from clpd.report.records import teacher_outputs
 
 CLPD = str(Path(sys.executable).parent / "clpd")
 

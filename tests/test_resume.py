@@ -16,10 +16,10 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from clpd.checkpoint import COMPLETE, complete_checkpoints, verify_checkpoint
+from clpd.training.checkpoint import COMPLETE, complete_checkpoints, verify_checkpoint
 from clpd.errors import ClpdError
-from clpd.loop import TrainState
-from clpd.train import run_train
+from clpd.training.state import TrainState
+from clpd.commands.train import run_train
 from tests.conftest import REPO, TINY_OVERRIDES, compose_config
 from tests.test_cli import CLPD
 
@@ -42,8 +42,8 @@ import json, os, signal, sys
 from pathlib import Path
 import torch
 from rich.console import Console
-import clpd.loop, clpd.checkpoint
-from clpd.train import run_train
+import clpd.training.loop, clpd.training.checkpoint
+from clpd.commands.train import run_train
 from tests.conftest import compose_config
 
 where, at, overrides, run_dir = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), Path(sys.argv[4])
@@ -58,10 +58,10 @@ def killing(original):
     return wrapped
 
 if where == "mid-step":   # the at-th micro-batch: in the middle of an optimizer step
-    clpd.loop.collate = killing(clpd.loop.collate)  # padded micro-batches
-    clpd.loop.pack = killing(clpd.loop.pack)  # packed ones (one of the two layouts is used)
+    clpd.training.loop.collate = killing(clpd.training.loop.collate)  # padded micro-batches
+    clpd.training.loop.pack = killing(clpd.training.loop.pack)  # packed ones (one of the two layouts is used)
 else:                     # the at-th torch.save: a checkpoint half-written (weights saved, state not)
-    clpd.checkpoint.torch.save = killing(torch.save)
+    clpd.training.checkpoint.torch.save = killing(torch.save)
 run_train(compose_config("train", overrides), run_dir, Console(quiet=True))
 """
 
@@ -134,20 +134,20 @@ def _stopped_run(tmp_path, cache, max_steps: int = 6, dies_in_step: int = 5) -> 
     run_train(compose_config("train", [*RUN, cache, "teachers.build_only=true"]), tmp_path / "teachers", QUIET)
     cfg = compose_config("train", [*RUN, cache, f"trainer.max_steps={max_steps}"])
     with pytest.raises(KeyboardInterrupt):
-        import clpd.loop
+        import clpd.training.batches
 
-        original = clpd.loop.Batches.step
+        original = clpd.training.batches.Batches.step
 
         def step(self, step, *args, **kwargs):
             if step + 1 == dies_in_step:  # while drawing that step's batch, before any of its micro-batches
                 raise KeyboardInterrupt  # as if the process died there
             return original(self, step, *args, **kwargs)
 
-        clpd.loop.Batches.step = step
+        clpd.training.batches.Batches.step = step
         try:
             run_train(cfg, run, QUIET)
         finally:
-            clpd.loop.Batches.step = original
+            clpd.training.batches.Batches.step = original
     return run
 
 
@@ -185,7 +185,7 @@ def test_resuming_an_earlier_checkpoint_into_a_dir_with_later_ones_is_refused_an
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
     import errno
 
-    import clpd.checkpoint
+    import clpd.training.checkpoint
 
     saves = {"n": 0}
     original = torch.save
@@ -196,7 +196,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_says_so(tmp_
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(clpd.checkpoint.torch, "save", full_disk)
+    monkeypatch.setattr(clpd.training.checkpoint.torch, "save", full_disk)
     cfg = compose_config("train", ["+experiment=arith_sft", *TINY_OVERRIDES, "trainer.max_steps=6", "trainer.save_every=2"])
     with pytest.raises(ClpdError, match=r"could not write checkpoint .*step-0000004: No space left on device; "
                                         r"the checkpoints written before are intact \(step-0000002\)"):

@@ -60,7 +60,8 @@ def test_the_ablation_script_is_one_joblib_sweep_over_every_arm_and_seed_and_a_r
 
 
 def test_archiving_runs_keeps_what_the_report_reads_drops_checkpoints_and_never_overwrites(tmp_path):
-    from clpd.report import collect_runs, group_runs
+    from clpd.report.records import collect_runs
+    from clpd.report.stats import group_runs
     from tests.test_report import make_sweep
 
     sweep = make_sweep(tmp_path / "src")

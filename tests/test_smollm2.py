@@ -24,10 +24,10 @@ from clpd.config import BenchmarkConfig, BenchmarkName, ModelConfig
 from clpd.data import load_problems
 from clpd.data.batching import collate
 from clpd.data.prompts import encode_example
-from clpd.evaluate import evaluate
+from clpd.evaluation.evaluate import evaluate
 from clpd.losses import cross_entropy_sum
-from clpd.models import count_parameters, cut_layers, decoder_layers, load_model, load_tokenizer
-from clpd.train import run_train
+from clpd.models.load import count_parameters, cut_layers, decoder_layers, load_model, load_tokenizer
+from clpd.commands.train import run_train
 from tests.conftest import GSM8K_DIR, compose_config
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -16,10 +16,10 @@ from clpd.config import ModelConfig
 from clpd.data.batching import answer_mask, collate, pack
 from clpd.errors import ClpdError
 from clpd.losses import top_k_outputs
-from clpd.models import load_model
-from clpd.teacher_store import TeacherStore, build_store, store_dir, store_key
-from clpd.tokenizer import build_char_tokenizer
-from clpd.train import run_train
+from clpd.models.load import load_model
+from clpd.teachers.store import TeacherStore, build_store, store_dir, store_key
+from clpd.models.tokenizer import build_char_tokenizer
+from clpd.commands.train import run_train
 from tests.conftest import REPO, clpd_trains_at_once, compose_config
 from tests.test_teachers import ladder_overrides
 
@@ -194,7 +194,7 @@ def test_two_runs_that_need_one_missing_store_build_it_once_and_both_finish(tmp_
 def test_the_plan_names_the_stores_a_run_would_read(tmp_path):
     from rich.console import Console as RichConsole
 
-    from clpd.plan import run_plan
+    from clpd.commands.plan import run_plan
 
     console = RichConsole(record=True, width=200)
     run_plan(kd_cfg(tmp_path, "distill.teacher_outputs=stored", "distill.top_k=8"), tmp_path / "plan", console)

@@ -11,20 +11,20 @@ import pytest
 import torch
 from rich.console import Console
 
-import clpd.teachers as teachers_module
+import clpd.teachers.live as teachers_module
 from clpd.config import LoraConfig, ModelConfig, Schedule, StudentConfig, TrainerConfig, to_object
 from clpd.data import load_problems
 from clpd.data.prompts import encode_example
 from clpd.errors import ClpdError
-from clpd.eval import run_eval
-from clpd.evaluate import evaluate
-from clpd.ladder import build_config, check_ladder_order, teacher_key
+from clpd.commands.eval import run_eval
+from clpd.evaluation.evaluate import evaluate
+from clpd.teachers.ladder import build_config, check_ladder_order, teacher_key
 from clpd.losses import distill_loss
-from clpd.models import apply_lora, load_model, load_tokenizer
-from clpd.checkpoint import write_checkpoint
+from clpd.models.load import apply_lora, load_model, load_tokenizer
+from clpd.training.checkpoint import write_checkpoint
 from clpd.curriculum.stages import stage_starts
-from clpd.teachers import make_schedule, teacher_index
-from clpd.train import run_train
+from clpd.teachers.live import make_schedule, teacher_index
+from clpd.commands.train import run_train
 from tests.conftest import GPT2_DIR, TINY_OVERRIDES, compose_config, needs
 from tests.test_loop import run_loop
 
@@ -141,7 +141,7 @@ def test_missing_teachers_are_trained_once_and_then_reused(tmp_path):
 def test_a_ladder_that_does_not_grow_is_warned_about(caplog):
     tok = load_tokenizer(ModelConfig(name="s"))
     big, small = ModelConfig(name="big", hidden_size=32, num_layers=2, num_heads=2), ModelConfig(name="small", hidden_size=16, num_layers=1, num_heads=2)
-    with caplog.at_level(logging.WARNING, logger="clpd.teachers"):
+    with caplog.at_level(logging.WARNING, logger="clpd.teachers.live"):
         check_ladder_order([big, small], tok)
     assert "not increasing in parameter count" in caplog.text
 

@@ -10,8 +10,8 @@ from rich.console import Console
 
 from clpd.config import to_object
 from clpd.errors import ClpdError
-from clpd.eval import run_eval
-from clpd.train import run_train
+from clpd.commands.eval import run_eval
+from clpd.commands.train import run_train
 from tests.conftest import GPT2_DIR, GSM8K_DIR, SVAMP_DIR, TINY_OVERRIDES, compose_config, needs
 
 QUIET = Console(quiet=True)

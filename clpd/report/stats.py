@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from clpd.report.runs import METRICS, _compact, _is_noise
+from clpd.report.records import METRICS, _compact, _is_noise
 
 BASELINE = ("method", "standard_kd")  # the default key and value of the groups that the others are compared to
 METHOD_KEY, BASELINE_VALUE = BASELINE

@@ -5,7 +5,7 @@
 - ``resume_source``: the checkpoint to continue from; refuses to start over a run's checkpoints
   or to resume an earlier checkpoint into a folder that holds later ones (which it would overwrite).
 - ``resume_student``: checks a checkpoint's manifest against this run, loads its weights and its
-  ``metrics.jsonl``, and returns the :class:`~clpd.loop.TrainState` to continue from.
+  ``metrics.jsonl``, and returns the :class:`~clpd.training.loop.TrainState` to continue from.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from clpd.checkpoint import (FINAL, MANIFEST_FILE, METRICS_FILE, checkpoint_step, complete_checkpoints,
+from clpd.training.checkpoint import (FINAL, MANIFEST_FILE, METRICS_FILE, checkpoint_step, complete_checkpoints,
                              load_student_weights, load_training_state, manifest_differences)
 from clpd.config import TrainerConfig
-from clpd.distributed import ranks
+from clpd.training.distributed import ranks
 from clpd.errors import ClpdError
-from clpd.loop import TrainState
+from clpd.training.state import TrainState
 
-log = logging.getLogger("clpd.resume")
+log = logging.getLogger("clpd.training.resume")
 
 
 def finished_run(cfg: DictConfig, run_dir: Path, console: Console) -> Optional[dict]:

@@ -22,30 +22,34 @@ from omegaconf import DictConfig
 from rich.console import Console
 from transformers import PreTrainedTokenizerBase
 
-from clpd.checkpoint import FINAL, make_manifest, prune_checkpoints, step_name, write_checkpoint
+from clpd.training.checkpoint import FINAL, make_manifest, prune_checkpoints, step_name, write_checkpoint
 from clpd.config import Difficulty, DistillLoss, TeacherOutputs, TrainConfig, register_configs, to_object
 from clpd.curriculum.sampler import Sampler, build_sampler
 from clpd.curriculum.score_cache import load_scores, save_scores
 from clpd.curriculum.scorers import compute_scores, is_curriculum, needs_model, per_example_loss
 from clpd.curriculum.stages import stage_starts
-from clpd.distributed import alone, barrier, device_for, main_first, ranks
+from clpd.training.distributed import alone, barrier, device_for, main_first, ranks
 from clpd.data import load_problems
 from clpd.data.batching import packing_is_exact, read_token_count
 from clpd.data.prompts import encode_problems
 from clpd.errors import ClpdError
-from clpd.evaluate import evaluate, evaluate_checkpoint, evaluate_into
+from clpd.evaluation.evaluate import evaluate, evaluate_checkpoint, evaluate_into
 from clpd.files import fingerprint, write_json
-from clpd.ladder import Ladder, build_ladder, distilling_teachers, ladder_needed, ladder_table
-from clpd.loop import Batches, Outputs, Supervision, TrainResult, TrainState, train
+from clpd.teachers.ladder import Ladder, build_ladder, distilling_teachers, ladder_needed, ladder_table
+from clpd.training.batches import Batches
+from clpd.training.log import Outputs
+from clpd.training.step import Supervision
+from clpd.training.state import TrainResult, TrainState
+from clpd.training.loop import train
 from clpd.losses import distill_loss
-from clpd.models import apply_lora, count_parameters, load_model, load_tokenizer, resolve_device, resolve_precision
+from clpd.models.load import apply_lora, count_parameters, load_model, load_tokenizer, resolve_device, resolve_precision
 from clpd.preflight import check_train
-from clpd.resume import finished_run, resume_source, resume_student
-from clpd.runs import environment, recorded_status, run_command
-from clpd.teacher_store import StorePool, TeacherStore, check_top_k, describe, prepare_stores
-from clpd.teachers import TeacherPool, make_schedule, teacher_dtype
+from clpd.training.resume import finished_run, resume_source, resume_student
+from clpd.commands.job import environment, recorded_status, run_command
+from clpd.teachers.store import StorePool, TeacherStore, check_top_k, describe, prepare_stores
+from clpd.teachers.live import TeacherPool, make_schedule, teacher_dtype
 
-log = logging.getLogger("clpd.train")
+log = logging.getLogger("clpd.commands.train")
 register_configs()
 
 

@@ -12,11 +12,11 @@ from rich.console import Console
 
 from clpd.config import EvalConfig, register_configs, to_object
 from clpd.errors import ClpdError
-from clpd.evaluate import evaluate_checkpoint, metrics_table
+from clpd.evaluation.evaluate import evaluate_checkpoint, metrics_table
 from clpd.preflight import check_eval
-from clpd.runs import recorded_status, run_command
+from clpd.commands.job import recorded_status, run_command
 
-log = logging.getLogger("clpd.eval")
+log = logging.getLogger("clpd.commands.eval")
 register_configs()
 
 

@@ -44,15 +44,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from clpd.cache import build_once
-from clpd.checkpoint import sha256_file, weights_fingerprint
+from clpd.training.checkpoint import sha256_file, weights_fingerprint
 from clpd.config import ModelConfig
 from clpd.data.batching import answer_mask, answer_token_count, collate
 from clpd.errors import ClpdError
 from clpd.files import fingerprint, plain_json, write_json
 from clpd.losses import TopK, top_k_outputs
-from clpd.models import load_model
+from clpd.models.load import load_model
 
-log = logging.getLogger("clpd.teacher_store")
+log = logging.getLogger("clpd.teachers.store")
 
 ARRAYS = ("offsets", "indices", "values", "tail_lse")
 MARKER = "store.json"  # written last: a folder without it is not a store
@@ -197,6 +197,11 @@ class TeacherStore:
         part = lambda name: torch.from_numpy(np.concatenate([self.arrays[name][a:b] for a, b in spans]))  # noqa: E731
         return TopK(part("indices").to(device, torch.long), part("values").to(device), part("tail_lse").to(device))
 
+    def logits(self, batch: Dict[str, torch.Tensor], examples: torch.Tensor, autocast) -> TopK:
+        """A micro-batch's teacher outputs (the step's :class:`~clpd.training.step.Teacher`): the
+        stored rows of its examples, on the device of its inputs; no model runs."""
+        return self.rows(examples.tolist(), batch["input_ids"].device)
+
 
 def verify_store(folder: Path, key: StoreKey) -> dict:
     """The marker of a store that is whole and was built for ``key``; one line of refusal otherwise."""
@@ -231,7 +236,7 @@ def _short(value) -> str:
 
 
 class StorePool:
-    """The stored counterpart of :class:`clpd.teachers.TeacherPool`: ``get(index)`` gives the
+    """The stored counterpart of :class:`clpd.teachers.live.TeacherPool`: ``get(index)`` gives the
     store of ladder rung ``index`` (opened once; a store holds no device memory)."""
 
     def __init__(self, specs: Sequence[ModelConfig], stores: Dict[int, TeacherStore]) -> None:

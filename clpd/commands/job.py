@@ -13,10 +13,10 @@ from typing import Any, Iterator
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from clpd.distributed import ranks
+from clpd.training.distributed import ranks
 from clpd.errors import ClpdError, Interrupted
 from clpd.files import write_json
-from clpd.loop import hand_on
+from clpd.training.signals import hand_on
 
 
 def hydra_run_dir() -> Path:

@@ -23,11 +23,11 @@ from clpd.curriculum.stages import stage_at, stage_starts
 from clpd.data import load_problems
 from clpd.data.prompts import encode_problems
 from clpd.errors import ClpdError
-from clpd.models import load_tokenizer
+from clpd.models.load import load_tokenizer
 from clpd.files import atomic_path, write_json
-from clpd.ladder import distilling_teachers, teachers_in_use
-from clpd.runs import run_command
-from clpd.teachers import make_schedule
+from clpd.teachers.ladder import distilling_teachers, teachers_in_use
+from clpd.commands.job import run_command
+from clpd.teachers.live import make_schedule
 
 register_configs()
 

@@ -4,13 +4,13 @@
 * ``teacher_index`` is the schedule: a pure function from the step to the teacher's index.
 * ``TeacherPool`` keeps only the active teacher loaded; a switch frees the old one first.
 
-Building the ladder's from-scratch teachers is :mod:`clpd.ladder`.
+Building the ladder's from-scratch teachers is :mod:`clpd.teachers.ladder`.
 """
 
 from __future__ import annotations
 
 import gc
-from typing import Callable, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from clpd.config import ModelConfig, Schedule, TeachersConfig
 from clpd.curriculum.stages import stage_at
 from clpd.errors import ClpdError
-from clpd.models import load_model
+from clpd.models.load import load_model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,6 +68,19 @@ def make_schedule(cfg: TeachersConfig, starts: Sequence[int]) -> Callable[[int],
 # Residency
 # ---------------------------------------------------------------------------------------------
 
+class LiveTeacher:
+    """A loaded teacher model; ``logits`` runs it on a micro-batch (the step's :class:`Teacher`)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def logits(self, batch: Dict[str, torch.Tensor], examples: torch.Tensor, autocast) -> torch.Tensor:
+        # no_grad, not inference_mode: the chunked loss reads (and its checkpoints keep) these logits
+        # as they are, where inference tensors would first have to be copied (one more [N, V] matrix).
+        with torch.no_grad(), autocast:
+            return self.model(**batch).logits
+
+
 class TeacherPool:
     """Loads teachers on demand and keeps only the active one: on a switch the old teacher is
     released (and CUDA's cache emptied) *before* the new one is loaded, so the device never holds
@@ -80,24 +93,24 @@ class TeacherPool:
         self.device = device
         self.dtype = dtype
         self.active_index: Optional[int] = None
-        self.model: Optional[torch.nn.Module] = None
+        self.teacher: Optional[LiveTeacher] = None
 
-    def get(self, index: int) -> tuple[torch.nn.Module, bool]:
+    def get(self, index: int) -> tuple[LiveTeacher, bool]:
         """The teacher ``index``, and whether this call switched to it."""
         if index == self.active_index:
-            return self.model, False
+            return self.teacher, False
         self.release()
         model = load_model(self.specs[index], self.tokenizer, dtype=self.dtype)
         model.requires_grad_(False)
-        self.model = model.to(self.device).eval()
+        self.teacher = LiveTeacher(model.to(self.device).eval())
         self.active_index = index
-        return self.model, True
+        return self.teacher, True
 
     def name(self, index: Optional[int]) -> Optional[str]:
         return None if index is None else self.specs[index].name
 
     def release(self) -> None:
-        self.model = None
+        self.teacher = None
         self.active_index = None
         gc.collect()
         if self.device.type == "cuda":

@@ -4,7 +4,7 @@ A checkpoint is a folder that ``clpd eval`` and ``AutoModelForCausalLM.from_pret
 it is (the student's weights or LoRA adapter, its tokenizer, ``base/`` for a from-scratch LoRA
 base), plus what resuming needs:
 
-- ``training_state.pt``: the loop's :class:`~clpd.loop.TrainState` as a dict: optimizer,
+- ``training_state.pt``: the loop's :class:`~clpd.training.loop.TrainState` as a dict: optimizer,
   GradScaler, RNG states (python, numpy, torch, CUDA), the step and tokens read (the sampler's
   batches are a function of (seed, step), the LR schedule one of the schedule step), the active
   teacher, the skipped steps and the teacher switches so far. States written before TrainState
@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clpd.errors import ClpdError
 from clpd.files import atomic_path
-from clpd.loop import TrainState
+from clpd.training.state import TrainState
 
 CONFIG_FILE = "clpd_config.yaml"  # the resolved run config
 STATE_FILE = "training_state.pt"

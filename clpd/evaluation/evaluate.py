@@ -26,14 +26,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from clpd.answers import extract_flexible, extract_strict, is_correct
-from clpd.checkpoint import is_clpd_checkpoint, verify_checkpoint
+from clpd.evaluation.answers import extract_flexible, extract_strict, is_correct
+from clpd.training.checkpoint import is_clpd_checkpoint, verify_checkpoint
 from clpd.config import BenchmarkConfig, BenchmarkName, Device, ModelConfig, Precision, StudentConfig
 from clpd.data import Problem, load_problems
 from clpd.data.prompts import STOP_STRINGS, cut_at_stop, draw_fewshot, encode_prompt, stop_strings
 from clpd.errors import ClpdError
 from clpd.files import write_json, write_jsonl
-from clpd.models import check_source, count_parameters, load_model, load_tokenizer, resolve_device, resolve_precision
+from clpd.models.load import check_source, count_parameters, load_model, load_tokenizer, resolve_device, resolve_precision
 
 
 @torch.inference_mode()

@@ -8,10 +8,10 @@ Only the rungs a run uses are built (:func:`teachers_in_use`: the schedule's and
 scorer's), each under the cache entry's file lock (:mod:`clpd.cache`), so runs started at once on
 an empty cache train each teacher once: one builds it, the others wait for it.
 The command hands in the functions that train and evaluate (``clpd train`` passes its own
-``run_train`` and :func:`clpd.evaluate.evaluate_checkpoint`), so this module imports no command.
+``run_train`` and :func:`clpd.evaluation.evaluate.evaluate_checkpoint`), so this module imports no command.
 
 The schedule (which teacher supervises which step) and residency (only the active teacher on the
-device) are :mod:`clpd.teachers`.
+device) are :mod:`clpd.teachers.live`.
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ from clpd.cache import build_lock, build_once
 from clpd.config import Difficulty, DistillLoss, ModelConfig, StudentConfig, TeacherBuildConfig, TrainConfig
 from clpd.curriculum.scorers import is_curriculum, scorers
 from clpd.files import plain_json
-from clpd.models import architecture_config
-from clpd.teachers import teacher_index
+from clpd.models.load import architecture_config
+from clpd.teachers.live import teacher_index
 
-log = logging.getLogger("clpd.ladder")
+log = logging.getLogger("clpd.teachers.ladder")
 
-TrainFn = Callable[[DictConfig, Path, Console], dict]  # (config, run dir, console) -> summary: clpd.train.run_train
-EvalFn = Callable[..., dict]  # clpd.evaluate.evaluate_checkpoint
+TrainFn = Callable[[DictConfig, Path, Console], dict]  # (config, run dir, console) -> summary: clpd.commands.train.run_train
+EvalFn = Callable[..., dict]  # clpd.evaluation.evaluate.evaluate_checkpoint
 
 
 @dataclass
@@ -208,7 +208,7 @@ def teachers_in_use(tc: TrainConfig) -> List[int]:
     names = [t.name for t in ladder]
     used = set(distilling_teachers(tc))
     if Difficulty.teacher_loss in scorers(tc.curriculum) and is_curriculum(tc.curriculum):
-        used.add(names.index(tc.curriculum.teacher))  # clpd.train scores only when the order depends on it
+        used.add(names.index(tc.curriculum.teacher))  # clpd.commands.train scores only when the order depends on it
     return sorted(used)
 
 
