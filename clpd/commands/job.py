@@ -78,22 +78,3 @@ def run_command(command: str, run, cfg: DictConfig) -> Any:
         if HydraConfig.get().mode == RunMode.RUN:
             raise SystemExit(f"clpd {command}: error: {exc}") from None
         raise
-
-
-def environment(device) -> dict:
-    """What else a bit-for-bit rerun must match: the same run on another thread count, torch
-    version or processor reaches other weights (another summation order, other kernels)."""
-    import platform
-
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor() or platform.machine())
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device), "cpu": cpu}
-
-
-def _read_lines(path: str) -> list:
-    try:
-        return Path(path).read_text().splitlines()
-    except OSError:
-        return []

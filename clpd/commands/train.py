@@ -45,7 +45,8 @@ from clpd.losses import distill_loss
 from clpd.models.load import apply_lora, count_parameters, load_model, load_tokenizer, resolve_device, resolve_precision
 from clpd.preflight import check_train
 from clpd.training.resume import finished_run, resume_source, resume_student
-from clpd.commands.job import environment, recorded_status, run_command
+from clpd.environment import environment
+from clpd.commands.job import recorded_status, run_command
 from clpd.teachers.store import StorePool, TeacherStore, check_top_k, describe, prepare_stores
 from clpd.teachers.live import TeacherPool, make_schedule, teacher_dtype
 

@@ -12,8 +12,6 @@ generation, problems/s, generated tokens/s, the process's peak resident memory).
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -31,6 +29,7 @@ from clpd.training.checkpoint import is_clpd_checkpoint, verify_checkpoint
 from clpd.config import BenchmarkConfig, BenchmarkName, Device, ModelConfig, Precision, StudentConfig
 from clpd.data import Problem, load_problems
 from clpd.data.prompts import STOP_STRINGS, cut_at_stop, draw_fewshot, encode_prompt, stop_strings
+from clpd.environment import max_rss_mib
 from clpd.errors import ClpdError
 from clpd.files import write_json, write_jsonl
 from clpd.models.load import check_source, count_parameters, load_model, load_tokenizer, resolve_device, resolve_precision
@@ -87,12 +86,6 @@ def answer_length(ids: Sequence[int], ends: set) -> int:
     return len(ids)
 
 
-def peak_rss_mb() -> float:
-    """The peak resident memory of this process so far, in MiB (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-
-
 def _accuracy(rows: Sequence[dict], key: str) -> float:
     return sum(r[key] for r in rows) / len(rows) if rows else float("nan")
 
@@ -143,7 +136,7 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problem
         "seconds": round(seconds, 2), "problems_per_s": round(len(problems) / seconds, 4) if seconds else None,
         "new_tokens": sum(new_tokens), "tokens_per_s": round(sum(new_tokens) / seconds, 2) if seconds else None,
         "batch_size": batch_size, "max_new_tokens": max_new_tokens, "threads": torch.get_num_threads(),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_rss_mb": round(max_rss_mib(), 1),
     }
     return records, metrics
 

@@ -1,0 +1,57 @@
+"""The one probe of the machine and the process: what a run records about where it ran
+(:func:`environment`) and how much memory it took (:func:`peak_rss_mib`, :func:`reset_peak_rss`).
+Runs (``summary.json``), evaluations (``metrics.json``) and the benchmarks (:mod:`clpd.bench`) all
+read them here."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import sys
+from pathlib import Path
+from typing import List
+
+
+def _read_lines(path: str) -> List[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
+
+
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo``), or what ``platform`` knows of it."""
+    return next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo") if line.startswith("model name")),
+                platform.processor() or platform.machine())
+
+
+def environment(device) -> dict:
+    """What else a bit-for-bit rerun must match: the same run on another thread count, torch
+    version or processor reaches other weights (another summation order, other kernels)."""
+    import torch
+
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device), "cpu": cpu_name()}
+
+
+def peak_rss_mib(key: str = "VmHWM") -> float:
+    """This process's peak resident memory (``VmHWM``, which :func:`reset_peak_rss` resets) or its
+    current one (``key="VmRSS"``), in MiB; the peak since start (``ru_maxrss``) where /proc has none."""
+    for line in _read_lines("/proc/self/status"):
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) / 1024
+    return max_rss_mib()
+
+
+def max_rss_mib() -> float:
+    """The peak resident memory of this process since it started, in MiB (Linux reports KiB, macOS bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Linux >= 4.0: writing 5 to clear_refs resets VmHWM to the current RSS; False where it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
