@@ -1,6 +1,9 @@
-"""The one exception type that clpd reports to users as a single line (no traceback)."""
+"""The exceptions clpd reports to users as a single line (no traceback), and the collector that
+reports every problem of a check at once."""
 
-from typing import Optional
+from typing import Callable, Optional, Type, TypeVar
+
+T = TypeVar("T")
 
 
 class ClpdError(Exception):
@@ -22,3 +25,28 @@ class Interrupted(Exception):
         self.exit_code = 128 + signum
         self.resumable = resumable
         self.hand_on = hand_on
+
+
+class Problems(list):
+    """Every problem one check finds, reported together in one line (as litgpt does): a user who
+    mistyped two things on a long command line learns both from one try. Each message names its
+    key and the allowed values."""
+
+    def check(self, ok: bool, message: str) -> None:
+        """Note ``message`` unless ``ok``."""
+        if not ok:
+            self.append(message)
+
+    def guard(self, prefix: str, check: Callable[[], T]) -> Optional[T]:
+        """Run ``check``; a ClpdError it raises becomes a problem (after ``prefix``, the key) and
+        None is returned, so the checks after it still run."""
+        try:
+            return check()
+        except ClpdError as exc:
+            self.append(f"{prefix}: {exc}" if prefix else str(exc))
+            return None
+
+    def raise_if_any(self, prefix: str = "", error: Type[Exception] = ClpdError) -> None:
+        """Raise ``error`` with all problems in one line (their own line breaks folded), if any."""
+        if self:
+            raise error(prefix + "; ".join(" ".join(p.split()) for p in self))

@@ -33,7 +33,9 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from clpd.training.checkpoint import COMPLETE, CONFIG_FILE, FINAL, STATE_FILE, latest_checkpoint, verify_checkpoint
-from clpd.config import BenchmarkConfig, BenchmarkName, EvalConfig, ModelConfig, TrainConfig
+from clpd.config.schema import BenchmarkConfig, EvalConfig, TrainConfig
+from clpd.config.enums import BenchmarkName
+from clpd.config.model import ModelConfig
 from clpd.data import arith, load_problems
 from clpd.training.distributed import check_batch
 from clpd.errors import ClpdError
@@ -41,7 +43,7 @@ from clpd.teachers.ladder import ladder_needed, teachers_in_use
 from clpd.teachers.live import check_vocabularies
 from clpd.models.load import (ADAPTER_CONFIG, architecture_config, check_source, cut_config, gguf_reader_missing, init_source,
                          layers_to_keep, load_tokenizer, local_source, resolve_device, resolve_precision)
-from clpd.models.sources import is_package_path, package_folder
+from clpd.config.package_paths import is_package_path, package_folder
 
 MODEL_CONFIG = "config.json"  # transformers' CONFIG_NAME: a save_pretrained model folder
 # What makes a local folder loadable as a model, in the order clpd's loader tries them.

@@ -30,7 +30,8 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clpd.training.checkpoint import verify_checkpoint, write_checkpoint  # noqa: E402
-from clpd.config import LoraConfig, ModelConfig, TrainerConfig  # noqa: E402
+from clpd.config.model import LoraConfig, ModelConfig
+from clpd.config.schema import TrainerConfig
 from clpd.training.state import TrainState, rng_state
 from clpd.training.step import build_optimizer
 from clpd.models.load import apply_lora, count_parameters, load_model, load_tokenizer  # noqa: E402

@@ -41,7 +41,9 @@ import torch
 # Runnable as `python scripts/bench_distill.py` from a checkout that is not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clpd.losses import IGNORE_INDEX, LOSS_NAMES, distill_loss  # noqa: E402
+from clpd.data.records import IGNORE_INDEX
+from clpd.losses.divergences import LOSS_NAMES
+from clpd.losses.distill import distill_loss
 
 
 @dataclass(frozen=True)

@@ -36,16 +36,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hydra import compose, initialize_config_module  # noqa: E402
 
-from clpd.config import ModelConfig, register_configs, to_object  # noqa: E402
+from clpd.config.model import ModelConfig
+from clpd.config.schema import register_configs, to_object
 from clpd.curriculum.sampler import build_sampler  # noqa: E402
 from clpd.curriculum.scorers import compute_scores, is_curriculum  # noqa: E402
 from clpd.curriculum.stages import stage_starts  # noqa: E402
 from clpd.data import load_problems  # noqa: E402
-from clpd.data.prompts import encode_problems  # noqa: E402
+from clpd.data.prompts import encode_problems
 from clpd.training.batches import Batches
 from clpd.training.step import build_optimizer, optimizer_step
 from clpd.training.schedule import lr_at, schedule_step
-from clpd.losses import distill_loss  # noqa: E402
+from clpd.losses.distill import distill_loss
 from clpd.models.load import load_model  # noqa: E402
 from clpd.teachers.live import make_schedule  # noqa: E402
 from clpd.models.tokenizer import build_char_tokenizer  # noqa: E402

@@ -126,8 +126,10 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench_distill import PRESETS, Shape, parse_shape  # noqa: E402
 from bench_trl import clock, reset_peak_rss  # noqa: E402  (machine-load readings; trl itself is imported lazily there)
-from clpd.config import DistillConfig  # noqa: E402
-from clpd.losses import IGNORE_INDEX, TopK, distill_loss, top_k_outputs  # noqa: E402
+from clpd.config.schema import DistillConfig
+from clpd.data.records import IGNORE_INDEX
+from clpd.losses.sparse import TopK, top_k_outputs
+from clpd.losses.distill import distill_loss
 
 ARMS = ("sft", "live", "stored")
 VARIANTS = ("naive", "clpd_live", "clpd_stored")
@@ -216,7 +218,7 @@ def arith_spec(which: str):
     """The ModelConfig of the micro student or of arith_tiny's ``large`` rung, read from conf/."""
     from omegaconf import OmegaConf
 
-    from clpd.config import ModelConfig
+    from clpd.config.model import ModelConfig
 
     if which == "student":
         entry = OmegaConf.load(REPO / "conf" / "student" / "micro.yaml")
@@ -229,7 +231,7 @@ def arith_spec(which: str):
 
 def arith_examples(limit: Optional[int]) -> tuple:
     """(encoded arith training examples, tokenizer, max_length), as ``clpd train`` encodes them."""
-    from clpd.config import TrainConfig
+    from clpd.config.schema import TrainConfig
     from clpd.data import load_problems
     from clpd.data.prompts import encode_problems
     from clpd.models.tokenizer import build_char_tokenizer
@@ -426,7 +428,7 @@ def run_arm(work: Workload, arm: str, store, initial, args: argparse.Namespace) 
     ``clpd.training.loop.optimizer_step`` under the workload's autocast. On CUDA each step is fenced by
     ``torch.cuda.synchronize()`` and the peak allocated memory of the run (both models' weights,
     AdamW's state, activations, logits, loss) is read after resetting it at the run's start."""
-    from clpd.config import TrainerConfig
+    from clpd.config.schema import TrainerConfig
     from clpd.training.step import build_optimizer, optimizer_step, sft_loss
 
     where = work.where

@@ -137,12 +137,15 @@ sys.path.insert(0, str(REPO))  # runnable from a checkout that is not pip-instal
 
 import torch  # noqa: E402
 
-from clpd.config import BenchmarkConfig, Device, LrSchedule, ModelConfig, Precision, TrainerConfig  # noqa: E402
+from clpd.config.schema import BenchmarkConfig, TrainerConfig
+from clpd.config.enums import Device, LrSchedule, Precision
+from clpd.config.model import ModelConfig
 from clpd.curriculum.sampler import Sampler  # noqa: E402
 from clpd.data import load_problems  # noqa: E402
 from clpd.data.batching import collate  # noqa: E402
-from clpd.data.prompts import encode_problems  # noqa: E402
-from clpd.losses import IGNORE_INDEX, distill_loss  # noqa: E402
+from clpd.data.prompts import encode_problems
+from clpd.data.records import IGNORE_INDEX
+from clpd.losses.distill import distill_loss
 from clpd.models.tokenizer import build_char_tokenizer  # noqa: E402
 
 TRL_MISSING = ("TRL is not installed. It is not a dependency of clpd; install it into this environment for this "

@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
-from clpd.config import register_configs
+from clpd.config.schema import register_configs
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"  # GSM8K, SVAMP and the GPT-2 tokenizer; never copied into the repo

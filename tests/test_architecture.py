@@ -11,7 +11,28 @@ from typing import Dict, Iterator, List, Set
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "clpd"
-COMMANDS = {"clpd.commands.train", "clpd.commands.eval", "clpd.commands.plan", "clpd.commands.report", "clpd.cli"}
+
+# The packages in the order data flows through them (docs/architecture.md): a module may import
+# from its own layer and the layers before it, never from a later one. A layer is a package or a
+# top-level module; every module of clpd belongs to exactly one.
+LAYERS = [
+    ["clpd.errors", "clpd.files", "clpd.cache", "clpd.environment"],  # foundations
+    ["clpd.config"],
+    ["clpd.data"],
+    ["clpd.losses"],
+    ["clpd.models"],
+    ["clpd.curriculum"],
+    ["clpd.training"],
+    ["clpd.evaluation"],
+    ["clpd.teachers"],
+    ["clpd.report"],
+    ["clpd.preflight", "clpd.launchers"],
+    ["clpd.commands"],
+    ["clpd.cli", "clpd.__main__"],
+    ["clpd.bench"],  # benchmarks: they may use anything, nothing uses them
+    ["clpd"],  # the package's own __init__
+]
+COMMANDS = "clpd.commands"
 
 
 def module_name(path: Path) -> str:
@@ -77,11 +98,36 @@ def test_the_cycle_finder_finds_a_cycle_when_there_is_one(monkeypatch):
     assert cycle[0] == cycle[-1] and "clpd.commands.train" in cycle
 
 
+def layer_of(module: str) -> int:
+    """The index in LAYERS of the layer that holds ``module`` (the longest matching prefix)."""
+    matches = [(len(prefix), i) for i, layer in enumerate(LAYERS) for prefix in layer
+               if module == prefix or module.startswith(prefix + ".")]
+    assert matches, f"{module} belongs to no layer of LAYERS"
+    return max(matches)[1]
+
+
+def test_every_module_belongs_to_one_layer():
+    assert all(isinstance(layer_of(name), int) for name in MODULES)
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_no_module_imports_from_a_later_layer(name):
+    later = sorted(dep for dep in GRAPH[name] if layer_of(dep) > layer_of(name))
+    assert later == []
+
+
+def test_the_layer_rule_catches_an_import_from_a_later_layer(monkeypatch):
+    monkeypatch.setitem(GRAPH, "clpd.training.step", GRAPH["clpd.training.step"] | {"clpd.teachers.live"})
+    with pytest.raises(AssertionError):
+        test_no_module_imports_from_a_later_layer("clpd.training.step")
+
+
 @pytest.mark.parametrize("name", sorted(set(MODULES) - {"clpd.cli", "clpd.__main__"}))
 def test_no_module_imports_a_command_except_the_dispatcher(name):  # (and `python -m clpd`)
-    # clpd.report re-exports the report command's functions for scripts: it is the command's package.
-    allowed = {"clpd.commands.report"} if name == "clpd.report" else set()
-    assert GRAPH[name] & COMMANDS - allowed == set()
+    commands = {dep for dep in GRAPH[name] if dep == COMMANDS or dep.startswith(COMMANDS + ".")}
+    if name.startswith(COMMANDS + "."):  # a command may use the shared job wrapper, not another command
+        commands -= {"clpd.commands.job", COMMANDS}
+    assert commands == set()
 
 
 def logic_lines(node: ast.AST, source_lines: List[str]) -> int:
@@ -110,14 +156,19 @@ def functions(path: Path) -> Iterator[tuple[str, int, int]]:
             yield node.name, logic_lines(node, lines), params
 
 
-@pytest.mark.parametrize("module", ["loop.py", "train.py"])
-def test_the_loop_and_the_train_command_are_functions_that_fit_on_one_screen(module):
-    too_long = [(name, n) for name, n, _ in functions(PACKAGE / module) if n > 60]
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_every_function_fits_on_one_screen(path):
+    too_long = [(name, n) for name, n, _ in functions(path) if n > 60]
     assert too_long == []
 
 
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_every_module_stays_under_400_lines(path):
+    assert len(path.read_text().splitlines()) <= 400
+
+
 def test_the_training_loop_takes_at_most_8_parameters():
-    (params,) = [p for name, _, p in functions(PACKAGE / "loop.py") if name == "train"]
+    (params,) = [p for name, _, p in functions(PACKAGE / "training" / "loop.py") if name == "train"]
     assert params <= 8
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from clpd.evaluation.answers import extract_flexible, extract_strict, is_correct
-from clpd.config import BenchmarkConfig, BenchmarkName
+from clpd.config.schema import BenchmarkConfig
+from clpd.config.enums import BenchmarkName
 from clpd.data import LOADERS, Problem, load_problems
 from clpd.data import arith, gsm8k, svamp
 from clpd.data.records import count_steps

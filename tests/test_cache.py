@@ -1,4 +1,4 @@
-"""Shared caches under a file lock (clpd/cache.py), and which teachers a run builds (clpd/ladder.py)."""
+"""Shared caches under a file lock (clpd/cache.py), and which teachers a run builds (clpd/teachers/ladder.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from rich.console import Console
 
 from clpd.cache import build_lock, build_once, lock_path
-from clpd.config import to_object
+from clpd.config.schema import to_object
 from clpd.teachers.ladder import teachers_in_use
 from clpd.commands.plan import timeline
 from clpd.commands.train import run_train

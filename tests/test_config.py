@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from clpd.config import BenchmarkConfig, TrainConfig, TrainerConfig, to_object
+from clpd.config.schema import BenchmarkConfig, TrainConfig, TrainerConfig, to_object
 from clpd.errors import ClpdError
 from tests.conftest import REPO, compose_config
 
@@ -92,3 +92,10 @@ def test_yaml_files_are_shipped_inside_the_package():
     import clpd.conf
 
     assert (Path(clpd.conf.__file__).parent / "train.yaml").exists()
+
+
+def test_distill_loss_allows_exactly_sft_and_every_divergence_of_the_losses():
+    from clpd.config.enums import DistillLoss
+    from clpd.losses.divergences import LOSS_NAMES
+
+    assert [loss.value for loss in DistillLoss] == list(LOSS_NAMES)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from clpd.config import to_object
+from clpd.config.schema import to_object
 from clpd.curriculum.order import order_indices
 from clpd.curriculum.sampler import Sampler, pool_function
 from clpd.curriculum.stages import stage_starts

@@ -14,7 +14,9 @@ import pytest
 import torch
 from rich.console import Console
 
-from clpd.config import Arch, EvalConfig, ModelConfig, StudentConfig, to_object
+from clpd.config.enums import Arch
+from clpd.config.schema import EvalConfig, to_object
+from clpd.config.model import ModelConfig, StudentConfig
 from clpd.errors import ClpdError
 from clpd.models.load import (count_parameters, cut_layers, decoder_layers, init_source, layers_to_keep, load_model,
                          load_tokenizer)

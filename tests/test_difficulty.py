@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clpd.config import ModelConfig
+from clpd.config.model import ModelConfig
 from clpd.curriculum.order import order_indices
 from clpd.curriculum.score_cache import load_scores, save_scores
 from clpd.curriculum.scorers import cot_length, cot_steps, per_example_loss, random_scores, rrf
-from clpd.data.prompts import IGNORE_INDEX, encode_example
+from clpd.data.records import IGNORE_INDEX
+from clpd.data.prompts import encode_example
 from clpd.data.records import Problem
 from clpd.models.load import load_model, load_tokenizer
 

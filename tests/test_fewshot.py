@@ -8,10 +8,11 @@ import random
 import pytest
 import torch
 
-from clpd.config import Arch, BenchmarkConfig, BenchmarkName, ModelConfig
+from clpd.config.enums import Arch, BenchmarkName
+from clpd.config.schema import BenchmarkConfig
+from clpd.config.model import ModelConfig
 from clpd.data import load_problems
-from clpd.data.prompts import (CHAT_STOP_STRINGS, FEWSHOT_DELIMITER, STOP_STRINGS, cut_at_stop, draw_fewshot,
-                               prompt_text, stop_strings)
+from clpd.data.prompts import CHAT_STOP_STRINGS, FEWSHOT_DELIMITER, STOP_STRINGS, cut_at_stop, draw_fewshot, prompt_text, stop_strings
 from clpd.data.records import Problem
 from clpd.errors import ClpdError
 from clpd.evaluation.evaluate import answer_length, evaluate

@@ -8,7 +8,7 @@ from enum import Enum
 
 import pytest
 
-from clpd.config import to_object
+from clpd.config.schema import to_object
 from clpd.files import atomic_path, fingerprint, plain_json, write_json, write_jsonl, write_text
 from clpd.teachers.ladder import teacher_key
 from tests.conftest import compose_config

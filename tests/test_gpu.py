@@ -16,9 +16,12 @@ from typing import List, Optional
 import pytest
 import torch
 
-from clpd.config import Arch, ModelConfig, Precision, TrainerConfig
+from clpd.config.enums import Arch, Precision
+from clpd.config.model import ModelConfig
+from clpd.config.schema import TrainerConfig
 from clpd.training.step import build_optimizer
-from clpd.losses import IGNORE_INDEX, distill_loss
+from clpd.data.records import IGNORE_INDEX
+from clpd.losses.distill import distill_loss
 from clpd.models.load import load_model, resolve_precision
 from clpd.models.tokenizer import build_char_tokenizer
 

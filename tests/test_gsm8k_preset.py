@@ -7,7 +7,8 @@ import json
 
 from rich.console import Console
 
-from clpd.config import ModelConfig, to_object
+from clpd.config.model import ModelConfig
+from clpd.config.schema import to_object
 from clpd.models.load import load_model, load_tokenizer
 from clpd.commands.plan import run_plan
 from clpd.commands.train import run_train

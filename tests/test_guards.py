@@ -12,10 +12,10 @@ from omegaconf import OmegaConf
 from rich.console import Console
 
 from clpd.training.checkpoint import write_checkpoint
-from clpd.config import TrainerConfig
+from clpd.config.schema import TrainerConfig
 from clpd.errors import ClpdError
 from clpd.training.step import Supervision, sft_loss
-from clpd.losses import LossTerms
+from clpd.losses.distill import LossTerms
 from clpd.models.load import load_model, load_tokenizer
 from clpd.commands.train import run_train
 from tests.conftest import TINY_OVERRIDES, compose_config

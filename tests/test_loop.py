@@ -10,7 +10,9 @@ import pytest
 import torch
 from rich.console import Console
 
-from clpd.config import LrSchedule, ModelConfig, TrainerConfig
+from clpd.config.enums import LrSchedule
+from clpd.config.model import ModelConfig
+from clpd.config.schema import TrainerConfig
 from clpd.curriculum.sampler import Sampler
 from clpd.errors import ClpdError
 from clpd.data.batching import answer_token_count, collate, read_token_count
@@ -21,7 +23,9 @@ from clpd.training.step import Supervision, build_optimizer, optimizer_step, sft
 from clpd.training.state import TrainState
 from clpd.training.schedule import lr_at, schedule_step
 from clpd.training.loop import train
-from clpd.losses import IGNORE_INDEX, cross_entropy_sum, distill_loss
+from clpd.data.records import IGNORE_INDEX
+from clpd.losses.chunks import cross_entropy_sum
+from clpd.losses.distill import distill_loss
 from clpd.models.load import load_model, load_tokenizer
 from clpd.teachers.live import TeacherPool
 

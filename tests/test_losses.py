@@ -9,9 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clpd import losses
-from clpd.losses import (DIVERGENCES, IGNORE_INDEX, LOSS_NAMES, answer_rows, cross_entropy_sum, distill_loss, forward_kl, jsd,
-                         kd_loss_sum, reverse_kl, skew_forward_kl, skew_reverse_kl, tvd)
+from clpd.losses import chunks, dense
+from clpd.losses.divergences import DIVERGENCES, LOSS_NAMES, forward_kl, jsd, reverse_kl, skew_forward_kl, skew_reverse_kl, tvd
+from clpd.data.records import IGNORE_INDEX
+from clpd.losses.chunks import answer_rows, cross_entropy_sum
+from clpd.losses.distill import distill_loss
+from clpd.losses.dense import kd_loss_sum
 
 NAMES = list(DIVERGENCES)
 SEEDS = [0, 1, 2]
@@ -196,7 +199,7 @@ def test_student_mass_on_a_row_the_teacher_forbids_is_pushed_down_by_reverse_kl(
 
 @pytest.mark.parametrize("name", NAMES)
 def test_chunked_equals_unchunked_in_value_and_gradient(name, monkeypatch):
-    monkeypatch.setattr(losses, "RECOMPUTE_ABOVE", 0)  # chunked (and recomputed) however small the batch
+    monkeypatch.setattr(chunks, "RECOMPUTE_ABOVE", 0)  # chunked (and recomputed) however small the batch
     student, teacher, targets = batch()
     small = value_and_grad(student, teacher, targets, divergence=name, chunk_size=3)
     whole = value_and_grad(student, teacher, targets, divergence=name, chunk_size=10_000)
@@ -208,10 +211,10 @@ def test_chunked_equals_unchunked_in_value_and_gradient(name, monkeypatch):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_fp32_chunk_temporaries_are_not_kept_for_backward(name, monkeypatch):
-    """Above losses.RECOMPUTE_ABOVE elements (here: always), only the selected answer rows (in their
+    """Above chunks.RECOMPUTE_ABOVE elements (here: always), only the selected answer rows (in their
     own dtype) are kept for backward; every fp32 [chunk, V] temporary is recomputed, which is what
     bounds memory for a 152k-row vocabulary."""
-    monkeypatch.setattr(losses, "RECOMPUTE_ABOVE", 0)
+    monkeypatch.setattr(chunks, "RECOMPUTE_ABOVE", 0)
     student, teacher, targets = batch(b=4, t=16, vs=64, vt=64)
     student = student.detach().bfloat16().requires_grad_()
     saved = {}
@@ -229,7 +232,7 @@ def test_fp32_chunk_temporaries_are_not_kept_for_backward(name, monkeypatch):
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 def test_forward_kl_has_a_written_out_gradient_equal_to_autograd_s_of_the_formula(temperature):
-    """kd_loss_sum computes forward KL with its closed-form gradient (losses._ForwardKL, no autograd
+    """kd_loss_sum computes forward KL with its closed-form gradient (dense._ForwardKL, no autograd
     graph over [N, V]); value and gradient are those of autograd through the generic formula, also
     with masked rows and underflowing probabilities, and its gradient passes gradcheck in fp64."""
     student, teacher, targets = batch(b=3, t=7, vs=13, vt=13)
@@ -248,7 +251,7 @@ def test_forward_kl_has_a_written_out_gradient_equal_to_autograd_s_of_the_formul
     g = torch.Generator().manual_seed(1)
     s64 = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
     t64 = torch.randn(6, 5, generator=g, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda x: losses._ForwardKL.apply(x, t64, temperature, 4), (s64,))
+    assert torch.autograd.gradcheck(lambda x: dense._ForwardKL.apply(x, t64, temperature, 4), (s64,))
 
 
 def test_teacher_extra_vocab_rows_are_ignored():
@@ -367,7 +370,7 @@ def test_sft_ignores_the_teacher():
 
 
 def test_the_configs_allowed_losses_are_the_losses_module_s():
-    from clpd.config import DistillLoss
+    from clpd.config.enums import DistillLoss
 
     assert [loss.value for loss in DistillLoss] == list(LOSS_NAMES) == ["sft", *DIVERGENCES]
 
@@ -394,8 +397,8 @@ def test_logits_of_answer_positions_only_are_read_in_place_not_copied():
 def test_small_losses_keep_their_chunks_for_backward_with_the_same_value_and_gradient(name, monkeypatch):
     student, teacher, targets = batch(b=4, t=16, vs=64, vt=64)
     results = []
-    for threshold in (0, losses.RECOMPUTE_ABOVE):  # recomputed chunks of 8, then one kept chunk (4 x 16 x 64 is small)
-        monkeypatch.setattr(losses, "RECOMPUTE_ABOVE", threshold)
+    for threshold in (0, chunks.RECOMPUTE_ABOVE):  # recomputed chunks of 8, then one kept chunk (4 x 16 x 64 is small)
+        monkeypatch.setattr(chunks, "RECOMPUTE_ABOVE", threshold)
         s = student.detach().clone().requires_grad_()
         value = kd_loss_sum(s, teacher, targets, divergence=name, chunk_size=8)
         value.backward()

@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from clpd.config import Arch, ModelConfig, Precision
+from clpd.config.enums import Arch, Precision
+from clpd.config.model import ModelConfig
 from clpd.errors import ClpdError
 from clpd.models.load import load_model, load_tokenizer, resolve_precision
 from clpd.models.tokenizer import build_char_tokenizer

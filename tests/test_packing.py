@@ -10,10 +10,13 @@ import json
 import pytest
 import torch
 
-from clpd.config import ModelConfig, TrainerConfig
+from clpd.config.model import ModelConfig
+from clpd.config.schema import TrainerConfig
 from clpd.data.batching import (answer_token_count, collate, cut_by_tokens, pack, packing_is_exact, position_count,
                                 read_token_count)
-from clpd.losses import DIVERGENCES, IGNORE_INDEX, distill_loss
+from clpd.losses.divergences import DIVERGENCES
+from clpd.data.records import IGNORE_INDEX
+from clpd.losses.distill import distill_loss
 from clpd.models.load import load_model, load_tokenizer
 from tests.conftest import TINY_OVERRIDES, compose_config
 from tests.test_loop import SPEC, examples, run_loop

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from clpd.data.prompts import (IGNORE_INDEX, PROMPT, STOP_STRINGS, cut_at_stop, encode_example, encode_prompt,
-                               prompt_text, target_text)
+from clpd.data.records import IGNORE_INDEX
+from clpd.data.prompts import PROMPT, STOP_STRINGS, cut_at_stop, encode_example, encode_prompt, prompt_text, target_text
 from clpd.data.records import Problem
 from clpd.errors import ClpdError
 

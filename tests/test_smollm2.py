@@ -20,12 +20,14 @@ import pytest
 import torch
 from rich.console import Console
 
-from clpd.config import BenchmarkConfig, BenchmarkName, ModelConfig
+from clpd.config.schema import BenchmarkConfig
+from clpd.config.enums import BenchmarkName
+from clpd.config.model import ModelConfig
 from clpd.data import load_problems
 from clpd.data.batching import collate
 from clpd.data.prompts import encode_example
 from clpd.evaluation.evaluate import evaluate
-from clpd.losses import cross_entropy_sum
+from clpd.losses.chunks import cross_entropy_sum
 from clpd.models.load import count_parameters, cut_layers, decoder_layers, load_model, load_tokenizer
 from clpd.commands.train import run_train
 from tests.conftest import GSM8K_DIR, compose_config

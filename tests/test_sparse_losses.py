@@ -10,9 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clpd import losses
-from clpd.losses import (DIVERGENCES, IGNORE_INDEX, TopK, distill_loss, kd_loss_sum, sparse_kd_loss_sum,
-                         tempered_tail_lse, top_k_outputs)
+from clpd.losses import chunks
+from clpd.losses.divergences import DIVERGENCES
+from clpd.data.records import IGNORE_INDEX
+from clpd.losses.sparse import TopK, sparse_kd_loss_sum, tempered_tail_lse, top_k_outputs
+from clpd.losses.distill import distill_loss
+from clpd.losses.dense import kd_loss_sum
 
 NAMES = list(DIVERGENCES)
 TOL = dict(rtol=1e-6, atol=1e-6)
@@ -225,7 +228,7 @@ def test_the_forward_kl_gradient_is_p_s_minus_p_t_on_the_top_k_and_proportional_
 
 @pytest.mark.parametrize("name", NAMES)
 def test_chunk_size_one_and_1024_give_the_same_value_and_gradient(name, monkeypatch):
-    monkeypatch.setattr(losses, "RECOMPUTE_ABOVE", 0)  # chunked (and recomputed) however small the batch
+    monkeypatch.setattr(chunks, "RECOMPUTE_ABOVE", 0)  # chunked (and recomputed) however small the batch
     student, teacher, targets = batch(v=33)
     for k in (4, 33):
         top = stored(teacher, targets, k, 33)
@@ -239,10 +242,10 @@ def test_chunk_size_one_and_1024_give_the_same_value_and_gradient(name, monkeypa
 
 
 def test_fp32_chunk_temporaries_are_not_kept_for_backward(monkeypatch):
-    """As for kd_loss_sum, above losses.RECOMPUTE_ABOVE elements (here: always): only the student's
+    """As for kd_loss_sum, above chunks.RECOMPUTE_ABOVE elements (here: always): only the student's
     answer rows (in their own dtype), the mask and the stored teacher rows are kept for backward;
     every fp32 [chunk, width] temporary is recomputed."""
-    monkeypatch.setattr(losses, "RECOMPUTE_ABOVE", 0)
+    monkeypatch.setattr(chunks, "RECOMPUTE_ABOVE", 0)
     student, teacher, targets = batch(b=4, t=16, v=64)
     student = student.detach().bfloat16().requires_grad_()
     top = stored(teacher, targets, 8, 64)

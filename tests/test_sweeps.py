@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clpd.config import register_configs
+from clpd.config.schema import register_configs
 from tests.conftest import TINY_OVERRIDES
 from tests.test_cli import CLPD
 from tests.test_resume import weights

@@ -1,4 +1,4 @@
-"""Stored teacher outputs (clpd/teacher_store.py): what a store holds, that training on it is
+"""Stored teacher outputs (clpd/teachers/store.py): what a store holds, that training on it is
 training on the live teacher when nothing is cut, and that a wrong or damaged store is refused."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from clpd.config import ModelConfig
+from clpd.config.model import ModelConfig
 from clpd.data.batching import answer_mask, collate, pack
 from clpd.errors import ClpdError
-from clpd.losses import top_k_outputs
+from clpd.losses.sparse import top_k_outputs
 from clpd.models.load import load_model
 from clpd.teachers.store import TeacherStore, build_store, store_dir, store_key
 from clpd.models.tokenizer import build_char_tokenizer

@@ -12,14 +12,16 @@ import torch
 from rich.console import Console
 
 import clpd.teachers.live as teachers_module
-from clpd.config import LoraConfig, ModelConfig, Schedule, StudentConfig, TrainerConfig, to_object
+from clpd.config.model import LoraConfig, ModelConfig, StudentConfig
+from clpd.config.enums import Schedule
+from clpd.config.schema import TrainerConfig, to_object
 from clpd.data import load_problems
 from clpd.data.prompts import encode_example
 from clpd.errors import ClpdError
 from clpd.commands.eval import run_eval
 from clpd.evaluation.evaluate import evaluate
 from clpd.teachers.ladder import build_config, check_ladder_order, teacher_key
-from clpd.losses import distill_loss
+from clpd.losses.distill import distill_loss
 from clpd.models.load import apply_lora, load_model, load_tokenizer
 from clpd.training.checkpoint import write_checkpoint
 from clpd.curriculum.stages import stage_starts
@@ -222,7 +224,7 @@ def test_a_lora_student_changes_only_its_adapters_and_reloads_with_the_same_pred
     model = apply_lora(base, spec.lora)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    from clpd.config import BenchmarkConfig
+    from clpd.config.schema import BenchmarkConfig
 
     bench = BenchmarkConfig(train_size=64, test_size=8, max_steps=2)
     examples = [encode_example(p, tok, False, 256) for p in load_problems(bench, "train")]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from clpd.config import to_object
+from clpd.config.schema import to_object
 from clpd.errors import ClpdError
 from clpd.commands.eval import run_eval
 from clpd.commands.train import run_train

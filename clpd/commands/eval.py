@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 from rich.console import Console
 
-from clpd.config import EvalConfig, register_configs, to_object
+from clpd.config.schema import EvalConfig, register_configs, to_object
 from clpd.errors import ClpdError
 from clpd.evaluation.evaluate import evaluate_checkpoint, metrics_table
 from clpd.preflight import check_eval

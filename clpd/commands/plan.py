@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from clpd.config import Difficulty, DistillLoss, TeacherOutputs, TrainConfig, register_configs, to_object
+from clpd.config.enums import Difficulty, DistillLoss, TeacherOutputs
+from clpd.config.schema import TrainConfig, register_configs, to_object
 from clpd.curriculum.sampler import build_sampler
 from clpd.curriculum.scorers import compute_scores, is_curriculum, needs_model, scorers
 from clpd.curriculum.stages import stage_at, stage_starts

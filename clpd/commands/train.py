@@ -23,7 +23,8 @@ from rich.console import Console
 from transformers import PreTrainedTokenizerBase
 
 from clpd.training.checkpoint import FINAL, make_manifest, prune_checkpoints, step_name, write_checkpoint
-from clpd.config import Difficulty, DistillLoss, TeacherOutputs, TrainConfig, register_configs, to_object
+from clpd.config.enums import Difficulty, DistillLoss, TeacherOutputs
+from clpd.config.schema import TrainConfig, register_configs, to_object
 from clpd.curriculum.sampler import Sampler, build_sampler
 from clpd.curriculum.score_cache import load_scores, save_scores
 from clpd.curriculum.scorers import compute_scores, is_curriculum, needs_model, per_example_loss
@@ -41,7 +42,7 @@ from clpd.training.log import Outputs
 from clpd.training.step import Supervision
 from clpd.training.state import TrainResult, TrainState
 from clpd.training.loop import train
-from clpd.losses import distill_loss
+from clpd.losses.distill import distill_loss
 from clpd.models.load import apply_lora, count_parameters, load_model, load_tokenizer, resolve_device, resolve_precision
 from clpd.preflight import check_train
 from clpd.training.resume import finished_run, resume_source, resume_student

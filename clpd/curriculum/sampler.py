@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from clpd.config import TrainConfig
+from clpd.config.schema import TrainConfig
 from clpd.curriculum.order import order_indices
 from clpd.curriculum.pacing import pool_size
 

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clpd.config import CurriculumConfig, Difficulty, Order, Pacing
+from clpd.config.schema import CurriculumConfig
+from clpd.config.enums import Difficulty, Order, Pacing
 from clpd.data.batching import answer_mask, answer_token_count, collate, pack
-from clpd.data.prompts import IGNORE_INDEX
+from clpd.data.records import IGNORE_INDEX
 from clpd.data.records import Problem
 
 

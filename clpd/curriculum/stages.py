@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 from typing import List, Sequence
 
-from clpd.config import Pacing, TrainConfig
+from clpd.config.enums import Pacing
+from clpd.config.schema import TrainConfig
 from clpd.curriculum.sampler import pool_function
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Callable, Dict, List, Optional, Union
 
-from clpd.config import BenchmarkConfig
+from clpd.config.schema import BenchmarkConfig
 from clpd.data import arith, gsm8k, svamp
 from clpd.data.records import Problem, count_steps
 from clpd.errors import ClpdError

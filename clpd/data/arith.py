@@ -19,7 +19,7 @@ import hashlib
 import random
 from typing import List, Tuple
 
-from clpd.config import BenchmarkConfig
+from clpd.config.schema import BenchmarkConfig
 from clpd.data.records import Problem
 from clpd.errors import ClpdError
 

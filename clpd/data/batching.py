@@ -13,7 +13,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from clpd.losses import IGNORE_INDEX
+from clpd.data.records import IGNORE_INDEX
 
 
 def collate(examples: Sequence[dict], pad_id: int) -> Dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Iterable, List, Mapping
 
-from clpd.config import BenchmarkConfig
+from clpd.config.schema import BenchmarkConfig
 from clpd.data.records import Problem, count_steps, normalize_answer
 from clpd.errors import ClpdError
 

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from clpd.data.records import Problem
 from clpd.errors import ClpdError
-from clpd.losses import IGNORE_INDEX
+from clpd.data.records import IGNORE_INDEX
 
 log = logging.getLogger("clpd.data")
 

@@ -1,9 +1,13 @@
-"""The one record type every benchmark produces, and the step count used as its difficulty."""
+"""The records the data flows in: the :class:`Problem` every benchmark produces (and the step count
+used as its difficulty), and the mark of a token that no loss is taken on (:data:`IGNORE_INDEX`) in
+the encoded examples' labels."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+IGNORE_INDEX = -100  # the label of a token no loss is taken on (prompt, padding), as torch's cross_entropy expects
 
 # GSM8K's calculator annotations: ``<<16-3-4=9>>``.
 ANNOTATION = re.compile(r"<<[^<>]*>>")

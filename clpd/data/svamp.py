@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import List
 
-from clpd.config import BenchmarkConfig
+from clpd.config.schema import BenchmarkConfig
 from clpd.data.records import Problem
 from clpd.errors import ClpdError
 

@@ -26,7 +26,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from clpd.evaluation.answers import extract_flexible, extract_strict, is_correct
 from clpd.training.checkpoint import is_clpd_checkpoint, verify_checkpoint
-from clpd.config import BenchmarkConfig, BenchmarkName, Device, ModelConfig, Precision, StudentConfig
+from clpd.config.schema import BenchmarkConfig
+from clpd.config.enums import BenchmarkName, Device, Precision
+from clpd.config.model import ModelConfig, StudentConfig
 from clpd.data import Problem, load_problems
 from clpd.data.prompts import STOP_STRINGS, cut_at_stop, draw_fewshot, encode_prompt, stop_strings
 from clpd.environment import max_rss_mib

@@ -1,7 +1,7 @@
 """One factory for students and teachers.
 
 A model is either pretrained (``spec.path``: a Hugging Face id, a local ``save_pretrained``
-folder or a ``pkg:`` package folder (:mod:`clpd.models.sources`), optionally with a GGUF file inside it),
+folder or a ``pkg:`` package folder (:mod:`clpd.config.package_paths`), optionally with a GGUF file inside it),
 built from scratch from the architecture fields of :class:`~clpd.config.ModelConfig` (Llama or
 Qwen2) with random weights, or, for a student, cut from another model (``student.init_from``:
 :func:`cut_layers`). Everything that leaves this module is a plain transformers object, so
@@ -25,9 +25,10 @@ from safetensors import SafetensorError
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel,
                           PreTrainedTokenizerBase, Qwen2Config)
 
-from clpd.config import Arch, Device, LoraConfig, ModelConfig, Precision, StudentConfig
+from clpd.config.enums import Arch, Device, Precision
+from clpd.config.model import LoraConfig, ModelConfig, StudentConfig
 from clpd.errors import ClpdError
-from clpd.models.sources import is_package_path, package_folder
+from clpd.config.package_paths import is_package_path, package_folder
 from clpd.models.tokenizer import build_char_tokenizer
 
 log = logging.getLogger("clpd.models.load")

@@ -31,7 +31,9 @@ from rich.table import Table
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from clpd.cache import build_lock, build_once
-from clpd.config import Difficulty, DistillLoss, ModelConfig, StudentConfig, TeacherBuildConfig, TrainConfig
+from clpd.config.enums import Difficulty, DistillLoss
+from clpd.config.model import ModelConfig, StudentConfig
+from clpd.config.schema import TeacherBuildConfig, TrainConfig
 from clpd.curriculum.scorers import is_curriculum, scorers
 from clpd.files import plain_json
 from clpd.models.load import architecture_config

@@ -15,7 +15,9 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from clpd.config import ModelConfig, Schedule, TeachersConfig
+from clpd.config.model import ModelConfig
+from clpd.config.enums import Schedule
+from clpd.config.schema import TeachersConfig
 from clpd.curriculum.stages import stage_at
 from clpd.errors import ClpdError
 from clpd.models.load import load_model

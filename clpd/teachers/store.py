@@ -45,11 +45,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from clpd.cache import build_once
 from clpd.training.checkpoint import sha256_file, weights_fingerprint
-from clpd.config import ModelConfig
+from clpd.config.model import ModelConfig
 from clpd.data.batching import answer_mask, answer_token_count, collate
 from clpd.errors import ClpdError
 from clpd.files import fingerprint, plain_json, write_json
-from clpd.losses import TopK, top_k_outputs
+from clpd.losses.sparse import TopK, top_k_outputs
 from clpd.models.load import load_model
 
 log = logging.getLogger("clpd.teachers.store")

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from clpd.config import TrainerConfig
+from clpd.config.schema import TrainerConfig
 from clpd.errors import ClpdError
 from dataclasses import dataclass
 from pathlib import Path

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from clpd.config import TrainerConfig
+from clpd.config.schema import TrainerConfig
 from clpd.training.distributed import all_reduce_max, ranks
 from clpd.errors import ClpdError, Interrupted
 from clpd.training.batches import Batches

@@ -21,7 +21,7 @@ from rich.console import Console
 
 from clpd.training.checkpoint import (FINAL, MANIFEST_FILE, METRICS_FILE, checkpoint_step, complete_checkpoints,
                              load_student_weights, load_training_state, manifest_differences)
-from clpd.config import TrainerConfig
+from clpd.config.schema import TrainerConfig
 from clpd.training.distributed import ranks
 from clpd.errors import ClpdError
 from clpd.training.state import TrainState

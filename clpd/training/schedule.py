@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 
 
-from clpd.config import LrSchedule, TrainerConfig
+from clpd.config.enums import LrSchedule
+from clpd.config.schema import TrainerConfig
 
 
 def lr_at(step: int, cfg: TrainerConfig) -> float:

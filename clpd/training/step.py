@@ -15,10 +15,12 @@ from typing import Callable, Dict, Optional, Protocol, Sequence, Union
 
 import torch
 
-from clpd.config import TrainerConfig
+from clpd.config.schema import TrainerConfig
 from clpd.data.batching import answer_mask
 from clpd.training.distributed import all_reduce_sum, ranks
-from clpd.losses import LossTerms, TopK, cross_entropy_sum
+from clpd.losses.distill import LossTerms
+from clpd.losses.sparse import TopK
+from clpd.losses.chunks import cross_entropy_sum
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainerConfig, fused: bool) -> torch.optim.AdamW:

@@ -1,0 +1,369 @@
+"""Typed configuration: dataclass schemas registered in Hydra's ConfigStore.
+
+Hydra validates every value against these schemas while it composes the config, so a bad enum
+value (``trainer.precision=fp8``) is refused with the allowed values before any job starts, even
+inside a sweep. Rules that involve several fields live in ``__post_init__`` and run when a command
+turns its DictConfig into these objects with :func:`to_object`, first thing, before any work.
+All problems found by one check are reported together, each naming its key (as litgpt does).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from clpd.errors import Problems
+from clpd.config.enums import (BenchmarkName, Device, Difficulty, DistillLoss, LrSchedule, Order, Overlong, Pacing,
+                               Precision, Schedule, TeacherOutputs)
+from clpd.config.model import ModelConfig, StudentConfig, _check_keep
+from clpd.config.package_paths import resolve_sources
+
+
+@dataclass
+class BenchmarkConfig:
+    """Where problems come from. One schema for all benchmarks; fields a benchmark does not use
+    are ignored by it (the generator fields only matter for ``arith``)."""
+
+    name: BenchmarkName = BenchmarkName.arith
+    # gsm8k: None = the Hugging Face dataset ``hf_path``/``hf_config``; a folder with
+    # train.jsonl/test.jsonl in the original format otherwise. svamp: folder with SVAMP.json.
+    data_dir: Optional[str] = None
+    hf_path: str = "openai/gsm8k"
+    hf_config: str = "main"
+    train_split: str = "train"
+    eval_split: str = "test"
+    train_limit: Optional[int] = None  # first N training problems (None: all)
+    eval_limit: Optional[int] = None  # first N evaluation problems (None: all)
+    chat_template: bool = False  # wrap question/answer in the tokenizer's chat template
+    # Solved examples before each evaluation question, as lm-evaluation-harness's gsm8k (5-shot):
+    # drawn with random.Random(fewshot_seed).sample from fewshot_split, anew for each question in
+    # order; "Question: ...\nAnswer: <solution>" blocks joined by a blank line, or with
+    # chat_template=true user/assistant turns (lm-eval's --fewshot_as_multiturn). Evaluation only:
+    # training examples are always zero-shot.
+    num_fewshot: int = 0
+    fewshot_split: str = "train"
+    fewshot_seed: int = 1234
+    # arith generator
+    seed: int = 1234  # generator seed; the problems are a pure function of these fields
+    train_size: int = 20000
+    test_size: int = 1000
+    max_steps: int = 4  # problems have 1..max_steps reasoning steps (the difficulty)
+    min_value: int = 2  # range of the numbers that appear in questions
+    max_value: int = 12
+
+    def __post_init__(self) -> None:
+        p = Problems()
+        for key in ("train_limit", "eval_limit"):
+            v = getattr(self, key)
+            p.check(v is None or v > 0, f"benchmark.{key}={v} must be > 0 (or null for all)")
+        p.check(self.num_fewshot >= 0, f"benchmark.num_fewshot={self.num_fewshot} must be >= 0")
+        p.check(self.num_fewshot == 0 or self.name != BenchmarkName.svamp,
+                f"benchmark.num_fewshot={self.num_fewshot}: benchmark=svamp has no solutions to show as examples; "
+                f"allowed: 0")
+        if self.name == BenchmarkName.arith:
+            p.check(self.max_steps >= 1, f"benchmark.max_steps={self.max_steps} must be >= 1")
+            p.check(1 <= self.min_value <= self.max_value,
+                    f"benchmark.min_value={self.min_value}, max_value={self.max_value}: need 1 <= min_value <= max_value")
+            p.check(self.train_size >= 0 and self.test_size >= 0, "benchmark.train_size and test_size must be >= 0")
+        p.raise_if_any("invalid benchmark config: ")
+
+
+@dataclass
+class TeacherBuildConfig:
+    """How clpd trains the from-scratch teachers of a ladder that have no weights (``path: null``).
+
+    Each is an ordinary supervised ``clpd train`` run on the benchmark's training split generated
+    with ``data_seed``: problems other than the pool the student is distilled on, as a pretrained
+    teacher's would be. (Teachers evaluated on their own training pool are almost one-hot, which
+    makes distillation the same as supervised training.)
+    """
+
+    data_seed: int = 4242
+    seed: int = 0  # initial weights; the student's seed is separate, so seeds of a study share teachers
+    max_steps: int = 800
+    batch_size: int = 32
+    grad_accum: int = 4
+    lr: float = 5e-3
+    warmup_steps: int = 50
+    eval: bool = True  # evaluate each new teacher on the test split (cached with it)
+
+
+@dataclass
+class TeachersConfig:
+    """The teacher ladder, weakest to strongest. ``none``: supervised fine-tuning, no teacher."""
+
+    name: str = "none"
+    ladder: List[ModelConfig] = field(default_factory=list)
+    schedule: Schedule = Schedule.strongest
+    fixed: Optional[str] = None  # the teacher's name, with schedule=fixed
+    # Where stage k+1 begins, as fractions of training (K-1 increasing values in (0, 1)); None:
+    # K even stages. The curriculum supplies its own boundaries through the same function.
+    boundaries: Optional[List[float]] = None
+    cache_dir: str = "outputs/teachers"  # trained from-scratch teachers, keyed by config and data
+    build: TeacherBuildConfig = field(default_factory=TeacherBuildConfig)
+    # Changes to ``build`` for single teachers, by ladder name, e.g. {medium: {max_steps: 3000}}
+    # (on the command line: ++teachers.build_overrides.medium.max_steps=3000): a rung that needs
+    # longer than the others to reach the plateau of its learning curve. Only that teacher's cache
+    # key changes, so the others are not retrained.
+    build_overrides: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    build_only: bool = False  # build (and evaluate) the ladder, then stop: +experiment=arith_teachers
+
+    def __post_init__(self) -> None:
+        p = Problems()
+        names = [t.name for t in self.ladder]
+        p.check(len(set(names)) == len(names), f"teachers.ladder names must be unique, got {names}")
+        if self.schedule == Schedule.fixed:
+            p.check(self.fixed in names, f"teachers.fixed={self.fixed} must name a teacher of the ladder: {names}")
+        build_fields = [f.name for f in fields(TeacherBuildConfig)]
+        for name, changes in self.build_overrides.items():
+            if name not in names:  # e.g. a ladder replaced on the command line: its preset's overrides stay behind
+                logging.getLogger("clpd.config").warning(
+                    "teachers.build_overrides.%s: no teacher of that name in the ladder %s; ignored", name, names)
+            for key in changes:
+                p.check(key in build_fields,
+                        f"teachers.build_overrides.{name}.{key}: not a build setting; allowed: {', '.join(build_fields)}")
+        if self.boundaries is not None:
+            b = list(self.boundaries)
+            p.check(len(b) == max(len(names) - 1, 0),
+                    f"teachers.boundaries={b} needs {max(len(names) - 1, 0)} values (one fewer than teachers)")
+            p.check(all(0.0 < x < 1.0 for x in b) and all(x < y for x, y in zip(b, b[1:])),
+                    f"teachers.boundaries={b} must be increasing fractions in (0, 1)")
+        p.raise_if_any("invalid teachers config: ")
+
+
+@dataclass
+class CurriculumConfig:
+    """Order and pacing of the training data. ``none``: random order, everything available.
+
+    The examples are scored (``difficulty``), ordered (``order``), and at training progress p the
+    first ``pacing(p)`` fraction of the ordered set is the pool each batch is drawn from. The
+    stages of the teacher schedule come from the same pacing (see clpd/curriculum/stages.py).
+    """
+
+    name: str = "none"
+    difficulty: Difficulty = Difficulty.cot_steps
+    order: Order = Order.random
+    pacing: Pacing = Pacing.none
+    start: float = 0.2  # c0: the fraction available at the first step
+    saturate: float = 0.8  # the fraction of training at which the whole set is available
+    root_p: float = 2.0  # pacing=root: the p of the root-p competence function
+    num_buckets: int = 4  # pacing=step: equal buckets added cumulatively
+    teacher: Optional[str] = None  # difficulty=teacher_loss: the ladder teacher that scores
+    rrf_scorers: List[Difficulty] = field(default_factory=lambda: [Difficulty.cot_steps, Difficulty.cot_length])
+    num_stages: Optional[int] = None  # K; None: the number of teachers (1 without teachers)
+    stage_boundaries: Optional[List[float]] = None  # without pacing: where stages 2..K begin (fractions)
+    score_batch_size: int = 64  # examples per forward pass when a model scores difficulty
+
+    def __post_init__(self) -> None:
+        p = Problems()
+        p.check(0.0 < self.start <= 1.0, f"curriculum.start={self.start} must be in (0, 1]")
+        p.check(0.0 < self.saturate <= 1.0, f"curriculum.saturate={self.saturate} must be in (0, 1]")
+        p.check(self.root_p >= 1, f"curriculum.root_p={self.root_p} must be >= 1")
+        p.check(self.num_buckets >= 2, f"curriculum.num_buckets={self.num_buckets} must be >= 2")
+        p.check(self.num_stages is None or self.num_stages >= 1, f"curriculum.num_stages={self.num_stages} must be >= 1")
+        p.check(Difficulty.rrf not in self.rrf_scorers and len(self.rrf_scorers) >= 1,
+                f"curriculum.rrf_scorers={[d.value for d in self.rrf_scorers]} must name at least one scorer other than rrf")
+        if self.stage_boundaries is not None:
+            b = list(self.stage_boundaries)
+            p.check(all(0.0 < x < 1.0 for x in b) and all(x < y for x, y in zip(b, b[1:])),
+                    f"curriculum.stage_boundaries={b} must be increasing fractions in (0, 1)")
+        p.raise_if_any("invalid curriculum config: ")
+
+
+@dataclass
+class DistillConfig:
+    """The token-level loss. ``sft``: cross-entropy on the gold solution tokens."""
+
+    name: str = "sft"
+    loss: DistillLoss = DistillLoss.sft
+    temperature: float = 1.0  # softmax temperature of both models; the divergence is scaled by T^2
+    alpha: float = 0.0  # loss = alpha * ce + (1 - alpha) * kd (kd losses only)
+    beta: float = 0.5  # jsd: the teacher's weight in the mixture
+    skew_lambda: float = 0.1  # skew_forward_kl / skew_reverse_kl: DistiLLM's lambda
+    # Answer tokens per chunk of the KD loss: bounds its fp32 [chunk, vocab] temporaries. 256 rather
+    # than 1024: at 152k rows and 2,048 answer rows per micro-batch the loss then peaks at 0.18x of
+    # naive full-vocabulary logits with stored outputs (1024: 0.29x; scripts/bench_store.py memory).
+    # Small losses are one chunk whatever this says (clpd.losses.RECOMPUTE_ABOVE).
+    chunk_size: int = 256
+    # Where the teacher's logits come from: its forward at every step (live), or a store of its
+    # top-k logits at every training example's answer positions, built once into
+    # <teachers.cache_dir>/outputs and shared by every run that needs the same one (stored).
+    teacher_outputs: TeacherOutputs = TeacherOutputs.live
+    # stored: logits kept per answer position (the rest is one tail bucket); null: every compared
+    # vocabulary row, which gives exactly the live loss (and a store as large as full logits).
+    top_k: Optional[int] = 32
+    store_batch_size: int = 64  # examples per teacher forward while a store is built
+
+    def __post_init__(self) -> None:
+        p = Problems()
+        p.check(self.temperature > 0, f"distill.temperature={self.temperature} must be > 0")
+        p.check(self.top_k is None or self.top_k >= 1,
+                f"distill.top_k={self.top_k} must be >= 1 (logits kept per answer position), or null for every row")
+        p.check(self.store_batch_size >= 1, f"distill.store_batch_size={self.store_batch_size} must be >= 1")
+        p.check(0.0 <= self.alpha <= 1.0, f"distill.alpha={self.alpha} must be in [0, 1]")
+        p.check(0.0 <= self.beta <= 1.0, f"distill.beta={self.beta} must be in [0, 1]")
+        p.check(0.0 <= self.skew_lambda < 1.0, f"distill.skew_lambda={self.skew_lambda} must be in [0, 1)")
+        p.check(self.chunk_size >= 1, f"distill.chunk_size={self.chunk_size} must be >= 1")
+        p.raise_if_any("invalid distill config: ")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 700  # optimizer steps; with max_tokens, the length of the schedules instead
+    # A token budget: train until this many (non-padding) tokens have been read. The LR schedule,
+    # the pacing and the teacher stages then advance with the tokens read (schedule step =
+    # tokens_seen / max_tokens * max_steps), so every arm runs its whole schedule in the same
+    # compute and arms with shorter (easier) examples take more optimizer steps.
+    max_tokens: Optional[int] = None
+    batch_size: int = 32  # examples per optimizer step (all micro-batches together)
+    grad_accum: int = 4  # micro-batches per optimizer step; batch_size must divide evenly
+    # Padding-free micro-batches: the examples of a micro-batch in one row, positions restarting at
+    # each, attention kept inside each. None: on CUDA where the models keep packed examples apart
+    # (checked on the student before the first step); padded on the CPU, where sdpa's mask over a
+    # packed row is quadratic in its length (measured 2x slower than sorted padded micro-batches).
+    packing: Optional[bool] = None
+    # Micro-batches by tokens instead of grad_accum: the step's batch, sorted by length, is cut into
+    # micro-batches of at most this many tokens (padding included when not packed), so long and short
+    # examples cost what they contain. None: grad_accum micro-batches of equal example counts.
+    micro_batch_tokens: Optional[int] = None
+    lr: float = 5e-3
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
+    lr_schedule: LrSchedule = LrSchedule.cosine
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    max_length: int = 512  # tokens per training example (prompt + answer)
+    overlong: Overlong = Overlong.drop  # longer examples: dropped or left-truncated, and counted in the log
+    precision: Precision = Precision.auto
+    device: Device = Device.auto
+    log_every: int = 10
+    save: bool = True  # write checkpoints (checkpoints/final at the end, step-N every save_every steps)
+    save_every: Optional[int] = None  # also a checkpoint every N optimizer steps (and on SIGINT/SIGTERM)
+    keep_last: int = 2  # step checkpoints kept (the oldest are deleted; final is always kept)
+    resume: Optional[str] = None  # "auto": the newest complete checkpoint of the run dir; or a checkpoint path
+    resume_force: bool = False  # resume even when the config, ladder or data differ from the checkpoint's
+    skip_nonfinite: bool = False  # skip a step whose loss is nan/inf (counted) instead of stopping the run
+    num_threads: Optional[int] = None  # torch CPU threads (None: torch's default)
+    tensorboard: bool = False  # also write TensorBoard event files to <run>/tensorboard (pip install tensorboard)
+    eval_at_end: bool = True  # evaluate the final student on benchmark.eval_split (into <run>/eval)
+    eval_every: Optional[int] = None  # also evaluate every N steps (a learning curve in metrics.jsonl)
+    eval_every_limit: int = 200  # ... on the first N problems of the eval split
+    eval_batch_size: int = 128
+    eval_max_new_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        p = Problems()
+        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "max_length", "eval_batch_size",
+                    "eval_max_new_tokens"):
+            p.check(getattr(self, key) >= 1, f"trainer.{key}={getattr(self, key)} must be >= 1")
+        p.check(self.grad_accum < 1 or self.batch_size % self.grad_accum == 0,
+                f"trainer.batch_size={self.batch_size} must be divisible by trainer.grad_accum={self.grad_accum}")
+        p.check(self.lr > 0, f"trainer.lr={self.lr} must be > 0")
+        p.check(0.0 <= self.min_lr_ratio <= 1.0, f"trainer.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        p.check(self.warmup_steps >= 0, f"trainer.warmup_steps={self.warmup_steps} must be >= 0")
+        p.check(self.grad_clip >= 0, f"trainer.grad_clip={self.grad_clip} must be >= 0 (0 disables)")
+        p.check(self.save_every is None or self.save_every >= 1, f"trainer.save_every={self.save_every} must be >= 1 (or null)")
+        p.check(self.keep_last >= 1, f"trainer.keep_last={self.keep_last} must be >= 1")
+        p.check(self.resume is None or self.resume == "auto" or Path(self.resume).expanduser().is_dir(),
+                f"trainer.resume={self.resume}: expected auto or a checkpoint folder (no such folder)")
+        p.check(self.max_tokens is None or self.max_tokens >= 1, f"trainer.max_tokens={self.max_tokens} must be >= 1 (or null)")
+        p.check(self.micro_batch_tokens is None or self.micro_batch_tokens >= 2,
+                f"trainer.micro_batch_tokens={self.micro_batch_tokens} must be >= 2 (or null for grad_accum micro-batches)")
+        p.check(self.eval_every is None or self.eval_every >= 1, f"trainer.eval_every={self.eval_every} must be >= 1 (or null)")
+        p.check(self.eval_every_limit >= 1, f"trainer.eval_every_limit={self.eval_every_limit} must be >= 1")
+        p.raise_if_any("invalid trainer config: ")
+
+
+@dataclass
+class TrainConfig:
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teachers: TeachersConfig = field(default_factory=TeachersConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        p = Problems()
+        p.check(self.benchmark.name != BenchmarkName.svamp,
+                "benchmark=svamp is for evaluation only (it has no chain-of-thought solutions); train on arith or gsm8k")
+        p.check(self.distill.loss == DistillLoss.sft or len(self.teachers.ladder) > 0,
+                f"distill.loss={self.distill.loss.value} needs a teacher ladder (teachers=none has none)")
+        if self.distill.teacher_outputs == TeacherOutputs.stored:
+            p.check(self.distill.loss != DistillLoss.sft and self.distill.alpha < 1.0,
+                    f"distill.teacher_outputs=stored needs a teacher's loss term: distill.loss={self.distill.loss.value}, "
+                    f"alpha={self.distill.alpha} takes none; allowed: a divergence ({', '.join(loss.value for loss in DistillLoss if loss != DistillLoss.sft)}) with "
+                    f"alpha < 1, or distill.teacher_outputs=live")
+        names = [t.name for t in self.teachers.ladder]
+        c = self.curriculum
+        uses_teacher = c.difficulty == Difficulty.teacher_loss or (
+            c.difficulty == Difficulty.rrf and Difficulty.teacher_loss in c.rrf_scorers)
+        if uses_teacher:
+            p.check(c.teacher in names,
+                    f"curriculum.teacher={c.teacher} must name a teacher of the ladder for teacher_loss: {names}")
+        p.check(not (c.stage_boundaries is not None and self.teachers.boundaries is not None),
+                "set stage boundaries once: curriculum.stage_boundaries or teachers.boundaries, not both")
+        s = self.student
+        if s.init_from is not None and s.init_from in names:
+            p.check(s.gguf_file is None,
+                    f"student.gguf_file={s.gguf_file}: student.init_from={s.init_from} names a teacher of the ladder, "
+                    f"whose own path and gguf_file are used; set student.gguf_file=null")
+        stages = self.num_stages()
+        if c.stage_boundaries is not None:
+            p.check(len(c.stage_boundaries) == stages - 1,
+                    f"curriculum.stage_boundaries={list(c.stage_boundaries)} needs {stages - 1} values for {stages} stages")
+        p.raise_if_any("invalid train config: ")
+
+    def num_stages(self) -> int:
+        """K: curriculum.num_stages, else one stage per teacher (one without teachers)."""
+        return self.curriculum.num_stages or max(len(self.teachers.ladder), 1)
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: Optional[str] = None  # a clpd checkpoint folder, any save_pretrained folder, a HF id or a pkg: path
+    gguf_file: Optional[str] = None
+    # Evaluate the checkpoint cut to these blocks (or every k-th), as student.init_from cuts a
+    # student: a cut student's accuracy before any training.
+    keep_layers: Optional[List[int]] = None
+    keep_every: Optional[int] = None
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    batch_size: int = 128  # prompts per generate() call
+    max_new_tokens: int = 256  # lm-evaluation-harness's max_gen_toks for gsm8k
+    precision: Precision = Precision.auto
+    device: Device = Device.auto
+    num_threads: Optional[int] = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        p = Problems()
+        p.check(bool(self.checkpoint), "checkpoint is required: clpd eval checkpoint=PATH_OR_HF_ID")
+        p.check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
+        p.check(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        _check_keep(p, "", self.keep_layers, self.keep_every)
+        p.raise_if_any("invalid eval config: ")
+
+
+def register_configs() -> None:
+    """Make the top-level schemas available to the defaults lists of train.yaml and eval.yaml.
+
+    The group yamls merge into the typed nodes of these schemas, so they are validated too."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="eval_schema", node=EvalConfig)
+
+
+def to_object(cfg: DictConfig) -> Any:
+    """Turn a composed DictConfig into the schema objects, running every ``__post_init__`` check.
+
+    Model paths written ``pkg:MODULE`` become the folder of that installed package here
+    (:mod:`clpd.config.package_paths`); ``cfg`` itself keeps them as written (checkpoints, manifests)."""
+    return resolve_sources(OmegaConf.to_object(cfg))

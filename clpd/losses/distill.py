@@ -1,0 +1,65 @@
+"""``distill_loss``: what the training step calls: ``alpha * CE + (1 - alpha) * KD`` (or plain CE
+for ``"sft"``), with its two terms apart (:class:`LossTerms`) so that both can be logged."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+from clpd.losses.chunks import _kd_problems, _raise_if, cross_entropy_sum
+from clpd.losses.dense import kd_loss_sum
+from clpd.losses.divergences import LOSS_NAMES
+from clpd.losses.sparse import TopK, sparse_kd_loss_sum
+
+
+class LossTerms(NamedTuple):
+    """A loss summed over answer tokens, and its two terms unweighted (None where not computed):
+    ``total = alpha * ce + (1 - alpha) * kd``."""
+    total: torch.Tensor
+    ce: Optional[torch.Tensor] = None
+    kd: Optional[torch.Tensor] = None
+
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: Optional[Union[torch.Tensor, TopK]],
+                 targets: torch.Tensor, *,
+                 loss: str, alpha: float, temperature: float = 1.0, beta: float = 0.5, lam: float = 0.1,
+                 chunk_size: int = 256, vocab_size: Optional[int] = None) -> LossTerms:
+    """The loop's loss, summed over answer tokens, with its terms.
+
+    ``loss == "sft"``: cross-entropy on the gold tokens; ``teacher_logits`` and the KD knobs are
+    ignored (the teacher may be None). Otherwise ``loss`` names a divergence and the total is
+    ``alpha * CE + (1 - alpha) * KD`` (``alpha`` weighs the CE term, the opposite of torchtune's
+    ``kd_ratio``); the CE term is skipped entirely at alpha = 0 and the KD term at alpha = 1 (the
+    teacher may then be None). CE always uses the student's full vocabulary; ``vocab_size`` only
+    cuts the KD term.
+
+    ``teacher_logits`` is dense ``[B, T, V']`` logits (KD by :func:`kd_loss_sum`) or a stored
+    :class:`TopK` of the answer rows (KD by :func:`sparse_kd_loss_sum`, over the first
+    ``vocab_size`` rows, all of the student's when None: set it to the width the TopK was built with).
+    """
+    if loss not in LOSS_NAMES:
+        raise ValueError(f"unknown loss {loss!r}; expected one of: {', '.join(LOSS_NAMES)}")
+    if loss == "sft":
+        ce = cross_entropy_sum(student_logits, targets)
+        return LossTerms(ce, ce=ce)
+    problems = _kd_problems(loss, temperature, beta, lam, chunk_size, vocab_size)
+    if not 0.0 <= alpha <= 1.0:
+        problems.append(f"alpha must be in [0, 1], got {alpha}")
+    if teacher_logits is None and alpha < 1.0:
+        problems.append(f"loss {loss!r} with alpha {alpha} needs teacher_logits")
+    _raise_if(problems)
+
+    ce = cross_entropy_sum(student_logits, targets) if alpha > 0.0 else None
+    kd = None
+    if alpha < 1.0:
+        kd_sum = sparse_kd_loss_sum if isinstance(teacher_logits, TopK) else kd_loss_sum
+        kd = kd_sum(student_logits, teacher_logits, targets, divergence=loss, temperature=temperature, beta=beta,
+                    lam=lam, chunk_size=chunk_size, vocab_size=vocab_size)
+    if kd is None:
+        total = alpha * ce
+    elif ce is None:
+        total = (1.0 - alpha) * kd
+    else:
+        total = alpha * ce + (1.0 - alpha) * kd
+    return LossTerms(total, ce=ce, kd=kd)
