@@ -42,7 +42,7 @@ import json, os, signal, sys
 from pathlib import Path
 import torch
 from rich.console import Console
-import clpd.training.loop, clpd.training.checkpoint
+import clpd.training.batches, clpd.training.checkpoint
 from clpd.commands.train import run_train
 from tests.conftest import compose_config
 
@@ -58,8 +58,8 @@ def killing(original):
     return wrapped
 
 if where == "mid-step":   # the at-th micro-batch: in the middle of an optimizer step
-    clpd.training.loop.collate = killing(clpd.training.loop.collate)  # padded micro-batches
-    clpd.training.loop.pack = killing(clpd.training.loop.pack)  # packed ones (one of the two layouts is used)
+    clpd.training.batches.collate = killing(clpd.training.batches.collate)  # padded micro-batches
+    clpd.training.batches.pack = killing(clpd.training.batches.pack)  # packed ones (one of the two layouts is used)
 else:                     # the at-th torch.save: a checkpoint half-written (weights saved, state not)
     clpd.training.checkpoint.torch.save = killing(torch.save)
 run_train(compose_config("train", overrides), run_dir, Console(quiet=True))

@@ -48,7 +48,7 @@ from clpd.preflight import check_train
 from clpd.training.resume import finished_run, resume_source, resume_student
 from clpd.environment import environment
 from clpd.commands.job import recorded_status, run_command
-from clpd.teachers.store import StorePool, TeacherStore, check_top_k, describe, prepare_stores
+from clpd.teachers.store import StorePool, TeacherStore, describe, prepare_stores
 from clpd.teachers.live import TeacherPool, make_schedule, teacher_dtype
 
 log = logging.getLogger("clpd.commands.train")
@@ -310,10 +310,8 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
     with recorded_status(run_dir):  # a refused config is recorded as a failed run too (for reports)
         tc: TrainConfig = to_object(cfg)  # every schema check runs here, before any work
         resume_from = resume_source(tc.trainer, run_dir)
-        check_train(tc)  # every other check that needs no weights, before the first teacher is built
+        check_train(tc)  # every other check that needs no weights or data, before the first teacher is built
         run = start_run(cfg, tc, run_dir, console)
-        if tc.distill.teacher_outputs == TeacherOutputs.stored:
-            check_top_k(tc.distill.top_k, len(run.tokenizer))  # before any teacher is trained
         data = load_data(run)  # before the teachers: a token budget too small for the data is refused first
         ladder = prepare_ladder(run)
         if tc.teachers.build_only:

@@ -43,6 +43,7 @@ METRICS_FILE = "metrics.jsonl"
 MANIFEST_FILE = "manifest.json"
 COMPLETE = "COMPLETE"
 FINAL = "final"
+CHECKPOINT_HINT = "a clpd checkpoint is <run>/checkpoints/final or <run>/checkpoints/step-N"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 # Keys that may change between a run and its resume: where and how often it saves, logs and
@@ -251,3 +252,12 @@ def manifest_differences(saved: dict, current: dict) -> List[str]:
     if saved.get("difficulty") != current.get("difficulty"):
         out.append("difficulty scores differ")
     return out
+
+
+def checkpoint_files_problem(path: Path, key: str) -> Optional[str]:
+    """A clpd checkpoint's marker and files, by name and size (the sha256 is left to the load)."""
+    try:
+        verify_checkpoint(path, hashes=False)
+    except ClpdError as exc:
+        return f"{key}: {exc}"
+    return None

@@ -19,7 +19,7 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from clpd.training.checkpoint import (FINAL, MANIFEST_FILE, METRICS_FILE, checkpoint_step, complete_checkpoints,
+from clpd.training.checkpoint import (CHECKPOINT_HINT, COMPLETE, STATE_FILE, checkpoint_files_problem, latest_checkpoint, FINAL, MANIFEST_FILE, METRICS_FILE, checkpoint_step, complete_checkpoints,
                              load_student_weights, load_training_state, manifest_differences)
 from clpd.config.schema import TrainerConfig
 from clpd.training.distributed import ranks
@@ -89,3 +89,26 @@ def resume_student(source: Path, manifest: dict, model, run_dir: Path, console: 
         shutil.copyfile(source / METRICS_FILE, run_dir / "metrics.jsonl")
     console.print(f"resuming from {source} at step {state.step} ({state.tokens_seen:,} tokens read)", soft_wrap=True)
     return state
+
+
+def resume_problem(resume: Optional[str]) -> Optional[str]:
+    """``trainer.resume=PATH``: a clpd checkpoint written with its training state."""
+    if resume is None or resume == "auto":
+        return None
+    path = Path(resume).expanduser()
+    if not path.is_dir():
+        return None  # the schema check already refused it
+    if not (path / COMPLETE).exists():
+        hint = ""
+        latest = latest_checkpoint(path) or latest_checkpoint(path.parent)
+        if latest is not None:
+            hint = f"; did you mean trainer.resume={latest}?"
+        return (f"trainer.resume={resume}: not a clpd checkpoint: found no {COMPLETE} marker and no {STATE_FILE} there "
+                f"({CHECKPOINT_HINT}; or trainer.resume=auto with hydra.run.dir=<run>){hint}")
+    problem = checkpoint_files_problem(path, "trainer.resume")
+    if problem:
+        return problem
+    if not (path / STATE_FILE).is_file():
+        return (f"trainer.resume={resume}: the checkpoint has no {STATE_FILE}: it holds weights only and cannot be "
+                f"resumed from (start a new run from its weights with student.path={resume})")
+    return None
