@@ -28,7 +28,7 @@ from clpd.models.load import load_tokenizer
 from clpd.files import atomic_path, write_json
 from clpd.teachers.ladder import distilling_teachers, teachers_in_use
 from clpd.commands.job import run_command
-from clpd.teachers.live import make_schedule
+from clpd.teachers.schedule import make_schedule
 
 register_configs()
 

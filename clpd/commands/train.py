@@ -49,7 +49,8 @@ from clpd.training.resume import finished_run, resume_source, resume_student
 from clpd.environment import environment
 from clpd.commands.job import recorded_status, run_command
 from clpd.teachers.store import StorePool, TeacherStore, describe, prepare_stores
-from clpd.teachers.live import TeacherPool, make_schedule, teacher_dtype
+from clpd.teachers.live import TeacherPool, teacher_dtype
+from clpd.teachers.schedule import make_schedule
 
 log = logging.getLogger("clpd.commands.train")
 register_configs()

@@ -37,7 +37,7 @@ from clpd.config.schema import TeacherBuildConfig, TrainConfig
 from clpd.curriculum.scorers import is_curriculum, scorers
 from clpd.files import plain_json
 from clpd.models.load import architecture_config
-from clpd.teachers.live import teacher_index
+from clpd.teachers.schedule import teacher_index
 
 log = logging.getLogger("clpd.teachers.ladder")
 

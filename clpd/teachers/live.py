@@ -1,7 +1,6 @@
-"""The teachers during training: the vocabulary check, the schedule, and device residency.
+"""Live teachers during training: the vocabulary check and device residency.
 
 * ``check_vocabularies``: token-level distillation needs one vocabulary for student and teachers.
-* ``teacher_index`` is the schedule: a pure function from the step to the teacher's index.
 * ``TeacherPool`` keeps only the active teacher loaded; a switch frees the old one first.
 
 Building the ladder's from-scratch teachers is :mod:`clpd.teachers.ladder`.
@@ -10,15 +9,12 @@ Building the ladder's from-scratch teachers is :mod:`clpd.teachers.ladder`.
 from __future__ import annotations
 
 import gc
-from typing import Callable, Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from clpd.config.model import ModelConfig
-from clpd.config.enums import Schedule
-from clpd.config.schema import TeachersConfig
-from clpd.curriculum.stages import stage_at
 from clpd.errors import ClpdError
 from clpd.models.load import load_model
 
@@ -36,34 +32,6 @@ def check_vocabularies(student_tok: PreTrainedTokenizerBase, student_name: str,
             raise ClpdError(f"teacher '{name}' ({len(tok)} tokens, {tok.name_or_path}) and student '{student_name}' "
                             f"({len(student_tok)} tokens, {student_tok.name_or_path}) have different tokenizers; "
                             f"token-level distillation needs one shared vocabulary")
-
-
-# ---------------------------------------------------------------------------------------------
-# The schedule
-# ---------------------------------------------------------------------------------------------
-
-def teacher_index(step: int, *, schedule: Schedule, num_teachers: int, starts: Sequence[int],
-                  fixed_index: int = 0) -> int:
-    """Which teacher of the ladder (0 = weakest) supervises ``step``.
-
-    ``starts`` are the first steps of stages 1..K-1 (from even stages, ``teachers.boundaries``, or
-    the curriculum); ``progressive`` gives teacher k to stage k.
-    """
-    if schedule == Schedule.strongest:
-        return num_teachers - 1
-    if schedule == Schedule.weakest:
-        return 0
-    if schedule == Schedule.fixed:
-        return fixed_index
-    return min(stage_at(step, starts), num_teachers - 1)
-
-
-def make_schedule(cfg: TeachersConfig, starts: Sequence[int]) -> Callable[[int], int]:
-    """The schedule of ``cfg`` over stages beginning at ``starts`` (from clpd.curriculum.stages)."""
-    names = [t.name for t in cfg.ladder]
-    fixed_index = names.index(cfg.fixed) if cfg.schedule == Schedule.fixed else 0
-    return lambda step: teacher_index(step, schedule=cfg.schedule, num_teachers=len(names), starts=starts,
-                                      fixed_index=fixed_index)
 
 
 # ---------------------------------------------------------------------------------------------
