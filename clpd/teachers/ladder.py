@@ -67,20 +67,75 @@ def build_config(spec: ModelConfig, tc: TrainConfig) -> TeacherBuildConfig:
     return replace(tc.teachers.build, **tc.teachers.build_overrides.get(spec.name, {}))
 
 
-# Benchmark settings of the evaluation prompt only: a teacher trains the same without them, so they
-# are not in its key (adding them renamed, and would have retrained, every cached teacher).
-EVAL_ONLY = ("num_fewshot", "fewshot_split", "fewshot_seed")
+# Which settings make a from-scratch teacher, field by field. The key of its cache folder holds
+# exactly those that change its weights; the settings that only change how it is scored key its
+# evaluation folder instead, so a change of them re-evaluates the cached teacher, not retrains it.
+# Every field of BenchmarkConfig and TrainerConfig is in one tuple (tests/test_teacher_key.py).
+
+# The data the teacher learns from: its training split, where it is read from, how it is generated
+# (arith) and how each example is written.
+BENCHMARK_TRAINING_FIELDS = (
+    "name", "train_split", "train_limit", "train_size", "max_steps", "min_value", "max_value",
+    "data_dir", "hf_path", "hf_config",  # where gsm8k's training split is read from
+    "chat_template",  # the prompt format of the training examples
+)
+BENCHMARK_EVAL_ONLY_FIELDS = (
+    "eval_split", "eval_limit",
+    "test_size",  # arith's splits are disjoint by question: the training split does not depend on it
+    "num_fewshot", "fewshot_split", "fewshot_seed",  # training examples are always zero-shot
+    "seed",  # the teacher's problems are drawn with teachers.build.data_seed (in the key); this draws the test split
+)
+
+# The trainer settings the teacher's run inherits (teacher_train_config) and that change its weights.
+TRAINER_TRAINING_FIELDS = (
+    "lr_schedule", "min_lr_ratio", "weight_decay", "adam_beta1", "adam_beta2", "grad_clip",
+    "max_length", "overlong",  # which examples it trains on, and how much of their prompts
+    "packing", "micro_batch_tokens",  # the layout of micro-batches: same update in exact arithmetic, other rounding
+    "precision", "device",  # autocast dtype; the device also decides precision=auto and packing=null
+    "skip_nonfinite",  # a teacher built with skipped steps is one a run without them never yields
+)
+# Set by teacher_train_config itself (from teachers.build, in the key, or to a fixed value), so the
+# teacher's run never reads them from trainer.
+TRAINER_SET_FOR_TEACHER_FIELDS = (
+    "max_steps", "max_tokens", "batch_size", "grad_accum", "lr", "warmup_steps",
+    "save", "save_every", "resume", "resume_force", "eval_at_end", "eval_every",
+)
+# Inherited, but not the training: what the run logs, keeps, evaluates and how many threads it uses.
+TRAINER_UNKEYED_FIELDS = (
+    "log_every", "keep_last", "tensorboard", "eval_every_limit", "eval_batch_size", "eval_max_new_tokens",
+    # The thread count changes only the order of floating-point sums, as another machine does (and
+    # null, torch's default, is the machine's count); a resumed run may change it too (RESUME_FREE_KEYS).
+    "num_threads",
+)
+
+# What a teacher is scored with besides its weights and the key's settings: the benchmark's
+# evaluation-only fields, and the trainer's generation length (the student's too). The batch size of
+# generation changes how fast, not what is scored.
+TRAINER_SCORING_FIELDS = ("eval_max_new_tokens",)
+
+# A build setting that does not train: whether the new teacher is evaluated.
+BUILD_EVAL_ONLY_FIELDS = ("eval",)
+
+
+def _pick(config: object, names: Sequence[str]) -> dict:
+    plain = plain_json(config)
+    return {name: plain[name] for name in names}
 
 
 def teacher_key(spec: ModelConfig, tc: TrainConfig) -> str:
-    """Cache key of a from-scratch teacher: its architecture, the data it learns from, and how it
-    is trained. The name is left out (renaming a teacher does not retrain it)."""
+    """Cache key of a from-scratch teacher: its architecture (not its name: renaming a teacher does
+    not retrain it), its build settings, and the benchmark and trainer settings its training run
+    takes over that change its weights; none that only change its evaluation."""
     build = build_config(spec, tc)
-    data = replace(tc.benchmark, seed=build.data_seed)
     payload = {"teacher": {k: v for k, v in plain_json(spec).items() if k != "name"},
-               "data": {k: v for k, v in plain_json(data).items() if k not in EVAL_ONLY},
-               "build": {k: v for k, v in plain_json(build).items() if k != "eval"}}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+               "data": _pick(tc.benchmark, BENCHMARK_TRAINING_FIELDS),
+               "trainer": _pick(tc.trainer, TRAINER_TRAINING_FIELDS),
+               "build": {k: v for k, v in plain_json(build).items() if k not in BUILD_EVAL_ONLY_FIELDS}}
+    return _hash(payload, 12)
+
+
+def _hash(payload: dict, length: int) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:length]
 
 
 def teacher_dir(spec: ModelConfig, tc: TrainConfig) -> Path:
@@ -88,7 +143,11 @@ def teacher_dir(spec: ModelConfig, tc: TrainConfig) -> Path:
 
 
 def _eval_dir(spec: ModelConfig, tc: TrainConfig) -> Path:
-    return teacher_dir(spec, tc) / f"eval-{tc.benchmark.name.value}-seed{tc.benchmark.seed}"
+    """Where a teacher's test metrics are cached: inside its folder (the key's settings), keyed by the
+    evaluation settings, so that two evaluations that can score differently never share metrics."""
+    b = tc.benchmark
+    settings = {"benchmark": _pick(b, BENCHMARK_EVAL_ONLY_FIELDS), "trainer": _pick(tc.trainer, TRAINER_SCORING_FIELDS)}
+    return teacher_dir(spec, tc) / f"eval-{b.name.value}-seed{b.seed}-{_hash(settings, 8)}"
 
 
 def teacher_accuracy(spec: ModelConfig, tc: TrainConfig) -> Optional[dict]:
@@ -140,8 +199,10 @@ def build_teacher(spec: ModelConfig, tc: TrainConfig, console: Console, *, train
         with build_lock(run_dir, what=f"teacher {spec.name}'s evaluation"):
             if teacher_accuracy(spec, tc) is None:  # not evaluated by the run this one waited for
                 # On the student's test split, so that teachers and students are scored on the same problems.
-                evaluate(str(final), tc.benchmark, _eval_dir(spec, tc), console,
-                         device=tc.trainer.device, precision=tc.trainer.precision)
+                # With the student's generation settings, so that both are scored the same way.
+                evaluate(str(final), tc.benchmark, _eval_dir(spec, tc), console, device=tc.trainer.device,
+                         precision=tc.trainer.precision, batch_size=tc.trainer.eval_batch_size,
+                         max_new_tokens=tc.trainer.eval_max_new_tokens)
     return replace(spec, path=str(final))
 
 
