@@ -301,6 +301,17 @@ def finish(run: Run, student: Student, result: TrainResult, ladder: Ladder, data
     return summary
 
 
+def build_teachers_only(run: Run, ladder: Ladder, data: Data) -> dict:
+    """``teachers.build_only=true``: the ladder is built (and evaluated); with stored outputs every
+    rung's store is built too; no student is trained. Returns the summary it writes."""
+    stored = run.tc.distill.teacher_outputs == TeacherOutputs.stored and ladder.specs
+    stores = main_first(lambda: stored_outputs(run, ladder, data)) if stored else {}
+    summary = {"teachers": ladder.rows, "stores": describe(stores, ladder.specs),
+               "wall_time_s": round(time.perf_counter() - run.started, 2)}
+    write_json(run.run_dir / "summary.json", summary)
+    return summary
+
+
 def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) -> dict:
     """Train as ``cfg`` says and write everything into ``run_dir``; returns the summary."""
     console = console or Console()
@@ -315,13 +326,8 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
         run = start_run(cfg, tc, run_dir, console)
         data = load_data(run)  # before the teachers: a token budget too small for the data is refused first
         ladder = prepare_ladder(run)
-        if tc.teachers.build_only:
-            stores = (main_first(lambda: stored_outputs(run, ladder, data))
-                      if tc.distill.teacher_outputs == TeacherOutputs.stored and ladder.specs else {})
-            summary = {"teachers": ladder.rows, "stores": describe(stores, ladder.specs),
-                       "wall_time_s": round(time.perf_counter() - run.started, 2)}
-            write_json(run_dir / "summary.json", summary)
-            return summary
+        if tc.teachers.build_only:  # the ladder (and its stores) ahead of a sweep, no student
+            return build_teachers_only(run, ladder, data)
         student = build_student(run, ladder)
         supervision = build_supervision(run, ladder, data)
         packed = choose_layout(run, student.model)  # padded or packed micro-batches, for scoring and training
