@@ -17,7 +17,7 @@ from typing import Any, List
 
 import pytest
 
-from clpd.config import BenchmarkConfig, TeacherBuildConfig, TrainConfig, TrainerConfig, to_object
+from clpd.config.schema import BenchmarkConfig, TeacherBuildConfig, TrainConfig, TrainerConfig, to_object
 from clpd.data import load_problems
 from clpd.data.prompts import encode_problems
 from clpd.errors import ClpdError
