@@ -260,6 +260,38 @@ def test_no_status_json_is_unfinished_a_broken_file_is_a_row_and_eval_runs_are_r
     assert len(group_runs(runs)) == 2
 
 
+@pytest.mark.parametrize("file, text, error", [
+    (".hydra/config.yaml", "a: [1, 2\nb: {", "ParserError: while parsing"),
+    (".hydra/config.yaml", "5\n", "OSError: "),
+    (".hydra/hydra.yaml", "hydra: {runtime: {choices: [a]}}\n", "hydra.runtime.choices is unreadable: a list"),
+    ("status.json", "[1, 2]", "ValueError: status.json is unreadable: a list, not an object"),
+    ("summary.json", '{"eval": "0.5"}', "ValueError: summary.json's eval is unreadable: a str, not an object"),
+    ("summary.json", '{"teacher_outputs": "live"}', "summary.json's teacher_outputs is unreadable: a str"),
+    ("metrics.jsonl", '{"step": null, "loss": 1.0}\n', "ValueError: metrics.jsonl is unreadable: step None is not a number"),
+])
+def test_a_corrupt_or_misshapen_file_makes_its_run_an_unreadable_row(tmp_path, file, text, error):
+    make_run(tmp_path / "good", "clpd", 0, "completed", 0.5)
+    bad = make_run(tmp_path / "bad", "clpd", 1, "completed", 0.5)
+    (bad / file).write_text(text)
+    runs = {Path(r["run"]).name: r for r in collect_runs([tmp_path])}
+    assert runs["good"]["status"] == "completed"
+    assert runs["bad"]["status"] == "unreadable" and error in runs["bad"]["error"], runs["bad"]["error"]
+    assert runs["bad"]["metrics"]["accuracy_strict"] is None
+
+
+def test_a_bug_while_reading_a_run_raises_instead_of_making_it_unreadable(tmp_path, monkeypatch):
+    import clpd.report.records as records
+
+    make_run(tmp_path / "a", "clpd", 0, "completed", 0.5)
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(records, "flatten", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        collect_runs([tmp_path])
+
+
 def test_bad_input_is_one_line_and_exit_1(tmp_path, capsys):
     (tmp_path / "empty" / "outputs").mkdir(parents=True)
     for argv, message in (([str(tmp_path / "empty")], "no runs under"), ([], "give at least one PATH"),

@@ -33,8 +33,7 @@ def t_quantile_975(df: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading runs
-
+# Varied keys, groups, paired differences
 
 
 def _differs(key: str, runs: Sequence[dict]) -> bool:
@@ -190,9 +189,3 @@ def group_runs(runs: Sequence[dict], baseline: Tuple[str, str] = BASELINE) -> Li
                 mean, low, high, n = paired_difference(g[by_seed], base[by_seed])
                 g[name] = {"baseline": base["label"], "mean": mean, "low": low, "high": high, "n": n}
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Formatting
-
-

@@ -164,6 +164,83 @@ def check_baseline(runs: Sequence[dict], baseline: Tuple[str, str]) -> None:
                         f"groups differ by: {keys}")
 
 
+def _print_groups(console: Console, runs: Sequence[dict], header: Sequence[str], rows: Sequence[Sequence[str]],
+                  n_groups: int, n_kept: int) -> None:
+    """The group table on the console, then one line per run that did not complete (with its error)."""
+    table = Table(title=f"{len(runs)} runs, {n_groups} group{'s' * (n_groups != 1)}")
+    for i, column in enumerate(header):
+        table.add_column(column, justify="left" if i < max(n_kept, 1) else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    problems = [r for r in runs if r["status"] != "completed"]
+    for r in problems:
+        console.print(f"[yellow]{r['status']}[/] {r['run']}" + (f": {_one_line(r['error'], 200)}" if r["error"] else ""),
+                      soft_wrap=True, markup=True, highlight=False)
+
+
+def _run_table(groups: Sequence[dict], kept: Sequence[str], out_dir: Path) -> Tuple[List[str], List[List[str]]]:
+    """report.md's table of runs: one row per run, group by group, in seed order."""
+    header = ["run", *kept, "seed", "status", "teacher outputs", "acc strict", "acc flexible", "test problems",
+              "tokens seen", "train time", "final loss", "error"]
+    rows = []
+    for g in groups:
+        for r in sorted(g["runs"], key=lambda r: (_compact(r["seed"]), r["run"])):
+            m = r["metrics"]
+            rows.append([_rel(r["run"], out_dir), *(_display(r["params"].get(k)) for k in kept), _display(r["seed"]),
+                         r["status"], r["teacher_outputs"] or "-", _fmt_number(m["accuracy_strict"], "acc"),
+                         _fmt_number(m["accuracy_flexible"], "acc"), _display(m["n"]),
+                         _fmt_number(m["tokens_seen"], "tokens"), _fmt_number(m["train_time_s"], "time"),
+                         _fmt_number(m["final_loss"], "loss"), _one_line(r["error"])])
+    return header, rows
+
+
+def _method_text(groups: Sequence[dict], header: Sequence[str], baseline: Tuple[str, str]) -> str:
+    """report.md's paragraph on what the numbers are: accuracy, Δ and its pairs (when a baseline group
+    exists), curve acc (when shown), n."""
+    pairs = "; ".join(f"{g['label']} vs {g['vs_baseline']['baseline']}" for g in groups if g["vs_baseline"])
+    rule = "" if baseline == BASELINE else (
+        f"Each group is compared to the `{'='.join(baseline)}` group that agrees with it on the other varied keys, "
+        f"skipping keys on which no `{'='.join(baseline)}` group has its value; compared: {pairs or 'none'}. ")
+    return ("Accuracy is the final student's test accuracy as a fraction (strict: the `#### N` answer; flexible: the "
+            "last number of the output), mean ± sample std (ddof=1) over the completed seeds. "
+            + (f"Δ is the paired difference of strict accuracy to `{'='.join(baseline)}` over the seeds both "
+               "completed, with a 95% t-interval. " + rule if any(g["is_baseline"] for g in groups) else "")
+            + ("Curve acc is the mean test accuracy over a run's learning curve (its `trainer.eval_every` evaluations): "
+               "how soon it learned, where the final accuracy says how far. " if CURVE in header else "")
+            + "n counts the completed seeds; failed and unfinished runs are listed below.")
+
+
+def _markdown(runs: Sequence[dict], groups: Sequence[dict], kept: Sequence[str], header: Sequence[str],
+              rows: Sequence[Sequence[str]], baseline: Tuple[str, str], out_dir: Path) -> str:
+    """report.md: the counts, what the numbers are, the group table, the run table and the figure."""
+    done = sum(r["status"] == "completed" for r in runs)
+    failed = sum(r["status"] in ("failed", "unreadable") for r in runs)
+    run_header, run_rows = _run_table(groups, kept, out_dir)
+    md = [
+        "# clpd report", "",
+        f"{len(runs)} runs: {done} completed, {failed} failed, {len(runs) - done - failed} unfinished. "
+        f"Varied: {', '.join(f'`{k}`' for k in kept) or 'only the seed'}.", "",
+        _method_text(groups, header, baseline), "",
+        "## Groups", "", _md_table(header, rows), "",
+        "## Runs", "", _md_table(run_header, run_rows), "",
+        "![accuracy per group, by difficulty, training loss](report.png)", "",
+    ]
+    return "\n".join(md)
+
+
+def _csv_text(runs: Sequence[dict], groups: Sequence[dict], kept: Sequence[str], differing: Sequence[str]) -> str:
+    """report.csv: one row per run, group by group, every column, full precision."""
+    columns = _csv_columns(runs, kept, differing)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(columns)
+    for g in groups:
+        for r in g["runs"]:
+            writer.writerow([_csv_value(r, c) for c in columns])
+    return buffer.getvalue()
+
+
 def write_report(runs: Sequence[dict], out_dir: Path, console: Optional[Console] = None,
                  baseline: Tuple[str, str] = BASELINE) -> dict:
     """Print the group table and write report.md, report.csv and report.png into ``out_dir``;
@@ -178,65 +255,10 @@ def write_report(runs: Sequence[dict], out_dir: Path, console: Optional[Console]
     kept, differing = varied_keys(runs)
     header, rows = group_table_rows(groups, kept, baseline)
 
-    table = Table(title=f"{len(runs)} runs, {len(groups)} group{'s' * (len(groups) != 1)}")
-    for i, column in enumerate(header):
-        table.add_column(column, justify="left" if i < max(len(kept), 1) else "right")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
-    problems = [r for r in runs if r["status"] != "completed"]
-    for r in problems:
-        console.print(f"[yellow]{r['status']}[/] {r['run']}" + (f": {_one_line(r['error'], 200)}" if r["error"] else ""),
-                      soft_wrap=True, markup=True, highlight=False)
-
-    # report.md
-    done = sum(r["status"] == "completed" for r in runs)
-    failed = sum(r["status"] in ("failed", "unreadable") for r in runs)
-    pairs = "; ".join(f"{g['label']} vs {g['vs_baseline']['baseline']}" for g in groups if g["vs_baseline"])
-    rule = "" if baseline == BASELINE else (
-        f"Each group is compared to the `{'='.join(baseline)}` group that agrees with it on the other varied keys, "
-        f"skipping keys on which no `{'='.join(baseline)}` group has its value; compared: {pairs or 'none'}. ")
-    run_header = ["run", *kept, "seed", "status", "teacher outputs", "acc strict", "acc flexible", "test problems",
-                  "tokens seen", "train time", "final loss", "error"]
-    run_rows = []
-    for g in groups:
-        for r in sorted(g["runs"], key=lambda r: (_compact(r["seed"]), r["run"])):
-            m = r["metrics"]
-            run_rows.append([_rel(r["run"], out_dir), *(_display(r["params"].get(k)) for k in kept), _display(r["seed"]),
-                             r["status"], r["teacher_outputs"] or "-", _fmt_number(m["accuracy_strict"], "acc"),
-                             _fmt_number(m["accuracy_flexible"], "acc"), _display(m["n"]),
-                             _fmt_number(m["tokens_seen"], "tokens"), _fmt_number(m["train_time_s"], "time"),
-                             _fmt_number(m["final_loss"], "loss"), _one_line(r["error"])])
-    md = [
-        "# clpd report", "",
-        f"{len(runs)} runs: {done} completed, {failed} failed, {len(runs) - done - failed} unfinished. "
-        f"Varied: {', '.join(f'`{k}`' for k in kept) or 'only the seed'}.", "",
-        "Accuracy is the final student's test accuracy as a fraction (strict: the `#### N` answer; flexible: the "
-        "last number of the output), mean ± sample std (ddof=1) over the completed seeds. "
-        + (f"Δ is the paired difference of strict accuracy to `{'='.join(baseline)}` over the seeds both "
-           "completed, with a 95% t-interval. " + rule if any(g["is_baseline"] for g in groups) else "")
-        + ("Curve acc is the mean test accuracy over a run's learning curve (its `trainer.eval_every` evaluations): "
-           "how soon it learned, where the final accuracy says how far. " if CURVE in header else "")
-        + "n counts the completed seeds; failed and unfinished runs are listed below.", "",
-        "## Groups", "", _md_table(header, rows), "",
-        "## Runs", "", _md_table(run_header, run_rows), "",
-        "![accuracy per group, by difficulty, training loss](report.png)", "",
-    ]
-    write_text(out_dir / "report.md", "\n".join(md))
-
-    # report.csv: one row per run, every column, full precision
-    columns = _csv_columns(runs, kept, differing)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(columns)
-    for g in groups:
-        for r in g["runs"]:
-            writer.writerow([_csv_value(r, c) for c in columns])
-    write_text(out_dir / "report.csv", buffer.getvalue())
-
+    _print_groups(console, runs, header, rows, len(groups), len(kept))
+    write_text(out_dir / "report.md", _markdown(runs, groups, kept, header, rows, baseline, out_dir))
+    write_text(out_dir / "report.csv", _csv_text(runs, groups, kept, differing))
     plot_report(runs, groups, kept, out_dir / "report.png")
     files = [out_dir / f"report.{ext}" for ext in ("md", "csv", "png")]
     console.print(f"report written to {out_dir / 'report.md'} (.csv, .png)", soft_wrap=True, highlight=False)
     return {"varied": kept, "groups": groups, "files": files}
-
-
