@@ -152,7 +152,8 @@ def _read_params(run: Dict[str, Any], hydra_dir: Path) -> None:
     choices, job_name = {}, None
     if (hydra_dir / "hydra.yaml").is_file():
         hydra_cfg = OmegaConf.load(hydra_dir / "hydra.yaml")
-        choices = OmegaConf.to_container(OmegaConf.select(hydra_cfg, "hydra.runtime.choices") or {})
+        selected = OmegaConf.select(hydra_cfg, "hydra.runtime.choices")  # absent or empty: no group choices
+        choices = OmegaConf.to_container(selected) if selected else {}
         choices = _object(choices, "hydra.yaml's hydra.runtime.choices")
         job_name = OmegaConf.select(hydra_cfg, "hydra.job.name", default=None)
     run["command"] = job_name or ("eval" if "checkpoint" in config and "trainer" not in config else "train")
