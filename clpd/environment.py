@@ -1,5 +1,6 @@
 """The one probe of the machine and the process: what a run records about where it ran
-(:func:`environment`) and how much memory it took (:func:`peak_rss_mib`, :func:`reset_peak_rss`).
+(:func:`environment`) and how much memory it took (:func:`peak_rss_mib`, :func:`reset_peak_rss`) or may take
+(:func:`mem_available_mib`).
 Runs (``summary.json``), evaluations (``metrics.json``) and the benchmarks (:mod:`clpd.bench`) all
 read them here."""
 
@@ -9,7 +10,7 @@ import platform
 import resource
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 
 def _read_lines(path: str) -> List[str]:
@@ -46,6 +47,12 @@ def max_rss_mib() -> float:
     """The peak resident memory of this process since it started, in MiB (Linux reports KiB, macOS bytes)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def mem_available_mib() -> Optional[float]:
+    """Memory the machine can give a new process without swapping (``MemAvailable``), in MiB; None where /proc has none."""
+    return next((int(line.split()[1]) / 1024 for line in _read_lines("/proc/meminfo") if line.startswith("MemAvailable:")),
+                None)
 
 
 def reset_peak_rss() -> bool:

@@ -6,7 +6,7 @@
 #
 # Parts: environment, imports, the gpu-marked tests, two distillation benchmarks on random
 # weights (0.5B student with the 1.5B and the 7B teacher shapes), and two of stored teacher
-# outputs (scripts/bench_store.py, bf16): building a store with the 7B teacher shape (512 examples
+# outputs (clpd.bench.store, bf16): building a store with the 7B teacher shape (512 examples
 # of 512 tokens), and one optimizer step SFT vs live KD vs stored KD, 0.5B student <- 7B teacher
 # (8 x 512 tokens). Every part runs even if an earlier one failed; a summary table comes last,
 # and the exit status is non-zero if any part failed. Budget: about 6 minutes at most, well under
@@ -125,16 +125,16 @@ cat "$OUT/imports.txt"
 NAMES+=("imports"); CODES+=("$rc"); TIMES+=($((SECONDS - t0)))
 echo "-- imports: exit $rc in $((SECONDS - t0))s"
 part "gpu tests" test_gpu.txt timeout "$(limit 80)" "$PY" -m pytest -q -m gpu tests/test_gpu.py
-part "bench 0.5b <- 1.5b" bench_0.5b_1.5b.txt timeout "$(limit 75)" "$PY" scripts/bench_distill.py \
+part "bench 0.5b <- 1.5b" bench_0.5b_1.5b.txt timeout "$(limit 75)" "$PY" -m clpd.bench.distill \
     --student qwen2.5-0.5b --teacher qwen2.5-1.5b --batch 8 --seq-len 512 --steps 10 --precision bf16 \
     --json "$OUT/bench_0.5b_1.5b.json"
-part "bench 0.5b <- 7b" bench_0.5b_7b.txt timeout "$(limit 75)" "$PY" scripts/bench_distill.py \
+part "bench 0.5b <- 7b" bench_0.5b_7b.txt timeout "$(limit 75)" "$PY" -m clpd.bench.distill \
     --student qwen2.5-0.5b --teacher qwen2.5-7b --batch 8 --seq-len 512 --steps 10 --precision bf16 \
     --json "$OUT/bench_0.5b_7b.json"
-part "store build 7b" store_build_7b.txt timeout "$(limit 90)" "$PY" scripts/bench_store.py build \
+part "store build 7b" store_build_7b.txt timeout "$(limit 90)" "$PY" -m clpd.bench.store build \
     --preset qwen --teacher qwen2.5-7b --examples 512 --seq-len 512 --batch-size 16 --device cuda --precision bf16 \
     --json "$OUT/store_build_7b.json"
-part "stored step 0.5b <- 7b" store_step_0.5b_7b.txt timeout "$(limit 90)" "$PY" scripts/bench_store.py step \
+part "stored step 0.5b <- 7b" store_step_0.5b_7b.txt timeout "$(limit 90)" "$PY" -m clpd.bench.store step \
     --preset qwen --student qwen2.5-0.5b --teacher qwen2.5-7b --batch-size 8 --seq-len 512 --rounds 3 --steps 5 \
     --device cuda --precision bf16 --json "$OUT/store_step_0.5b_7b.json"
 

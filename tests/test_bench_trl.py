@@ -1,4 +1,4 @@
-"""scripts/bench_trl.py, run as a user runs it, on a tiny budget. TRL is not a dependency of clpd
+"""``python -m clpd.bench.trl``, run as a user runs it, on a tiny budget. TRL is not a dependency of clpd
 (CI does not install it): skipped where it is missing."""
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("trl") is None,
 def test_the_trl_harness_gives_both_loops_the_same_examples_and_they_make_the_same_updates(tmp_path):
     out = tmp_path / "bench.json"
     arms = ["clpd_ga4", "trl_ga4_sorted"]
-    command = [sys.executable, str(REPO / "scripts" / "bench_trl.py"), "--steps", "1", "--rounds", "1",
+    command = [sys.executable, "-m", "clpd.bench.trl", "--steps", "1", "--rounds", "1",
                "--batch-size", "4", "--train-limit", "64", "--threads", "1", "--retries", "0", "--quiet-wait", "0",
                "--arms", ",".join(arms), "--out", str(out)]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     report = json.loads(out.read_text())
     summary, runs = report["summary"], report["runs"]

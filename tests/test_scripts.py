@@ -94,35 +94,3 @@ def test_archiving_runs_keeps_what_the_report_reads_drops_checkpoints_and_never_
 
     missing = script("archive_runs.sh", str(tmp_path / "nowhere"), "kept", env={}, cwd=tmp_path)
     assert missing.returncode == 1 and "is not a directory" in missing.stderr
-
-
-@pytest.mark.slow
-def test_bench_store_times_every_arm_and_sizes_stores_from_their_files(tmp_path):
-    """scripts/bench_store.py step and size as a user runs them, at a size of seconds (no timing is checked)."""
-    def bench(*args: str) -> str:
-        done = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_store.py"), *args, "--threads", "1"],
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        return done.stdout
-
-    out = bench("step", "--preset", "arith", "--rounds", "1", "--steps", "1", "--warmup", "0", "--batch-size", "4",
-                "--grad-accum", "2", "--train-limit", "50", "--json", str(tmp_path / "step.json"))
-    step = json.loads((tmp_path / "step.json").read_text())
-    assert sorted(step["summary"]) == ["live", "sft", "stored"]
-    for arm in step["summary"].values():
-        assert arm["median_step_s"] > 0 and arm["tokens_per_s"] > 0 and arm["ratio_to_sft"] > 0
-        assert arm["steps_applied"] == arm["steps_timed"] == 1
-    assert step["ratios"]["live/sft"] > 0 and step["ratios"]["stored/sft"] > 0
-    # the store covers the batch: one row per answer token
-    assert step["store"]["rows"] == step["workload"]["answer_tokens_per_step"] > 0 and step["store"]["build_s"] > 0
-    # the same first student and batch: top-k + tail coarsening can only lower the divergence
-    assert 0 < step["summary"]["stored"]["first_loss"] <= step["summary"]["live"]["first_loss"]
-    assert "stored/SFT" in out
-
-    bench("size", "--vocab", "1000", "--examples", "4", "--ks", "8,32", "--json", str(tmp_path / "size.json"))
-    size = json.loads((tmp_path / "size.json").read_text())
-    assert [s["k"] for s in size["stores"]] == [8, 32]
-    for s in size["stores"]:
-        assert s["rows"] == size["rows"] > 0 and s["formula_bytes_per_token"] == 8 * s["k"] + 4
-        assert s["bytes_per_token"] > s["formula_bytes_per_token"] and s["formula_matches_files"]
-        assert s["fp16_bytes_per_token"] == 2000 and s["fp16_over_store"] > 1

@@ -130,7 +130,7 @@ def choose_layout(run: Run, model: torch.nn.Module) -> bool:
     if setting is False:
         return False
     if setting is None and run.device.type == "cpu":
-        # Measured (scripts/bench_trl.py, 2 CPU cores): sdpa builds a mask over the whole packed row,
+        # Measured (clpd.bench.trl, 2 CPU cores): sdpa builds a mask over the whole packed row,
         # quadratic in its length, so packed steps ran at half the speed of length-sorted padded ones.
         return False
     if packing_is_exact(model):

@@ -187,7 +187,7 @@ class DistillConfig:
     skew_lambda: float = 0.1  # skew_forward_kl / skew_reverse_kl: DistiLLM's lambda
     # Answer tokens per chunk of the KD loss: bounds its fp32 [chunk, vocab] temporaries. 256 rather
     # than 1024: at 152k rows and 2,048 answer rows per micro-batch the loss then peaks at 0.18x of
-    # naive full-vocabulary logits with stored outputs (1024: 0.29x; scripts/bench_store.py memory).
+    # naive full-vocabulary logits with stored outputs (1024: 0.29x; python -m clpd.bench.store memory).
     # Small losses are one chunk whatever this says (clpd.losses.RECOMPUTE_ABOVE).
     chunk_size: int = 256
     # Where the teacher's logits come from: its forward at every step (live), or a store of its

@@ -58,7 +58,7 @@ def _raise_if(problems: List[str]) -> None:
 
 # Up to this many [rows, vocabulary] elements (64 MiB of fp32) the loss is one chunk whose fp32
 # temporaries are kept for backward: recomputing chunks costs a second forward of the loss, and
-# splitting small ones costs kernel launches, for a few MiB saved (scripts/bench_store.py step,
+# splitting small ones costs kernel launches, for a few MiB saved (python -m clpd.bench.store step,
 # arith micro student, 100 rows: stored KD went from 1.16x to about 1.1x SFT's step). A 152k-row
 # vocabulary crosses it from 111 answer rows on, and is then chunked and recomputed.
 RECOMPUTE_ABOVE = 1 << 24

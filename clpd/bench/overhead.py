@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """CLPD's own cost per step: what a clpd step does beyond a standard_kd step, measured.
 
 Both arms train the same student on the same teacher; what differs is bookkeeping around the
@@ -17,8 +16,8 @@ teacher shape (random weights) on one fixed batch of 32. The overhead is
 so "the same teacher, batch and examples" holds by construction: the model step is one and the
 same measurement. Rounds alternate the arms; medians and min-max are printed.
 
-    python scripts/bench_overhead.py                    # ~1-2 min on 2 cores
-    python scripts/bench_overhead.py --rounds 1 --steps 50 --model-steps 3    # seconds
+    python -m clpd.bench.overhead                    # ~1-2 min on 2 cores
+    python -m clpd.bench.overhead --rounds 1 --steps 50 --model-steps 3    # seconds
 """
 
 from __future__ import annotations
@@ -26,30 +25,27 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_module
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hydra import compose, initialize_config_module  # noqa: E402
-
+from clpd.bench.common import rounds
 from clpd.config.model import ModelConfig
 from clpd.config.schema import register_configs, to_object
-from clpd.curriculum.sampler import build_sampler  # noqa: E402
-from clpd.curriculum.scorers import compute_scores, is_curriculum  # noqa: E402
-from clpd.curriculum.stages import stage_starts  # noqa: E402
-from clpd.data import load_problems  # noqa: E402
+from clpd.curriculum.sampler import build_sampler
+from clpd.curriculum.scorers import compute_scores, is_curriculum
+from clpd.curriculum.stages import stage_starts
+from clpd.data import load_problems
 from clpd.data.prompts import encode_problems
-from clpd.training.batches import Batches
-from clpd.training.step import build_optimizer, optimizer_step
-from clpd.training.schedule import lr_at, schedule_step
 from clpd.losses.distill import distill_loss
-from clpd.models.load import load_model  # noqa: E402
-from clpd.teachers.live import make_schedule  # noqa: E402
-from clpd.models.tokenizer import build_char_tokenizer  # noqa: E402
+from clpd.models.load import load_model
+from clpd.models.tokenizer import build_char_tokenizer
+from clpd.teachers.live import LiveTeacher
+from clpd.teachers.schedule import make_schedule
+from clpd.training.batches import Batches
+from clpd.training.schedule import lr_at, schedule_step
+from clpd.training.step import build_optimizer, optimizer_step
 
 
 def arm(method: str, limit: int | None):
@@ -93,8 +89,9 @@ def model_step_seconds(tc, tokenizer, batches: Batches, steps: int) -> float:
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     batch = batches.step(0, 0, tc.trainer.batch_size // tc.trainer.grad_accum)
     loss_fn = functools.partial(distill_loss, loss="forward_kl", alpha=0.0, vocab_size=len(tokenizer))
-    run = functools.partial(optimizer_step, student, optimizer, scaler, batch.micro_batches, answer_tokens=batch.answer_tokens,
-                            loss_fn=loss_fn, teacher=teacher, autocast=torch.autocast("cpu", enabled=False), grad_clip=1.0)
+    run = functools.partial(optimizer_step, student, optimizer, scaler, batch.micro_batches,
+                            answer_tokens=batch.answer_tokens, loss_fn=loss_fn, teacher=LiveTeacher(teacher),
+                            autocast=torch.autocast("cpu", enabled=False), grad_clip=1.0)
     run()  # warm-up
     start = time.perf_counter()
     for _ in range(steps):
@@ -102,21 +99,20 @@ def model_step_seconds(tc, tokenizer, batches: Batches, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m clpd.bench.overhead", description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=700, help="bookkeeping steps per arm and round (the default job's 700)")
     p.add_argument("--model-steps", type=int, default=20, help="timed optimizer steps per round")
     p.add_argument("--train-limit", type=int, default=None, help="the first N training problems (default: all)")
     p.add_argument("--threads", type=int, default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     arms = {m: arm(m, args.train_limit) for m in ("standard_kd", "clpd")}
     tc, tokenizer, batches, _ = arms["standard_kd"]
     times = {"standard_kd": [], "clpd": [], "model": []}
-    for r in range(args.rounds):
-        order = ["standard_kd", "clpd"] if r % 2 == 0 else ["clpd", "standard_kd"]
+    for _, order in rounds(args.rounds, ["standard_kd", "clpd"]):
         for name in order:
             a_tc, _, a_batches, a_schedule = arms[name]
             times[name].append(bookkeeping_seconds(a_tc, a_batches, a_schedule, args.steps))
