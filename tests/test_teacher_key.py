@@ -40,7 +40,8 @@ TRAINER_SCORING = set(ladder.TRAINER_SCORING_FIELDS)
 
 @pytest.fixture(scope="module")
 def tc() -> TrainConfig:
-    """The default train config: the arith_tiny ladder of from-scratch teachers."""
+    """The default train config: the arith_tiny ladder of from-scratch teachers (the tests read its
+    strongest rung, which has no teachers.build_overrides entry of its own)."""
     return to_object(compose_config("train", []))
 
 
@@ -72,7 +73,7 @@ def varied(tc: TrainConfig, section: str, name: str) -> TrainConfig:
             changed = dataclasses.replace(config, **{name: value})
             if section == "build":
                 out = dataclasses.replace(tc, teachers=dataclasses.replace(tc.teachers, build=changed))
-                teacher_train_config(out.teachers.ladder[0], out)
+                teacher_train_config(out.teachers.ladder[-1], out)
                 return out
             return dataclasses.replace(tc, **{section: changed})
         except ClpdError:
@@ -96,7 +97,7 @@ def test_every_trainer_field_is_training_set_for_the_teacher_or_unkeyed():
 
 
 def test_the_trainer_fields_set_for_the_teacher_are_those_its_run_does_not_take_from_the_trainer(tc):
-    spec = tc.teachers.ladder[0]
+    spec = tc.teachers.ladder[-1]
     run = teacher_train_config(spec, tc)
     for name in sorted(TRAINER_FIELDS):
         same = teacher_train_config(spec, varied(tc, "trainer", name)) == run
@@ -105,7 +106,7 @@ def test_the_trainer_fields_set_for_the_teacher_are_those_its_run_does_not_take_
 
 def training_examples(tc: TrainConfig) -> list:
     """What the first teacher's training run learns from: its training problems, encoded."""
-    spec = tc.teachers.ladder[0]
+    spec = tc.teachers.ladder[-1]
     run: TrainConfig = to_object(teacher_train_config(spec, tc))
     b, t = run.benchmark, run.trainer
     problems = load_problems(b, b.train_split, b.train_limit)
@@ -149,13 +150,13 @@ RETRAIN = [
 
 @pytest.mark.parametrize("section,name", NEVER_RETRAIN)
 def test_evaluating_logging_or_saving_differently_never_retrains_a_teacher(tc, section, name):
-    spec = tc.teachers.ladder[0]
+    spec = tc.teachers.ladder[-1]
     assert teacher_key(spec, varied(tc, section, name)) == teacher_key(spec, tc)
 
 
 @pytest.mark.parametrize("section,name", RETRAIN)
 def test_other_training_data_or_trainer_settings_retrain_a_teacher(tc, section, name):
-    spec = tc.teachers.ladder[0]
+    spec = tc.teachers.ladder[-1]
     assert teacher_key(spec, varied(tc, section, name)) != teacher_key(spec, tc)
 
 
@@ -178,12 +179,12 @@ def test_a_trainer_field_is_in_the_key_when_the_teachers_run_trains_with_it(tc, 
 @pytest.mark.parametrize("name", sorted(BUILD_FIELDS))
 def test_every_build_setting_but_whether_to_evaluate_is_in_the_key(tc, name):
     changed = varied(tc, "build", name)
-    spec = tc.teachers.ladder[0]
+    spec = tc.teachers.ladder[-1]
     assert (teacher_key(spec, changed) != teacher_key(spec, tc)) == (name not in ladder.BUILD_EVAL_ONLY_FIELDS)
 
 
 def test_the_key_follows_the_architecture_but_not_the_name(tc):
-    spec = tc.teachers.ladder[0]
+    spec = tc.teachers.ladder[-1]
     assert teacher_key(dataclasses.replace(spec, name="renamed"), tc) == teacher_key(spec, tc)
     assert teacher_key(dataclasses.replace(spec, num_layers=spec.num_layers + 1), tc) != teacher_key(spec, tc)
 
@@ -202,12 +203,12 @@ def test_an_evaluation_limit_in_a_sweep_reuses_the_ladder(tc):
                                                 + [("trainer", n) for n in TRAINER_FIELDS]))
 def test_the_evaluation_folder_changes_with_what_trains_or_scores_the_teacher(tc, section, name):
     changed = varied(tc, section, name)
-    spec = tc.teachers.ladder[0]
+    spec = tc.teachers.ladder[-1]
     scores = name in (BENCHMARK_FIELDS if section == "benchmark" else TRAINER_TRAINING | TRAINER_SCORING)
     assert (_eval_dir(spec, changed) != _eval_dir(spec, tc)) == scores, f"{section}.{name}"
     assert _eval_dir(spec, changed).parent == teacher_dir(spec, changed)
 
 
 def test_the_evaluation_folder_names_the_benchmark_and_its_seed(tc):
-    name = _eval_dir(tc.teachers.ladder[0], tc).name
+    name = _eval_dir(tc.teachers.ladder[-1], tc).name
     assert name.startswith(f"eval-{tc.benchmark.name.value}-seed{tc.benchmark.seed}-")

@@ -56,7 +56,9 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
     outputs: List[str] = [""] * len(prompts)
     new_tokens: List[int] = [0] * len(prompts)
     columns = [TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, console=console, disable=console is None) as progress:
+    plain = console is not None and not console.is_terminal  # a log file: plain lines, not a bar's last frame
+    started = time.perf_counter()
+    with Progress(*columns, console=console, disable=console is None or plain) as progress:
         bar = progress.add_task("eval", total=len(prompts))
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
@@ -76,6 +78,9 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
                 outputs[i] = cut_at_stop(texts[r], stops)
                 new_tokens[i] = answer_length(generated[r, width:].tolist(), {tokenizer.eos_token_id, pad_id})
             progress.advance(bar, len(rows))
+            if plain:
+                done = min(start + batch_size, len(order))
+                console.print(f"eval {done}/{len(order)}  {time.perf_counter() - started:.0f}s", soft_wrap=True)
     return outputs, new_tokens
 
 

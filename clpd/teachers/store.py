@@ -98,7 +98,8 @@ def check_top_k(top_k: Optional[int], width: int) -> None:
 def _progress(console: Console) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[rate]}"),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                    disable=not console.is_terminal)  # a log file: write_store prints plain lines instead
 
 
 def write_store(folder: Path, model: torch.nn.Module, examples: Sequence[dict], key: StoreKey, *, pad_id: int,
@@ -139,6 +140,10 @@ def write_store(folder: Path, model: torch.nn.Module, examples: Sequence[dict], 
             done = min(start + batch_size, len(order))
             rate = done / max(time.perf_counter() - started, 1e-9)
             progress.update(bar, completed=done, rate=f"{rate:,.1f} examples/s")
+            tenth = max(len(order) // 10, 1)  # about ten plain lines without a terminal
+            if not console.is_terminal and (done == len(order) or done // tenth != (done - len(part)) // tenth):
+                console.print(f"store {name} (k={k}) {done}/{len(order)}  {rate:,.1f} examples/s  "
+                              f"{time.perf_counter() - started:.0f}s", soft_wrap=True)
     for array in maps.values():
         array.flush()
     del maps

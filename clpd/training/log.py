@@ -57,7 +57,9 @@ class TrainLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self.board = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"))
-        self.progress = Progress(*self.COLUMNS, console=self.console).__enter__()
+        # No live bar without a terminal: rich would print its last frame, cut to the console's width,
+        # into a log file; step() prints plain lines there instead.
+        self.progress = Progress(*self.COLUMNS, console=self.console, disable=not self.console.is_terminal).__enter__()
         total = self.cfg.max_tokens if self.budget else self.cfg.max_steps
         self.bar = self.progress.add_task("train", total=total, completed=self.completed, stats="")
         return self
