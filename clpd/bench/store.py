@@ -5,7 +5,7 @@ Four subcommands; each prints a table, and with ``--json PATH`` writes the numbe
 * ``step``: one optimizer step, SFT vs live KD vs stored KD (the teacher's top ``--top-k``) through
   clpd's ``optimizer_step`` on the loop's micro-batches, in rounds (every arm once, order rotated).
   Per arm: median s/step, min-max, tokens/s, ratio to SFT, CPU per wall second, the cores the rest
-  of the machine used (above 0: a busy machine). ``--preset arith``: micro student, arith_tiny's large
+  of the machine used (above 0: a busy machine). ``--preset arith``: micro student, arith_plateau's large
   teacher, 32 arith problems; ``qwen``: Qwen2.5-shaped random models, random tokens. ``--device cuda``
   adds the peak allocated memory; ``--precision bf16`` is how clpd trains there.
 * ``size``: bytes per answer token of real stores for k in ``--ks`` against full fp16 logits, and

@@ -50,7 +50,7 @@ def bench_key(what: dict, top_k: int, width: int, max_length: int, dtype: str = 
 
 
 def arith_spec(which: str):
-    """The ModelConfig of the micro student or of arith_tiny's ``large`` rung, read from clpd's configs."""
+    """The ModelConfig of the micro student or of arith_plateau's ``large`` rung (0.87M), read from clpd's configs."""
     from omegaconf import OmegaConf
 
     from clpd.config.model import ModelConfig
@@ -59,7 +59,7 @@ def arith_spec(which: str):
     if which == "student":
         entry = OmegaConf.load(str(conf / "student" / "micro.yaml"))
     else:
-        ladder = OmegaConf.load(str(conf / "teachers" / "arith_tiny.yaml")).ladder
+        ladder = OmegaConf.load(str(conf / "teachers" / "arith_plateau.yaml")).ladder
         entry = next(rung for rung in ladder if rung.name == "large")
     fields = {k: v for k, v in OmegaConf.to_container(entry).items() if k in ModelConfig.__dataclass_fields__}
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), fields))
@@ -197,7 +197,7 @@ class BuildWork:
 
 
 def build_work(args: argparse.Namespace, where: Placement) -> BuildWork:
-    """arith: the training set and arith_tiny's large shape; qwen: random examples and a Qwen2 shape."""
+    """arith: the training set and arith_plateau's large shape; qwen: random examples and a Qwen2 shape."""
     from clpd.models.load import load_model
 
     t0 = time.perf_counter()
@@ -207,7 +207,7 @@ def build_work(args: argparse.Namespace, where: Placement) -> BuildWork:
         torch.manual_seed(args.seed)
         teacher = load_model(arith_spec("teacher"), tokenizer, dtype=where.teacher_dtype).to(where.device).eval()
         return BuildWork(teacher, examples, len(tokenizer), tokenizer.pad_token_id, max_length,
-                         {"build": "arith_tiny large", "seed": args.seed}, "arith_tiny's large teacher shape",
+                         {"build": "arith_plateau large", "seed": args.seed}, "arith_plateau's large teacher shape",
                          f"{len(examples):,} arith training examples (encoded in {encode_s:.1f}s)", encode_s)
     args.teacher = args.teacher or PRESETS["qwen2.5-1.5b"]
     width = args.tokenizer_size or min(args.teacher.vocab, QWEN_TOKENIZER)

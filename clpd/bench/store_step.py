@@ -77,7 +77,7 @@ def step_models(args: argparse.Namespace, where: Placement) -> tuple:
         student = load_model(arith_spec("student"), tokenizer).to(where.device)
         torch.manual_seed(args.seed + 1)
         teacher = load_model(arith_spec("teacher"), tokenizer, dtype=where.teacher_dtype).to(where.device)
-        shapes = {"student": "conf/student/micro.yaml", "teacher": "conf/teachers/arith_tiny.yaml: large"}
+        shapes = {"student": "conf/student/micro.yaml", "teacher": "conf/teachers/arith_plateau.yaml: large"}
         data = (f"{len(batch)} arith training problems (Sampler(range({len(examples)}), {args.batch_size}, "
                 f"seed={args.seed}).batch(0))")
         return batch, student, teacher, tokenizer.pad_token_id, len(tokenizer), max_length, shapes, data

@@ -1,7 +1,7 @@
 """clpd's training loop against TRL's GKDTrainer on the same work, in one run, interleaved.
 
 Every arm (clpd.bench.trl_arms) trains the same random-weight student against the same teacher
-(``--shapes arith``: the default job's micro student and arith_tiny's large teacher; ``smollm2``:
+(``--shapes arith``: the micro student and arith_plateau's large (0.87M) teacher; ``smollm2``:
 SmolLM2-135M's shapes) from one saved copy of the weights, on the same arith examples: optimizer step
 s trains on ``Sampler(range(n), batch, seed).batch(s)`` everywhere. The loss is forward KL(teacher ||
 student) over answer tokens divided by the step's answer tokens (TRL: ``GKDConfig(lmbda=0, beta=0,

@@ -37,7 +37,7 @@ from clpd.models.tokenizer import build_char_tokenizer
 
 # The (student, teacher) shapes of --shapes. Random weights either way: the numbers are speed only.
 SHAPES = {
-    # conf/student/micro.yaml and arith_tiny's "large": the default job's models, a 100-row vocabulary
+    # conf/student/micro.yaml and arith_plateau's "large" (0.87M): a 100-row vocabulary
     "arith": (dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=192),
               dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384)),
     # student=smollm2_cut6 and teachers=smollm2 (SmolLM2-135M-Instruct's config: 49,152 output rows,
