@@ -2,8 +2,8 @@
 # The paper's comparison at embedded scale: sft, standard_kd, curriculum_only, teacher_schedule_only
 # and clpd on arith (+experiment=arith: the 0.11M micro student, the arith_plateau ladder), 5 paired
 # seeds each, as one `clpd train -m` sweep on Hydra's joblib launcher, then `clpd report`. A thin
-# wrapper: it prints the three commands it runs, which are the whole recipe (README, "The method
-# comparison, measured").
+# wrapper: it prints the three commands it runs, which are the whole recipe (docs/results.md, "The method
+# comparison").
 #
 #   bash scripts/reproduce_ablation.sh                 # SEEDS=0,1,2,3,4; JOBS=1; OUT=multirun/ablation/arith
 #   JOBS=2 bash scripts/reproduce_ablation.sh          # two runs at once, each on cores / 2 threads

@@ -3,10 +3,10 @@
 # standard_kd and clpd, paired seeds, three ways of getting the teacher's logits: live (its forward
 # at every step), stored with k = 8 (the top 8 rows and one tail bucket), stored with every row
 # (distill.top_k=null: the same loss as live, up to float rounding). Three `clpd train -m` sweeps
-# on Hydra's joblib launcher, then `clpd report` over all of them (README, "Stored teacher outputs").
+# on Hydra's joblib launcher, then `clpd report` over all of them (docs/results.md, "Stored against live teacher outputs").
 #
 #   bash scripts/stored_vs_live.sh                                   # +experiment=arith as it is (3000 steps)
-#   JOBS=2 bash scripts/stored_vs_live.sh teachers=arith_tiny trainer.max_steps=700   # what the README measured
+#   JOBS=2 bash scripts/stored_vs_live.sh teachers=arith_plateau teachers.build.max_steps=800 '~teachers.build_overrides.medium' trainer.max_steps=700   # docs/results.md
 #
 # Each run goes to $OUT/runs/seed<S>/<method>/<live|stored-k8|stored-all>. Resumable like
 # reproduce_ablation.sh: a finished run is skipped, a stopped one continues from its checkpoint.

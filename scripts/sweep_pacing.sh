@@ -2,8 +2,8 @@
 # CLPD on arith under four pacing functions, 2 seeds each, then `clpd report`.
 #
 #   bash scripts/sweep_pacing.sh                   # SEEDS=0,1; OUT=multirun/pacing/<time>
-#   bash scripts/sweep_pacing.sh trainer.max_steps=700 teachers=arith_tiny   # extra overrides: every run
-#                                                  # (this one is the setting of the README's table)
+#   bash scripts/sweep_pacing.sh trainer.max_steps=700 teachers=arith_plateau   # extra overrides: every run
+#                                                  # (this one is the setting of docs/results.md's table)
 set -uo pipefail
 SEEDS="${SEEDS:-0,1}"
 OUT="${OUT:-multirun/pacing/$(date +%Y-%m-%d_%H-%M-%S)}"

@@ -88,7 +88,7 @@ def test_the_real_model_loads_scores_gsm8k_and_cuts_exactly(smollm2):
     assert count_parameters(cut) == 134_515_008 - 24 * block == 49_552_704
 
     # scored on GSM8K test problems, zero-shot through its chat template (few tokens: a smoke test of
-    # the path, not a measurement; README has the measured accuracy)
+    # the path, not a measurement; docs/results.md has the measured accuracy)
     bench = BenchmarkConfig(name=BenchmarkName.gsm8k, data_dir=str(GSM8K_DIR), chat_template=True)
     records, metrics = evaluate(model, tok, gsm8k("test", 2), bench, batch_size=2, max_new_tokens=24,
                                 device=torch.device("cpu"))

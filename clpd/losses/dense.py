@@ -89,7 +89,7 @@ class _ForwardKL(torch.autograd.Function):
     path's floor stops the gradient): forward and backward each compute a chunk's two softmaxes
     once, in place where they can, and only the two input matrices are kept, at any vocabulary
     size. The value is the generic formula's; the gradient agrees with autograd's to float
-    rounding (tests/test_losses.py). What it saves in a step: README, "Against TRL" (SmolLM2 shapes)."""
+    rounding (tests/test_losses.py). What it saves in a step: docs/benchmarks.md, clpd against TRL (SmolLM2 shapes)."""
 
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, temperature: float, chunk_size: int) -> torch.Tensor:
