@@ -92,14 +92,11 @@ def main(argv: List[str] | None = None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    # transformers' own progress bars ("Loading weights", "Writing model shards") would interleave
-    # with clpd's rich progress; clpd reports what it loads and saves itself.
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
     entry = importlib.import_module(COMMANDS[command][0]).main
     try:
-        if command == "train":  # under torchrun: join the other ranks, and agree on one run dir
+        # Under torchrun: join the other ranks, and agree on one run dir (torch is imported only then:
+        # a single run composes and validates its config before it loads torch).
+        if command == "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # distributed.launched_by_torchrun
             from clpd.training import distributed
 
             argv = [command, *distributed.init_from_env(argv[1:])]

@@ -17,7 +17,7 @@ from clpd.cache import build_lock, build_once, lock_path
 from clpd.config.schema import to_object
 from clpd.teachers.ladder import teachers_in_use
 from clpd.commands.plan import timeline
-from clpd.commands.train import run_train
+from clpd.commands.run_train import run_train
 from tests.conftest import REPO, TINY_OVERRIDES, clpd_trains_at_once
 from tests.test_teachers import LADDER, ladder_cfg
 

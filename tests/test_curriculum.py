@@ -14,7 +14,7 @@ from clpd.curriculum.sampler import Sampler, pool_function
 from clpd.curriculum.stages import stage_starts
 from clpd.errors import ClpdError
 from clpd.commands.plan import run_plan
-from clpd.commands.train import run_train
+from clpd.commands.run_train import run_train
 from tests.conftest import compose_config
 
 QUIET = Console(quiet=True)

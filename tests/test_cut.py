@@ -20,7 +20,7 @@ from clpd.config.model import ModelConfig, StudentConfig
 from clpd.errors import ClpdError
 from clpd.models.load import (count_parameters, cut_layers, decoder_layers, init_source, layers_to_keep, load_model,
                          load_tokenizer)
-from clpd.commands.train import run_train
+from clpd.commands.run_train import run_train
 from tests.conftest import TINY_OVERRIDES, compose_config
 from tests.test_bad_input import run_clpd
 

@@ -125,7 +125,7 @@ def test_the_training_command_distils_on_cuda_in_bf16_with_a_progressive_ladder_
 
     from rich.console import Console
 
-    from clpd.commands.train import run_train
+    from clpd.commands.run_train import run_train
     from tests.conftest import compose_config
 
     ladder = ("teachers.ladder=[{name: a, hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64},"

@@ -11,7 +11,7 @@ from clpd.config.model import ModelConfig
 from clpd.config.schema import to_object
 from clpd.models.load import load_model, load_tokenizer
 from clpd.commands.plan import run_plan
-from clpd.commands.train import run_train
+from clpd.commands.run_train import run_train
 from tests.conftest import GPT2_DIR, GSM8K_DIR, compose_config, needs
 
 QUIET = Console(quiet=True)

@@ -17,7 +17,7 @@ from clpd.errors import ClpdError
 from clpd.training.step import Supervision, sft_loss
 from clpd.losses.distill import LossTerms
 from clpd.models.load import load_model, load_tokenizer
-from clpd.commands.train import run_train
+from clpd.commands.run_train import run_train
 from tests.conftest import TINY_OVERRIDES, compose_config
 from tests.test_cli import clpd
 from tests.test_loop import SPEC, examples, run_loop

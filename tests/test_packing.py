@@ -119,7 +119,7 @@ def test_micro_batches_by_tokens_hold_at_most_the_budget():
 
 def test_a_token_budget_smaller_than_the_longest_example_is_refused_before_the_teachers(tmp_path):
     from clpd.errors import ClpdError
-    from clpd.commands.train import run_train
+    from clpd.commands.run_train import run_train
 
     cfg = compose_config("train", ["+experiment=arith_kd", *TINY_OVERRIDES, "trainer.micro_batch_tokens=5",
                                    f"teachers.cache_dir={tmp_path / 'cache'}"])
@@ -130,15 +130,15 @@ def test_a_token_budget_smaller_than_the_longest_example_is_refused_before_the_t
 
 
 def test_packing_asked_for_on_a_model_that_cannot_is_refused(tmp_path, monkeypatch):
-    import clpd.commands.train
+    import clpd.commands.run_train
     from clpd.errors import ClpdError
 
-    monkeypatch.setattr(clpd.commands.train, "packing_is_exact", lambda model: False)
+    monkeypatch.setattr(clpd.commands.run_train, "packing_is_exact", lambda model: False)
     with pytest.raises(ClpdError, match=r"trainer.packing=true: the student's attention \(\w+\) does not keep packed "
                                         r"examples apart .*; allowed: false, or null"):
-        clpd.commands.train.run_train(compose_config("train", ["+experiment=arith_sft", *TINY_OVERRIDES, "trainer.packing=true"]),
+        clpd.commands.run_train.run_train(compose_config("train", ["+experiment=arith_sft", *TINY_OVERRIDES, "trainer.packing=true"]),
                              tmp_path / "run", None)
-    summary = clpd.commands.train.run_train(compose_config("train", ["+experiment=arith_sft", *TINY_OVERRIDES]), tmp_path / "auto")
+    summary = clpd.commands.run_train.run_train(compose_config("train", ["+experiment=arith_sft", *TINY_OVERRIDES]), tmp_path / "auto")
     assert summary["steps"] == 3  # null: padded, with one line saying why
     lines = [json.loads(line) for line in (tmp_path / "auto" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["positions_per_s"] >= r["tokens_per_s"] for r in lines)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from clpd.training.checkpoint import COMPLETE, complete_checkpoints, verify_checkpoint
 from clpd.errors import ClpdError
 from clpd.training.state import TrainState
-from clpd.commands.train import run_train
+from clpd.commands.run_train import run_train
 from tests.conftest import REPO, TINY_OVERRIDES, compose_config
 from tests.test_cli import CLPD
 
@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 import clpd.training.batches, clpd.training.checkpoint
-from clpd.commands.train import run_train
+from clpd.commands.run_train import run_train
 from tests.conftest import compose_config
 
 where, at, overrides, run_dir = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), Path(sys.argv[4])

@@ -29,7 +29,7 @@ from clpd.data.prompts import encode_example
 from clpd.evaluation.evaluate import evaluate
 from clpd.losses.chunks import cross_entropy_sum
 from clpd.models.load import count_parameters, cut_layers, decoder_layers, load_model, load_tokenizer
-from clpd.commands.train import run_train
+from clpd.commands.run_train import run_train
 from tests.conftest import GSM8K_DIR, compose_config
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

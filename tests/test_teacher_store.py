@@ -19,7 +19,7 @@ from clpd.losses.sparse import top_k_outputs
 from clpd.models.load import load_model
 from clpd.teachers.store import TeacherStore, build_store, store_dir, store_key
 from clpd.models.tokenizer import build_char_tokenizer
-from clpd.commands.train import run_train
+from clpd.commands.run_train import run_train
 from tests.conftest import REPO, clpd_trains_at_once, compose_config
 from tests.test_teachers import ladder_overrides
 

@@ -26,7 +26,7 @@ from clpd.models.load import apply_lora, load_model, load_tokenizer
 from clpd.training.checkpoint import write_checkpoint
 from clpd.curriculum.stages import stage_starts
 from clpd.teachers.schedule import make_schedule, teacher_index
-from clpd.commands.train import run_train
+from clpd.commands.run_train import run_train
 from tests.conftest import GPT2_DIR, TINY_OVERRIDES, compose_config, needs
 from tests.test_loop import run_loop
 

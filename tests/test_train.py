@@ -11,7 +11,7 @@ from rich.console import Console
 from clpd.config.schema import to_object
 from clpd.errors import ClpdError
 from clpd.commands.eval import run_eval
-from clpd.commands.train import run_train
+from clpd.commands.run_train import run_train
 from tests.conftest import GPT2_DIR, GSM8K_DIR, SVAMP_DIR, TINY_OVERRIDES, compose_config, needs
 
 QUIET = Console(quiet=True)

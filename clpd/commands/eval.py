@@ -6,14 +6,11 @@ import logging
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig
 from rich.console import Console
 
 from clpd.config.schema import EvalConfig, register_configs, to_object
 from clpd.errors import ClpdError
-from clpd.evaluation.evaluate import evaluate_checkpoint, metrics_table
-from clpd.preflight import check_eval
 from clpd.commands.job import recorded_status, run_command
 
 log = logging.getLogger("clpd.commands.eval")
@@ -21,6 +18,13 @@ register_configs()
 
 
 def run_eval(cfg: DictConfig, run_dir: Path, console: Console | None = None) -> dict:
+    # Imported here, not at the top: Hydra validates the config before main runs, and a refused
+    # override should not wait for torch and transformers to load.
+    import torch
+
+    from clpd.evaluation.evaluate import evaluate_checkpoint, metrics_table
+    from clpd.preflight import check_eval
+
     ec: EvalConfig = to_object(cfg)
     check_eval(ec)  # a folder that is not a checkpoint, missing files: one line, before any work
     console = console or Console()

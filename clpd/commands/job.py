@@ -13,7 +13,6 @@ from typing import Any, Iterator
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from clpd.training.distributed import ranks
 from clpd.errors import ClpdError, Interrupted
 from clpd.files import write_json
 from clpd.training.signals import hand_on
@@ -29,6 +28,8 @@ def recorded_status(run_dir: Path) -> Iterator[None]:
     """Write ``status.json`` (running, then ok, failed with the error, or interrupted with how it
     stopped) so that reports can list failed and unfinished runs instead of silently dropping them.
     Under torchrun rank 0 alone writes it."""
+    from clpd.training.distributed import ranks  # torch: imported once a command runs, not to compose a config
+
     if not ranks().main:
         yield
         return
@@ -61,11 +62,18 @@ def run_command(command: str, run, cfg: DictConfig) -> Any:
     Hydra, so the other jobs still run and the failed one is recorded as failed.
     """
     from hydra.types import RunMode
+    # transformers' own progress bars ("Loading weights", "Writing model shards") would interleave
+    # with clpd's progress; clpd reports what it loads and saves itself. Imported here, once the
+    # config is valid: a refused override does not wait for transformers to load.
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     try:
         return run(cfg, hydra_run_dir())
     except Interrupted as exc:  # a single run or a sweep: the user asked to stop, so stop
         how = f" To resume: {resume_command(command)}" if exc.resumable else ""
+        from clpd.training.distributed import ranks
+
         if ranks().main:  # one line for the run, not one per rank
             print(f"clpd {command}: {exc}.{how}", file=sys.stderr, flush=True)
         if exc.hand_on is not None:  # the scheduler's notice: under submitit its handler requeues the job and exits

@@ -77,7 +77,7 @@ def position_count(examples: Sequence[dict], packed: bool) -> int:
 def cut_by_tokens(batch: Sequence[dict], budget: int, packed: bool) -> List[List[dict]]:
     """``batch`` (sorted by length) cut, in order, into micro-batches of at most ``budget``
     positions each (see :func:`position_count`); an example longer than the budget is refused
-    before training (clpd.commands.train checks the encoded data)."""
+    before training (clpd.commands.run_train checks the encoded data)."""
     chunks: List[List[dict]] = []
     for e in batch:
         if chunks and position_count([*chunks[-1], e], packed) <= budget:

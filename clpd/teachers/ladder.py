@@ -41,7 +41,7 @@ from clpd.teachers.schedule import teacher_index
 
 log = logging.getLogger("clpd.teachers.ladder")
 
-TrainFn = Callable[[DictConfig, Path, Console], dict]  # (config, run dir, console) -> summary: clpd.commands.train.run_train
+TrainFn = Callable[[DictConfig, Path, Console], dict]  # (config, run dir, console) -> summary: clpd.commands.run_train.run_train
 EvalFn = Callable[..., dict]  # clpd.evaluation.evaluate.evaluate_checkpoint
 
 
@@ -271,7 +271,7 @@ def teachers_in_use(tc: TrainConfig) -> List[int]:
     names = [t.name for t in ladder]
     used = set(distilling_teachers(tc))
     if Difficulty.teacher_loss in scorers(tc.curriculum) and is_curriculum(tc.curriculum):
-        used.add(names.index(tc.curriculum.teacher))  # clpd.commands.train scores only when the order depends on it
+        used.add(names.index(tc.curriculum.teacher))  # clpd.commands.run_train scores only when the order depends on it
     return sorted(used)
 
 
