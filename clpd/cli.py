@@ -15,6 +15,7 @@ import os
 import sys
 from typing import List
 
+from clpd.environment import launched_by_torchrun
 from clpd.errors import ClpdError
 
 COMMANDS = {
@@ -96,7 +97,7 @@ def main(argv: List[str] | None = None) -> int:
     try:
         # Under torchrun: join the other ranks, and agree on one run dir (torch is imported only then:
         # a single run composes and validates its config before it loads torch).
-        if command == "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # distributed.launched_by_torchrun
+        if command == "train" and launched_by_torchrun():
             from clpd.training import distributed
 
             argv = [command, *distributed.init_from_env(argv[1:])]

@@ -6,6 +6,7 @@ read them here."""
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import sys
@@ -24,6 +25,11 @@ def cpu_name() -> str:
     """The processor's model name (``/proc/cpuinfo``), or what ``platform`` knows of it."""
     return next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo") if line.startswith("model name")),
                 platform.processor() or platform.machine())
+
+
+def launched_by_torchrun() -> bool:
+    """Whether torchrun started this process as one of several ranks (read without importing torch)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def environment(device) -> dict:

@@ -89,6 +89,12 @@ def plain_json(obj: Any) -> Any:
     return json.loads(_dumps(obj))
 
 
+def digest(data: Any, length: int = 12) -> str:
+    """A short hash of plain data (dict keys sorted): the cache keys of teachers, their evaluation
+    folders and stored outputs. Its output must not change: a change renames every cache entry."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:length]
+
+
 def fingerprint(items: Sequence[Any]) -> str:
     """A short hash of problems (dataclasses) or encoded examples (dicts of lists), for the
     ``data`` entry of a score cache's meta and of a checkpoint's manifest: different data or

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "clpd"
 # from its own layer and the layers before it, never from a later one. A layer is a package or a
 # top-level module; every module of clpd belongs to exactly one.
 LAYERS = [
-    ["clpd.errors", "clpd.files", "clpd.cache", "clpd.environment"],  # foundations
+    ["clpd.errors", "clpd.files", "clpd.cache", "clpd.environment", "clpd.progress"],  # foundations
     ["clpd.config"],
     ["clpd.data"],
     ["clpd.losses"],

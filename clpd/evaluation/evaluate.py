@@ -20,21 +20,23 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from clpd.evaluation.answers import extract_flexible, extract_strict, is_correct
-from clpd.training.checkpoint import is_clpd_checkpoint, verify_checkpoint
-from clpd.config.schema import BenchmarkConfig
 from clpd.config.enums import BenchmarkName, Device, Precision
 from clpd.config.model import ModelConfig, StudentConfig
+from clpd.config.schema import BenchmarkConfig
 from clpd.data import Problem, load_problems
 from clpd.data.prompts import STOP_STRINGS, cut_at_stop, draw_fewshot, encode_prompt, stop_strings
 from clpd.environment import max_rss_mib
 from clpd.errors import ClpdError
+from clpd.evaluation.answers import extract_flexible, extract_strict, is_correct
 from clpd.files import write_json, write_jsonl
-from clpd.models.load import check_source, count_parameters, load_model, load_tokenizer, resolve_device, resolve_precision
+from clpd.models.load import (check_source, count_parameters, load_model, load_tokenizer, resolve_device,
+                              resolve_precision)
+from clpd.progress import plain_lines, progress_bar
+from clpd.training.checkpoint import is_clpd_checkpoint, verify_checkpoint
 
 
 @torch.inference_mode()
@@ -56,9 +58,9 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
     outputs: List[str] = [""] * len(prompts)
     new_tokens: List[int] = [0] * len(prompts)
     columns = [TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    plain = console is not None and not console.is_terminal  # a log file: plain lines, not a bar's last frame
+    plain = plain_lines(console)
     started = time.perf_counter()
-    with Progress(*columns, console=console, disable=console is None or plain) as progress:
+    with progress_bar(console, *columns) as progress:
         bar = progress.add_task("eval", total=len(prompts))
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]

@@ -17,7 +17,6 @@ device) are :mod:`clpd.teachers.live`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, replace
@@ -35,7 +34,7 @@ from clpd.config.enums import Difficulty, DistillLoss
 from clpd.config.model import ModelConfig, StudentConfig
 from clpd.config.schema import TeacherBuildConfig, TrainConfig
 from clpd.curriculum.scorers import is_curriculum, scorers
-from clpd.files import plain_json
+from clpd.files import digest, plain_json
 from clpd.models.load import architecture_config
 from clpd.teachers.schedule import teacher_index
 
@@ -131,11 +130,7 @@ def teacher_key(spec: ModelConfig, tc: TrainConfig) -> str:
                "data": _pick(tc.benchmark, BENCHMARK_TRAINING_FIELDS),
                "trainer": _pick(tc.trainer, TRAINER_TRAINING_FIELDS),
                "build": {k: v for k, v in plain_json(build).items() if k not in BUILD_EVAL_ONLY_FIELDS}}
-    return _hash(payload, 12)
-
-
-def _hash(payload: dict, length: int) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:length]
+    return digest(payload)
 
 
 def teacher_dir(spec: ModelConfig, tc: TrainConfig) -> Path:
@@ -147,7 +142,7 @@ def _eval_dir(spec: ModelConfig, tc: TrainConfig) -> Path:
     evaluation settings, so that two evaluations that can score differently never share metrics."""
     b = tc.benchmark
     settings = {"benchmark": _pick(b, BENCHMARK_EVAL_ONLY_FIELDS), "trainer": _pick(tc.trainer, TRAINER_SCORING_FIELDS)}
-    return teacher_dir(spec, tc) / f"eval-{b.name.value}-seed{b.seed}-{_hash(settings, 8)}"
+    return teacher_dir(spec, tc) / f"eval-{b.name.value}-seed{b.seed}-{digest(settings, 8)}"
 
 
 def teacher_accuracy(spec: ModelConfig, tc: TrainConfig) -> Optional[dict]:

@@ -30,7 +30,6 @@ do not match is refused in one line before training.
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import logging
 import time
@@ -44,13 +43,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from clpd.cache import build_once
-from clpd.training.checkpoint import sha256_file, weights_fingerprint
 from clpd.config.model import ModelConfig
 from clpd.data.batching import answer_mask, answer_token_count, collate
 from clpd.errors import ClpdError
-from clpd.files import fingerprint, plain_json, write_json
+from clpd.files import digest, fingerprint, plain_json, write_json
 from clpd.losses.sparse import TopK, top_k_outputs
 from clpd.models.load import load_model
+from clpd.progress import plain_lines, progress_bar
+from clpd.training.checkpoint import sha256_file, weights_fingerprint
 
 log = logging.getLogger("clpd.teachers.store")
 
@@ -69,7 +69,7 @@ class StoreKey:
     dtype: str  # the teacher's compute dtype (bf16 on CUDA rounds its logits)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return digest(asdict(self))
 
 
 def store_key(spec: ModelConfig, examples: Sequence[dict], *, top_k: Optional[int], width: int, max_length: int,
@@ -96,10 +96,8 @@ def check_top_k(top_k: Optional[int], width: int) -> None:
 # --- building ------------------------------------------------------------------------------------
 
 def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]}"),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
-                    disable=not console.is_terminal)  # a log file: write_store prints plain lines instead
+    return progress_bar(console, TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
 
 
 def write_store(folder: Path, model: torch.nn.Module, examples: Sequence[dict], key: StoreKey, *, pad_id: int,
@@ -141,7 +139,7 @@ def write_store(folder: Path, model: torch.nn.Module, examples: Sequence[dict], 
             rate = done / max(time.perf_counter() - started, 1e-9)
             progress.update(bar, completed=done, rate=f"{rate:,.1f} examples/s")
             tenth = max(len(order) // 10, 1)  # about ten plain lines without a terminal
-            if not console.is_terminal and (done == len(order) or done // tenth != (done - len(part)) // tenth):
+            if plain_lines(console) and (done == len(order) or done // tenth != (done - len(part)) // tenth):
                 console.print(f"store {name} (k={k}) {done}/{len(order)}  {rate:,.1f} examples/s  "
                               f"{time.perf_counter() - started:.0f}s", soft_wrap=True)
     for array in maps.values():

@@ -22,6 +22,7 @@ from typing import Callable, Iterator, List, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
+from clpd.environment import launched_by_torchrun
 from clpd.errors import ClpdError
 
 T = TypeVar("T")
@@ -67,10 +68,6 @@ def alone(fn: Callable[..., T]) -> Callable[..., T]:
         with single_process():
             return fn(*args, **kwargs)
     return wrapped
-
-
-def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def init_from_env(argv: List[str]) -> List[str]:

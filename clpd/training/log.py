@@ -6,19 +6,17 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import List, Optional
-
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-from clpd.config.schema import TrainerConfig
-from clpd.errors import ClpdError
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, List, Optional
 
 import torch
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from clpd.config.schema import TrainerConfig
+from clpd.errors import ClpdError
+from clpd.progress import plain_lines, progress_bar
 from clpd.training.state import TrainState
 from clpd.training.step import StepResult
 
@@ -57,9 +55,7 @@ class TrainLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self.board = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"))
-        # No live bar without a terminal: rich would print its last frame, cut to the console's width,
-        # into a log file; step() prints plain lines there instead.
-        self.progress = Progress(*self.COLUMNS, console=self.console, disable=not self.console.is_terminal).__enter__()
+        self.progress = progress_bar(self.console, *self.COLUMNS).__enter__()  # step() prints plain lines without a terminal
         total = self.cfg.max_tokens if self.budget else self.cfg.max_steps
         self.bar = self.progress.add_task("train", total=total, completed=self.completed, stats="")
         return self
@@ -109,7 +105,7 @@ class TrainLog:
         if teacher:
             stats += f"  teacher {teacher}"
         self.progress.update(self.bar, stats=stats)
-        if not self.console.is_terminal:  # no live bar in a log file or CI: print the numbers instead
+        if plain_lines(self.console):  # no live bar in a log file or CI: print the numbers instead
             of = (f"{state.step} ({state.tokens_seen:,}/{self.cfg.max_tokens:,} tokens)" if self.budget
                   else f"{state.step}/{self.cfg.max_steps}")
             self.console.print(f"step {of}  {stats}  {record['elapsed_s']:.0f}s", soft_wrap=True)
