@@ -78,37 +78,55 @@ def target_text(problem: Problem, chat_template: bool) -> str:
     return problem.solution if chat_template else " " + problem.solution
 
 
-def _ids(tokenizer: Any, text: str) -> List[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def _ids(tokenizer: Any, texts: Sequence[str]) -> List[List[int]]:
+    # One batched call: a fast tokenizer encodes a list in Rust, about 10x faster than text by text.
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
+
+
+def encode_prompts(problems: Sequence[Problem], tokenizer: Any, chat_template: bool,
+                   shots: Optional[Sequence[Sequence[Problem]]] = None) -> List[List[int]]:
+    """Token ids of each prompt alone, for generation (no BOS: the prompt text is all there is);
+    ``shots[i]`` are the solved examples shown before problem i."""
+    shots = shots if shots is not None else [()] * len(problems)
+    return _ids(tokenizer, [prompt_text(p, tokenizer, chat_template, s) for p, s in zip(problems, shots)])
 
 
 def encode_prompt(problem: Problem, tokenizer: Any, chat_template: bool, shots: Sequence[Problem] = ()) -> List[int]:
-    """Token ids of the prompt alone, for generation (no BOS: the prompt text is all there is)."""
-    return _ids(tokenizer, prompt_text(problem, tokenizer, chat_template, shots))
+    return encode_prompts([problem], tokenizer, chat_template, [shots])[0]
 
 
-def encode_example(problem: Problem, tokenizer: Any, chat_template: bool, max_len: int,
-                   overlong: str = "drop") -> Optional[Dict[str, Any]]:
+def encode_examples(problems: Sequence[Problem], tokenizer: Any, chat_template: bool, max_len: int,
+                    overlong: str = "drop") -> List[Optional[Dict[str, Any]]]:
     """``input_ids`` = prompt + target + eos; ``labels`` = -100 on the prompt, the ids elsewhere.
 
     Prompt and target are tokenized separately and concatenated, so the boundary of the loss mask
     is exact (a joint tokenization may merge the last prompt token with the first target token).
-    Longer than ``max_len``: ``overlong="drop"`` returns None; ``"truncate_left"`` cuts the
-    prompt's left side (``truncated`` is True), and returns None when even the target with one
+    Longer than ``max_len``: ``overlong="drop"`` gives None; ``"truncate_left"`` cuts the
+    prompt's left side (``truncated`` is True), and gives None when even the target with one
     prompt token does not fit. The target is never cut: an answer without its end teaches nothing.
     """
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
         raise ClpdError(f"the tokenizer {_name(tokenizer)} has no eos token, so a model could not learn to stop")
-    prompt = encode_prompt(problem, tokenizer, chat_template)
-    target = _ids(tokenizer, target_text(problem, chat_template)) + [int(eos)]
+    prompts = encode_prompts(problems, tokenizer, chat_template)
+    targets = _ids(tokenizer, [target_text(p, chat_template) for p in problems])
+    return [_example(p.id, prompt, target + [int(eos)], max_len, getattr(overlong, "value", overlong))
+            for p, prompt, target in zip(problems, prompts, targets)]
+
+
+def encode_example(problem: Problem, tokenizer: Any, chat_template: bool, max_len: int,
+                   overlong: str = "drop") -> Optional[Dict[str, Any]]:
+    return encode_examples([problem], tokenizer, chat_template, max_len, overlong)[0]
+
+
+def _example(id: Any, prompt: List[int], target: List[int], max_len: int, overlong: str) -> Optional[Dict[str, Any]]:
     cut = len(prompt) + len(target) - max_len
     if cut > 0:
-        if getattr(overlong, "value", overlong) == "drop" or cut >= len(prompt):
+        if overlong == "drop" or cut >= len(prompt):
             return None
         prompt = prompt[cut:]
     return {"input_ids": prompt + target, "labels": [IGNORE_INDEX] * len(prompt) + target,
-            "truncated": cut > 0, "id": problem.id}
+            "truncated": cut > 0, "id": id}
 
 
 def encode_problems(problems: List[Problem], tokenizer: Any, chat_template: bool, max_len: int,
@@ -116,7 +134,7 @@ def encode_problems(problems: List[Problem], tokenizer: Any, chat_template: bool
     """Encode the training problems; returns the problems kept, their examples, and how many were
     dropped or left-truncated for being longer than ``max_len`` (also logged). Refuses, before any
     training, when none is left."""
-    encoded = [encode_example(p, tokenizer, chat_template, max_len, overlong) for p in problems]
+    encoded = encode_examples(problems, tokenizer, chat_template, max_len, overlong)
     kept = [(p, e) for p, e in zip(problems, encoded) if e is not None]
     counts = {"dropped": len(problems) - len(kept), "truncated": sum(e["truncated"] for _, e in kept)}
     if counts["dropped"] or counts["truncated"]:

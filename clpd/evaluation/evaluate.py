@@ -28,7 +28,7 @@ from clpd.config.enums import BenchmarkName, Device, Precision
 from clpd.config.model import ModelConfig, StudentConfig
 from clpd.config.schema import BenchmarkConfig
 from clpd.data import Problem, load_problems
-from clpd.data.prompts import STOP_STRINGS, cut_at_stop, draw_fewshot, encode_prompt, stop_strings
+from clpd.data.prompts import STOP_STRINGS, cut_at_stop, draw_fewshot, encode_prompts, stop_strings
 from clpd.environment import max_rss_mib
 from clpd.errors import ClpdError
 from clpd.evaluation.answers import extract_flexible, extract_strict, is_correct
@@ -129,7 +129,7 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problem
              autocast_dtype: Optional[torch.dtype] = None, console: Optional[Console] = None) -> tuple[List[dict], Dict]:
     """Greedy answers to ``problems``, prompted as ``benchmark`` says, scored: (records, metrics)."""
     shots = fewshot_examples(problems, benchmark)
-    prompts = [encode_prompt(p, tokenizer, benchmark.chat_template, s) for p, s in zip(problems, shots)]
+    prompts = encode_prompts(problems, tokenizer, benchmark.chat_template, shots)
     started = time.perf_counter()
     outputs, new_tokens = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                    device=device, autocast_dtype=autocast_dtype, console=console,
