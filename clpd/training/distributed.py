@@ -13,6 +13,7 @@ the teacher builds that rank 0 runs by itself inside a distributed run are singl
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -101,7 +102,17 @@ def init_from_env(argv: List[str]) -> List[str]:
 
 
 def shutdown() -> None:
+    """Leave the process group.
+
+    gloo's worker threads outlive the group, and the one that ran the last all-reduce releases its
+    tensors just after the collective returns; those tensors belong to Python, so that thread needs
+    the GIL. A rank that has nothing left to do (every rank but 0) could reach interpreter shutdown
+    first, and a thread taking the GIL during shutdown aborts the process ("terminate called without
+    an active exception", SIGABRT). The collection (which also frees DistributedDataParallel's
+    reference cycles) takes far longer than that release.
+    """
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
