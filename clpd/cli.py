@@ -20,7 +20,7 @@ from clpd.errors import ClpdError
 
 COMMANDS = {
     "train": ("clpd.commands.train", "distil (or fine-tune) a student; Hydra overrides, -m sweeps, +experiment=NAME"),
-    "eval": ("clpd.commands.eval", "accuracy of a checkpoint or HF model: checkpoint=PATH benchmark=arith|gsm8k|svamp"),
+    "eval": ("clpd.commands.eval", "accuracy of a checkpoint or HF model: checkpoint=PATH benchmark=arith|gsm8k|svamp|jsonl"),
     "plan": ("clpd.commands.plan", "the train config's timeline (stages, teachers, pool sizes) and plan.png, no training"),
     "report": ("clpd.commands.report", "tables and plots over run dirs: clpd report PATH..."),
 }
@@ -73,6 +73,16 @@ def one_line(exc: BaseException) -> str:
     return ": ".join(parts)
 
 
+def with_config_path(argv: List[str], env: str | None) -> List[str]:
+    """``CLPD_CONFIG_PATH=DIR[:DIR...]``: the user's config folders (a ``benchmark/NAME.yaml``, an
+    ``experiment/NAME.yaml``) searched after clpd's own, as ``hydra.searchpath=[file://DIR,...]``
+    would add them. A ``hydra.searchpath=`` on the command line is used instead."""
+    folders = [os.path.abspath(os.path.expanduser(d)) for d in (env or "").split(os.pathsep) if d]
+    if not folders or any(a.split("=", 1)[0].lstrip("+") == "hydra.searchpath" for a in argv):
+        return argv
+    return [*argv, f"hydra.searchpath=[{','.join(f'file://{d}' for d in folders)}]"]
+
+
 def main(argv: List[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["-sc"] and any(a.startswith("query=") for a in argv):
@@ -101,6 +111,8 @@ def main(argv: List[str] | None = None) -> int:
             from clpd.training import distributed
 
             argv = [command, *distributed.init_from_env(argv[1:])]
+        if command != "report":  # report is not a Hydra app
+            argv = [command, *with_config_path(argv[1:], os.environ.get("CLPD_CONFIG_PATH"))]
         sys.argv = [sys.argv[0], *argv[1:]]
         entry()
     except ClpdError as exc:

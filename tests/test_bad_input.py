@@ -91,7 +91,7 @@ CASES = {
                                       ["distill.loss=forward_kl needs a teacher ladder"]),
     "distill temperature zero": ("train", ["distill.temperature=0"], ["distill.temperature=0", "must be > 0"]),
     # benchmark
-    "benchmark unknown": ("train", ["benchmark=nope"], ["benchmark", "available: arith, gsm8k, svamp"]),
+    "benchmark unknown": ("train", ["benchmark=nope"], ["benchmark", "available: arith, gsm8k, jsonl, svamp"]),
     "benchmark data dir missing": ("train", ["benchmark=gsm8k", "benchmark.data_dir=/does/not/exist"],
                                    ["benchmark.data_dir=/does/not/exist: no such folder"]),
     "gsm8k broken line": ("train", ["benchmark=gsm8k", "benchmark.data_dir={broken}"],
@@ -139,6 +139,24 @@ CASES = {
                                ["gguf_file=model.gguf: no such file in checkpoint={model}", "GGUF files there: none"]),
     "eval svamp without data": ("eval", ["checkpoint={model}", "benchmark=svamp"],
                                 ["benchmark=svamp is local-only", "benchmark.data_dir=PATH"]),
+    # a file benchmark (benchmark=jsonl): fields named {"problem", "final", "level", "work"}
+    "file benchmark field missing": ("eval", ["checkpoint={model}", "benchmark=jsonl", "benchmark.path={problems}"],
+                                     ["benchmark.fields.question=question: no such field in {problems}",
+                                      "fields found: problem, final, level, work"]),
+    "file benchmark path missing": ("eval", ["checkpoint={model}", "benchmark=jsonl", "benchmark.path=/no/such.jsonl"],
+                                    ["benchmark.path=/no/such.jsonl: no such file"]),
+    "file benchmark of an unknown type": ("eval", ["checkpoint={model}", "benchmark=jsonl", "benchmark.path={file}"],
+                                          ["benchmark.path={file}: unknown file type ''", "allowed: .jsonl, .json, .csv"]),
+    "file benchmark unreadable": ("eval", ["checkpoint={model}", "benchmark=jsonl", "benchmark.path={corrupt}"],
+                                  ["benchmark.path={corrupt}: could not be read"]),
+    "file benchmark without a numeric answer": (
+        "eval", ["checkpoint={model}", "benchmark=jsonl", "benchmark.path={problems}", "benchmark.fields.question=problem",
+                 "benchmark.fields.answer=work"],
+        ["{problems}: no answer in benchmark.fields.answer=work is a number (first: 'She has some.')"]),
+    "file benchmark without solutions for training": (
+        "train", ["benchmark=jsonl", "benchmark.path={problems}", "benchmark.fields.question=problem",
+                  "benchmark.fields.answer=final"],
+        ["benchmark.fields.solution=null: training needs a worked solution", "for clpd eval only"]),
     "eval fp16 on a CPU": ("eval", ["checkpoint={model}", "precision=fp16", "device=cpu"],
                            ["precision=fp16 needs a CUDA device", "allowed on a CPU: auto, fp32, bf16"]),
 }
@@ -194,7 +212,14 @@ def _paths(tmp: Path) -> dict:
     (broken / "test.jsonl").write_text(good + "\n")
     file = tmp / "a_file"
     file.write_text("")
-    return {"empty": empty, "model": model, "old_run": old_run, "damaged": damaged, "broken": broken, "file": file}
+    problems = tmp / "problems.jsonl"
+    problems.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"problem": "Ava has 3 pens. She buys 2 more. How many pens now?", "final": "5", "level": 1, "work": "She has some."},
+        {"problem": "Ben has 1,200 coins. He gets 34 more. How many now?", "final": "1,234", "level": 2, "work": "No."}]))
+    corrupt = tmp / "problems.parquet"
+    corrupt.write_bytes(b"PAR1 this is not parquet")
+    return {"empty": empty, "model": model, "old_run": old_run, "damaged": damaged, "broken": broken, "file": file,
+            "problems": problems, "corrupt": corrupt}
 
 
 def run_clpd(args: list, capsys) -> tuple[int, list, str]:

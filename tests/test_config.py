@@ -29,6 +29,8 @@ def test_every_option_of_every_group_composes_and_validates(group):
             overrides.append("method=sft")
         if group == "benchmark" and option == "svamp":
             cfg = compose_config("eval", [*overrides, "checkpoint=some/model"])
+        elif group == "benchmark" and option == "jsonl":  # the user's file, evaluation only without solutions
+            cfg = compose_config("eval", [*overrides, "checkpoint=some/model", "benchmark.path=problems.jsonl"])
         else:
             cfg = compose_config("train", overrides)
         assert to_object(cfg) is not None

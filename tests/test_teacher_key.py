@@ -17,7 +17,7 @@ from typing import Any, List
 
 import pytest
 
-from clpd.config.schema import BenchmarkConfig, TeacherBuildConfig, TrainConfig, TrainerConfig, to_object
+from clpd.config.schema import BenchmarkConfig, FieldsConfig, TeacherBuildConfig, TrainConfig, TrainerConfig, to_object
 from clpd.data import load_problems
 from clpd.data.prompts import encode_problems
 from clpd.errors import ClpdError
@@ -44,11 +44,23 @@ def tc() -> TrainConfig:
     return to_object(compose_config("train", []))
 
 
+@pytest.fixture(scope="module")
+def file_tc() -> TrainConfig:
+    """The default train config on a file benchmark (benchmark=jsonl), whose settings only it reads."""
+    return to_object(compose_config("train", ["benchmark=jsonl", "benchmark.path=problems.jsonl",
+                                              "benchmark.fields.solution=work"]))
+
+
+def on(tc: TrainConfig, file_tc: TrainConfig, name: str) -> TrainConfig:
+    """The config a benchmark field is varied in: a file benchmark's own settings on one."""
+    return file_tc if name in ladder.FILE_BENCHMARK_FIELDS else tc
+
+
 def candidates(value: Any, kind: Any) -> List[Any]:
     """Other values of a field's type, to try in order (the first valid one is used)."""
     if typing.get_origin(kind) is typing.Union:  # Optional[X]: a value of X, or None
         inner = next(a for a in typing.get_args(kind) if a is not type(None))
-        return [None] if value is not None else candidates(None, inner)
+        return [None, *candidates(value, inner)] if value is not None else candidates(None, inner)
     if isinstance(kind, type) and issubclass(kind, Enum):
         return [m for m in kind if m != value]
     if kind is bool:
@@ -59,6 +71,8 @@ def candidates(value: Any, kind: Any) -> List[Any]:
         return [value / 2, value + 0.1]
     if kind is str:
         return [f"{value}-other", "auto"] if value is not None else ["other", "auto"]
+    if kind is FieldsConfig:
+        return [dataclasses.replace(value, question=f"{value.question}-other")]
     raise AssertionError(f"no alternative values for a field of type {kind}; add them to candidates()")
 
 
@@ -162,10 +176,18 @@ def test_other_training_data_or_trainer_settings_retrain_a_teacher(tc, section, 
 # --- the teacher's key --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", sorted(BENCHMARK_FIELDS))
-def test_a_benchmark_field_is_in_the_key_when_it_changes_the_training_data(tc, name):
+def test_a_benchmark_field_is_in_the_key_when_it_changes_the_training_data(tc, file_tc, name):
+    tc = on(tc, file_tc, name)
     changed = varied(tc, "benchmark", name)
     for spec in tc.teachers.ladder:
         assert (teacher_key(spec, changed) != teacher_key(spec, tc)) == (name in BENCHMARK_TRAINING), name
+
+
+@pytest.mark.parametrize("name", ladder.FILE_BENCHMARK_FIELDS)
+def test_a_file_benchmarks_settings_leave_the_other_benchmarks_teachers_and_evaluations_as_they_were(tc, name):
+    changed = varied(tc, "benchmark", name)
+    for spec in tc.teachers.ladder:
+        assert (teacher_dir(spec, changed), _eval_dir(spec, changed)) == (teacher_dir(spec, tc), _eval_dir(spec, tc))
 
 
 @pytest.mark.parametrize("name", sorted(TRAINER_FIELDS))
@@ -200,7 +222,8 @@ def test_an_evaluation_limit_in_a_sweep_reuses_the_ladder(tc):
 
 @pytest.mark.parametrize("section,name", sorted([("benchmark", n) for n in BENCHMARK_FIELDS]
                                                 + [("trainer", n) for n in TRAINER_FIELDS]))
-def test_the_evaluation_folder_changes_with_what_trains_or_scores_the_teacher(tc, section, name):
+def test_the_evaluation_folder_changes_with_what_trains_or_scores_the_teacher(tc, file_tc, section, name):
+    tc = on(tc, file_tc, name) if section == "benchmark" else tc
     changed = varied(tc, section, name)
     spec = tc.teachers.ladder[-1]
     scores = name in (BENCHMARK_FIELDS if section == "benchmark" else TRAINER_TRAINING | TRAINER_SCORING)

@@ -19,7 +19,7 @@ from rich.table import Table
 from clpd.config.enums import Difficulty, DistillLoss, TeacherOutputs
 from clpd.config.schema import TrainConfig, register_configs, to_object
 from clpd.curriculum.sampler import build_sampler
-from clpd.curriculum.scorers import compute_scores, is_curriculum, needs_model, scorers
+from clpd.curriculum.scorers import compute_scores, given_difficulty, is_curriculum, needs_model, scorers
 from clpd.curriculum.stages import stage_at, stage_starts
 from clpd.data import load_problems
 from clpd.data.prompts import encode_problems
@@ -115,9 +115,13 @@ def run_plan(cfg: DictConfig, run_dir: Path, console: Console | None = None) -> 
     console = console or Console()
     problems = load_problems(tc.benchmark, tc.benchmark.train_split, tc.benchmark.train_limit)
     if not problems:
-        raise ClpdError(f"benchmark={tc.benchmark.name.value} split {tc.benchmark.train_split} has no problems")
+        raise ClpdError(f"benchmark={tc.benchmark.label()} split {tc.benchmark.train_split} has no problems")
     c = tc.curriculum
-    at_train_time = needs_model(c)
+    given = given_difficulty(problems) is not None
+    if given:
+        console.print(f"difficulty: the benchmark's field {tc.benchmark.fields.difficulty} (instead of "
+                      f"curriculum.difficulty={c.difficulty.value})")
+    at_train_time = needs_model(c) and not given
     scores = None
     if not at_train_time:
         examples = None

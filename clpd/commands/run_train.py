@@ -27,7 +27,7 @@ from clpd.config.enums import Difficulty, DistillLoss, TeacherOutputs
 from clpd.config.schema import TrainConfig, to_object
 from clpd.curriculum.sampler import Sampler, build_sampler
 from clpd.curriculum.score_cache import load_scores, save_scores
-from clpd.curriculum.scorers import compute_scores, is_curriculum, needs_model, per_example_loss
+from clpd.curriculum.scorers import compute_scores, given_difficulty, is_curriculum, needs_model, per_example_loss
 from clpd.curriculum.stages import stage_starts
 from clpd.training.distributed import alone, barrier, device_for, main_first, ranks
 from clpd.data import load_problems
@@ -112,7 +112,7 @@ def load_data(run: Run) -> Data:
     tc = run.tc
     problems = load_problems(tc.benchmark, tc.benchmark.train_split, tc.benchmark.train_limit)
     if not problems:
-        raise ClpdError(f"benchmark={tc.benchmark.name.value} split {tc.benchmark.train_split} has no problems")
+        raise ClpdError(f"benchmark={tc.benchmark.label()} split {tc.benchmark.train_split} has no problems")
     data = Data(*encode_problems(problems, run.tokenizer, tc.benchmark.chat_template, tc.trainer.max_length,
                                  tc.trainer.overlong.value))
     budget, longest = tc.trainer.micro_batch_tokens, max(read_token_count([e]) for e in data.examples)
@@ -207,7 +207,7 @@ def curriculum_sampler(run: Run, data: Data, student: torch.nn.Module, ladder: L
     tc, device, examples = run.tc, run.device, data.examples
     c, n = tc.curriculum, len(examples)
     scores = None
-    if is_curriculum(c) or not needs_model(c):  # model scores only when the order depends on them
+    if is_curriculum(c) or not needs_model(c) or given_difficulty(data.problems) is not None:  # model scores only when the order depends on them
         meta = {"difficulty": c.difficulty.value, "rrf_scorers": [s.value for s in c.rrf_scorers],
                 "teacher": c.teacher, "student": tc.student.path or tc.student.name, "seed": tc.seed,
                 "data": fingerprint(examples)}
@@ -280,7 +280,7 @@ def finish(run: Run, student: Student, result: TrainResult, ladder: Ladder, data
         student_row = {"name": f"student {tc.student.name}", "parameters": count_parameters(model),
                        "accuracy_strict": final_eval["accuracy_strict"], "by_difficulty": final_eval["by_difficulty"]}
         run.console.print(ladder_table([*ladder.rows, student_row],
-                                       f"{tc.benchmark.name.value}/{tc.benchmark.eval_split}: teachers and the student"))
+                                       f"{tc.benchmark.label()}/{tc.benchmark.eval_split}: teachers and the student"))
     if tc.trainer.save and tc.student.lora.enabled and tc.student.lora.merge_on_save:  # last: merging rewrites the model
         write_checkpoint(run.run_dir / "checkpoints" / "merged", model=model.merge_and_unload(), tokenizer=run.tokenizer,
                          cfg=run.cfg)

@@ -15,6 +15,7 @@ class BenchmarkName(str, Enum):
     arith = "arith"
     gsm8k = "gsm8k"
     svamp = "svamp"
+    jsonl = "jsonl"  # the user's own file (JSONL, JSON, CSV, Parquet) or hub dataset, mapped by field names
 
 
 class Precision(str, Enum):

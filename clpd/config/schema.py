@@ -25,6 +25,16 @@ from clpd.config.package_paths import resolve_sources
 
 
 @dataclass
+class FieldsConfig:
+    """benchmark=jsonl: the names of the fields that hold each part of a problem."""
+    question: str = "question"
+    answer: str = "answer"  # a number, or a text whose final number is the answer
+    solution: Optional[str] = None  # a worked solution to train on (none: evaluation only)
+    difficulty: Optional[str] = None  # a number per problem: the curriculum's order instead of a scorer
+    id: Optional[str] = None  # none: "<task>-<split>-<row>"
+
+
+@dataclass
 class BenchmarkConfig:
     """Where problems come from. One schema for all benchmarks; fields a benchmark does not use
     are ignored by it (the generator fields only matter for ``arith``)."""
@@ -33,8 +43,15 @@ class BenchmarkConfig:
     # gsm8k: None = the Hugging Face dataset ``hf_path``/``hf_config``; a folder with
     # train.jsonl/test.jsonl in the original format otherwise. svamp: folder with SVAMP.json.
     data_dir: Optional[str] = None
-    hf_path: str = "openai/gsm8k"
-    hf_config: str = "main"
+    hf_path: Optional[str] = "openai/gsm8k"
+    hf_config: Optional[str] = "main"
+    # jsonl: the user's file for every split, or one for the training and one for the evaluation
+    # split (clpd/data/jsonl.py); without any, the hub dataset hf_path. task names it in the results.
+    path: Optional[str] = None
+    train_path: Optional[str] = None
+    eval_path: Optional[str] = None
+    fields: FieldsConfig = field(default_factory=FieldsConfig)
+    task: Optional[str] = None
     train_split: str = "train"
     eval_split: str = "test"
     train_limit: Optional[int] = None  # first N training problems (None: all)
@@ -62,6 +79,10 @@ class BenchmarkConfig:
             v = getattr(self, key)
             p.check(v is None or v > 0, f"benchmark.{key}={v} must be > 0 (or null for all)")
         p.check(self.num_fewshot >= 0, f"benchmark.num_fewshot={self.num_fewshot} must be >= 0")
+        if self.name == BenchmarkName.jsonl:
+            p.check(bool(self.path or self.train_path or self.eval_path or self.hf_path),
+                    "benchmark=jsonl needs a file: set benchmark.path=FILE (or train_path/eval_path; .jsonl, .json, "
+                    ".csv, .parquet), or benchmark.hf_path=DATASET_ID")
         p.check(self.num_fewshot == 0 or self.name != BenchmarkName.svamp,
                 f"benchmark.num_fewshot={self.num_fewshot}: benchmark=svamp has no solutions to show as examples; "
                 f"allowed: 0")
@@ -71,6 +92,12 @@ class BenchmarkConfig:
                     f"benchmark.min_value={self.min_value}, max_value={self.max_value}: need 1 <= min_value <= max_value")
             p.check(self.train_size >= 0 and self.test_size >= 0, "benchmark.train_size and test_size must be >= 0")
         p.raise_if_any("invalid benchmark config: ")
+
+    def label(self) -> str:
+        """The benchmark's name in results: a file benchmark's ``task`` (else its file's name)."""
+        if self.name != BenchmarkName.jsonl:
+            return self.name.value
+        return self.task or Path(self.path or self.eval_path or self.train_path or self.hf_path or "jsonl").stem
 
 
 @dataclass
@@ -295,6 +322,9 @@ class TrainConfig:
         p = Problems()
         p.check(self.benchmark.name != BenchmarkName.svamp,
                 "benchmark=svamp is for evaluation only (it has no chain-of-thought solutions); train on arith or gsm8k")
+        p.check(self.benchmark.name != BenchmarkName.jsonl or self.benchmark.fields.solution is not None,
+                "benchmark.fields.solution=null: training needs a worked solution per problem; allowed: the name of "
+                "the field that holds it (without one, the file benchmark is for clpd eval only)")
         p.check(self.distill.loss == DistillLoss.sft or len(self.teachers.ladder) > 0,
                 f"distill.loss={self.distill.loss.value} needs a teacher ladder (teachers=none has none)")
         if self.distill.teacher_outputs == TeacherOutputs.stored:

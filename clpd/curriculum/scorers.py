@@ -128,6 +128,13 @@ def scorers(c: CurriculumConfig) -> list:
     return list(c.rrf_scorers) if c.difficulty == Difficulty.rrf else [c.difficulty]
 
 
+def given_difficulty(problems: Sequence[Problem]) -> Optional[np.ndarray]:
+    """The difficulty the data gives every problem (``Problem.difficulty``), or None."""
+    if not problems or any(p.difficulty is None for p in problems):
+        return None
+    return np.array([p.difficulty for p in problems], dtype=np.float64)
+
+
 def needs_model(c: CurriculumConfig) -> bool:
     return any(s in MODEL_SCORERS for s in scorers(c))
 
@@ -140,7 +147,11 @@ def is_curriculum(c: CurriculumConfig) -> bool:
 def compute_scores(c: CurriculumConfig, problems: Sequence[Problem], examples: Optional[Sequence[dict]], seed: int,
                    model_scores: Optional[Dict[Difficulty, Callable[[], np.ndarray]]] = None) -> np.ndarray:
     """Difficulty per example, higher = harder. ``model_scores`` maps the model scorers to
-    functions that compute them (one batched pass each)."""
+    functions that compute them (one batched pass each). Problems whose data gives a difficulty (a
+    file benchmark's difficulty field) are ordered by it, whatever scorer the config names."""
+    given = given_difficulty(problems)
+    if given is not None:
+        return given
     def one(name: Difficulty) -> np.ndarray:
         if name == Difficulty.cot_steps:
             return cot_steps(problems)

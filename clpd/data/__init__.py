@@ -6,7 +6,7 @@ from enum import Enum
 from typing import Callable, Dict, List, Optional, Union
 
 from clpd.config.schema import BenchmarkConfig
-from clpd.data import arith, gsm8k, svamp
+from clpd.data import arith, gsm8k, jsonl, svamp
 from clpd.data.records import Problem, count_steps
 from clpd.errors import ClpdError
 
@@ -16,6 +16,7 @@ LOADERS: Dict[str, Loader] = {
     "arith": arith.generate,
     "gsm8k": gsm8k.load,
     "svamp": svamp.load,
+    "jsonl": jsonl.load,
 }
 
 

@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence
 
 from clpd.config.schema import BenchmarkConfig
 from clpd.config.enums import BenchmarkName
-from clpd.data import arith, load_problems
+from clpd.data import arith, jsonl, load_problems
 from clpd.errors import Problems
 
 
@@ -45,6 +45,14 @@ def benchmark_problems(b: BenchmarkConfig, splits: Sequence[tuple[str, str, Opti
                 problems.append(f"{key}={split}: no {split}.jsonl in benchmark.data_dir={b.data_dir}; "
                                 f"allowed: {', '.join(have) if have else 'none (no *.jsonl files there)'}")
                 continue
+        if name == BenchmarkName.jsonl.value:
+            missing = jsonl.file_problem(b, split)
+            if missing:
+                if missing not in problems:  # one file can serve several splits: one message
+                    problems.append(missing)
+                continue
+            if jsonl.split_path(b, split)[1] is None:
+                continue  # a hub dataset: loaded (or refused) by the command
         loaded = problems.guard("", lambda: load_problems(b, split, limit))
         if loaded is not None and not loaded:
             problems.append(f"{key}={split}: benchmark={name} has no problems in that split")

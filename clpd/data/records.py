@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Optional
 
 IGNORE_INDEX = -100  # the label of a token no loss is taken on (prompt, padding), as torch's cross_entropy expects
 
@@ -20,7 +21,10 @@ class Problem:
     solution: str  # GSM8K-format chain of thought: reasoning lines, last line "#### <answer>"
     answer: str  # final answer as text, normalised: no commas, no "$", no trailing "." ("1000", "-3", "2.5")
     num_steps: int  # difficulty feature: number of reasoning steps
-    source: str  # "arith" | "gsm8k" | "svamp"
+    source: str  # "arith" | "gsm8k" | "svamp", or a file benchmark's task name
+    # A difficulty the data gives (a file benchmark's difficulty field): the curriculum orders by it
+    # instead of a scorer, and evaluation groups by it instead of num_steps.
+    difficulty: Optional[float] = None
 
 
 def count_steps(solution: str) -> int:

@@ -109,15 +109,16 @@ def score(problems: Sequence[Problem], outputs: Sequence[str], numeric: bool = F
             "output": output, "extracted_strict": strict, "extracted_flexible": flexible,
             "correct_strict": is_correct(strict, problem.answer, numeric),
             "correct_flexible": is_correct(flexible, problem.answer, numeric),
+            **({} if problem.difficulty is None else {"difficulty": problem.difficulty}),
         })
-    groups: Dict[int, List[dict]] = defaultdict(list)
-    for r in records:
-        groups[r["num_steps"]].append(r)
+    groups: Dict[float, List[dict]] = defaultdict(list)
+    for r in records:  # by the difficulty the data gives, else by reasoning steps
+        groups[r.get("difficulty", r["num_steps"])].append(r)
     metrics = {
         "accuracy_strict": _accuracy(records, "correct_strict"),
         "accuracy_flexible": _accuracy(records, "correct_flexible"),
         "n": len(records),
-        "by_difficulty": {str(k): {"n": len(g), "accuracy_strict": _accuracy(g, "correct_strict"),
+        "by_difficulty": {f"{k:g}": {"n": len(g), "accuracy_strict": _accuracy(g, "correct_strict"),
                                    "accuracy_flexible": _accuracy(g, "correct_flexible")}
                           for k, g in sorted(groups.items())},
     }
@@ -135,7 +136,7 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problem
                                    device=device, autocast_dtype=autocast_dtype, console=console,
                                    stops=stop_strings(benchmark.chat_template))
     seconds = time.perf_counter() - started
-    records, metrics = score(problems, outputs, numeric=benchmark.name == BenchmarkName.svamp)
+    records, metrics = score(problems, outputs, numeric=benchmark.name in (BenchmarkName.svamp, BenchmarkName.jsonl))
     for record, n in zip(records, new_tokens):
         record["new_tokens"] = n
     metrics["prompt"] = {"format": "chat_template" if benchmark.chat_template else "plain",
@@ -166,9 +167,9 @@ def evaluate_into(out_dir: Path, model: PreTrainedModel, tokenizer: PreTrainedTo
     ``out_dir`` as ``predictions.jsonl`` and ``metrics.json`` (``header`` first in the metrics)."""
     problems = load_problems(benchmark, benchmark.eval_split, benchmark.eval_limit)
     if not problems:
-        raise ClpdError(f"benchmark={benchmark.name.value} split {benchmark.eval_split} has no problems")
+        raise ClpdError(f"benchmark={benchmark.label()} split {benchmark.eval_split} has no problems")
     records, metrics = evaluate(model, tokenizer, problems, benchmark, **generation)
-    metrics = {**header, "benchmark": benchmark.name.value, "split": benchmark.eval_split, **metrics}
+    metrics = {**header, "benchmark": benchmark.label(), "split": benchmark.eval_split, **metrics}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "predictions.jsonl", records)
     write_json(out_dir / "metrics.json", metrics)
@@ -207,7 +208,7 @@ def evaluate_checkpoint(checkpoint: str, benchmark: BenchmarkConfig, out_dir: Pa
 
 def metrics_table(metrics: Dict, title: str) -> Table:
     table = Table(title=title)
-    for column in ("steps", "n", "strict acc", "flexible acc"):
+    for column in ("difficulty", "n", "strict acc", "flexible acc"):
         table.add_column(column, justify="right")
     for k, m in metrics["by_difficulty"].items():
         table.add_row(k, str(m["n"]), f"{m['accuracy_strict']:.3f}", f"{m['accuracy_flexible']:.3f}")

@@ -30,9 +30,9 @@ from rich.table import Table
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from clpd.cache import build_lock, build_once
-from clpd.config.enums import Difficulty, DistillLoss
+from clpd.config.enums import BenchmarkName, Difficulty, DistillLoss
 from clpd.config.model import ModelConfig, StudentConfig
-from clpd.config.schema import TeacherBuildConfig, TrainConfig
+from clpd.config.schema import BenchmarkConfig, TeacherBuildConfig, TrainConfig
 from clpd.curriculum.scorers import is_curriculum, scorers
 from clpd.files import digest, plain_json
 from clpd.models.load import architecture_config
@@ -76,10 +76,12 @@ def build_config(spec: ModelConfig, tc: TrainConfig) -> TeacherBuildConfig:
 BENCHMARK_TRAINING_FIELDS = (
     "name", "train_split", "train_limit", "train_size", "max_steps", "min_value", "max_value",
     "data_dir", "hf_path", "hf_config",  # where gsm8k's training split is read from
+    "path", "train_path", "fields",  # a file benchmark's training file and how its fields are read
     "chat_template",  # the prompt format of the training examples
 )
 BENCHMARK_EVAL_ONLY_FIELDS = (
-    "eval_split", "eval_limit",
+    "eval_split", "eval_limit", "eval_path",
+    "task",  # a file benchmark's name in results
     "test_size",  # arith's splits are disjoint by question: the training split does not depend on it
     "num_fewshot", "fewshot_split", "fewshot_seed",  # training examples are always zero-shot
     "seed",  # the teacher's problems are drawn with teachers.build.data_seed (in the key); this draws the test split
@@ -116,8 +118,15 @@ TRAINER_SCORING_FIELDS = ("eval_max_new_tokens",)
 BUILD_EVAL_ONLY_FIELDS = ("eval",)
 
 
+# Read by a file benchmark (benchmark=jsonl) alone: left out of the other benchmarks' keys, which
+# therefore did not change when these settings were added.
+FILE_BENCHMARK_FIELDS = ("path", "train_path", "fields", "eval_path", "task")
+
+
 def _pick(config: object, names: Sequence[str]) -> dict:
     plain = plain_json(config)
+    if isinstance(config, BenchmarkConfig) and config.name != BenchmarkName.jsonl:
+        names = [n for n in names if n not in FILE_BENCHMARK_FIELDS]
     return {name: plain[name] for name in names}
 
 
@@ -142,7 +151,7 @@ def _eval_dir(spec: ModelConfig, tc: TrainConfig) -> Path:
     evaluation settings, so that two evaluations that can score differently never share metrics."""
     b = tc.benchmark
     settings = {"benchmark": _pick(b, BENCHMARK_EVAL_ONLY_FIELDS), "trainer": _pick(tc.trainer, TRAINER_SCORING_FIELDS)}
-    return teacher_dir(spec, tc) / f"eval-{b.name.value}-seed{b.seed}-{digest(settings, 8)}"
+    return teacher_dir(spec, tc) / f"eval-{b.label()}-seed{b.seed}-{digest(settings, 8)}"
 
 
 def teacher_accuracy(spec: ModelConfig, tc: TrainConfig) -> Optional[dict]:
