@@ -1,19 +1,29 @@
 """Calculator-assisted decoding: the safe evaluator, the results it writes, and the logits processor
-that writes them into a batch of generations."""
+that writes them into a batch of generations, in memory and through the CLI."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
+import subprocess
+import sys
 import time
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import LogitsProcessorList
 
+import clpd.evaluation.evaluate as evaluation
 from clpd.config.model import ModelConfig
-from clpd.evaluation.calculator import CalculationRefused, CalculatorProcessor, calculate, format_result
+from clpd.config.schema import BenchmarkConfig, EvalConfig
+from clpd.data import load_problems
+from clpd.evaluation.calculator import (CalculationRefused, CalculatorProcessor, calculate, format_result,
+                                        summarize_calls)
+from clpd.evaluation.evaluate import evaluate, generate
 from clpd.models.load import load_model, load_tokenizer
 from clpd.models.tokenizer import build_char_tokenizer
 from tests.conftest import GPT2_DIR, needs
@@ -210,6 +220,18 @@ def test_an_annotation_that_the_model_closes_itself_triggers_nothing():
 
 
 @pytest.mark.parametrize("name", list(TOKENIZERS))
+def test_greedy_generation_from_an_open_annotation_writes_the_result_and_leaves_other_rows_alone(name):
+    tokenizer = TOKENIZERS[name]()
+    model = tiny_model(tokenizer)
+    prompts = [tokenizer.encode(t, add_special_tokens=False) for t in ["Answer: 5+6 = <<5+6=", "Question: hi\nAnswer:"]]
+    kwargs = dict(batch_size=2, max_new_tokens=8, device=CPU)
+    outputs, _, calls = generate(model, tokenizer, prompts, calculator=True, **kwargs)
+    plain, _, none = generate(model, tokenizer, prompts, **kwargs)
+    assert outputs[0].startswith("11>>") and calls[0][0] == {"expr": "5+6", "result": "11"}
+    assert outputs[1] == plain[1] and calls[1] == [] and none is None
+
+
+@pytest.mark.parametrize("name", list(TOKENIZERS))
 def test_a_forced_token_stays_forced_under_temperature_top_k_and_top_p_sampling(name):
     tokenizer = TOKENIZERS[name]()
     model = tiny_model(tokenizer)
@@ -221,3 +243,54 @@ def test_a_forced_token_stays_forced_under_temperature_top_k_and_top_p_sampling(
                          logits_processor=LogitsProcessorList([processor]))
     texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
     assert texts[0].startswith("144>>") and texts[1].startswith("7>>")
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+ANNOTATION = " 2 + 3 = <<2+3="
+
+
+def test_evaluate_with_the_calculator_records_calculations_and_changes_only_the_rows_that_use_it(monkeypatch):
+    tokenizer = char_tokenizer()
+    model = tiny_model(tokenizer)
+    bench = BenchmarkConfig(train_size=64, test_size=6, max_steps=2)
+    problems = load_problems(bench, "test")
+    encode = evaluation.encode_prompts
+
+    def opened_on_even_rows(problems, tokenizer, *args):  # every other prompt ends inside an annotation
+        prompts = encode(problems, tokenizer, *args)
+        extra = tokenizer.encode(ANNOTATION, add_special_tokens=False)
+        return [p + extra if i % 2 == 0 else p for i, p in enumerate(prompts)]
+
+    monkeypatch.setattr(evaluation, "encode_prompts", opened_on_even_rows)
+    kwargs = dict(batch_size=4, max_new_tokens=10, device=CPU)
+    records, metrics = evaluate(model, tokenizer, problems, bench, calculator=True, **kwargs)
+    plain_records, plain_metrics = evaluate(model, tokenizer, problems, bench, **kwargs)
+    for i, (record, plain) in enumerate(zip(records, plain_records)):
+        if i % 2 == 0:
+            assert record["output"].startswith("5>>") and record["calculator"][0] == {"expr": "2+3", "result": "5"}
+        elif not record["calculator"]:
+            assert record["output"] == plain["output"]
+    assert metrics["calculator"] == summarize_calls([r["calculator"] for r in records])
+    assert metrics["calculator"]["enabled"] and metrics["calculator"]["calls"] >= 3
+    assert "calculator" not in plain_metrics and all("calculator" not in r for r in plain_records)
+
+
+def test_the_calculator_is_off_unless_asked_for():
+    assert EvalConfig(checkpoint="x").calculator is False
+
+
+def test_clpd_eval_with_calculator_true_writes_the_counts_into_the_metrics(tmp_path):
+    tokenizer = char_tokenizer()
+    checkpoint = tmp_path / "model"
+    tiny_model(tokenizer).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    out = subprocess.run([str(Path(sys.executable).parent / "clpd"), "eval", f"checkpoint={checkpoint}", "calculator=true",
+                          "benchmark.test_size=4", "benchmark.max_steps=2", "max_new_tokens=8",
+                          f"hydra.run.dir={tmp_path / 'eval'}"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert out.returncode == 0, out.stderr
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    predictions = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert metrics["calculator"] == summarize_calls([p["calculator"] for p in predictions])
+    assert "calculator on" in out.stdout

@@ -338,6 +338,9 @@ class EvalConfig:
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     batch_size: int = 128  # prompts per generate() call
     max_new_tokens: int = 256  # lm-evaluation-harness's max_gen_toks for gsm8k
+    # The calculator writes the result of each <<EXPR= the model opens (clpd.evaluation.calculator);
+    # off: the model's own arithmetic, as lm-evaluation-harness scores it.
+    calculator: bool = False
     precision: Precision = Precision.auto
     device: Device = Device.auto
     num_threads: Optional[int] = None
