@@ -1,5 +1,5 @@
 """Calculator-assisted decoding: the safe evaluator, the results it writes, and the logits processor
-that writes them into a batch of generations, in memory and through the CLI."""
+that writes them into a batch of generations, in memory, in a training run and through the CLI."""
 
 from __future__ import annotations
 
@@ -15,19 +15,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 from transformers import LogitsProcessorList
 
 import clpd.evaluation.evaluate as evaluation
+from clpd.commands.run_train import run_train
 from clpd.config.model import ModelConfig
-from clpd.config.schema import BenchmarkConfig, EvalConfig
+from clpd.config.schema import BenchmarkConfig, EvalConfig, TrainerConfig
 from clpd.data import load_problems
 from clpd.evaluation.calculator import (CalculationRefused, CalculatorProcessor, calculate, format_result,
                                         summarize_calls)
 from clpd.evaluation.evaluate import evaluate, generate
 from clpd.models.load import load_model, load_tokenizer
 from clpd.models.tokenizer import build_char_tokenizer
-from tests.conftest import GPT2_DIR, needs
+from tests.conftest import GPT2_DIR, TINY_OVERRIDES, compose_config, needs
 
+QUIET = Console(quiet=True)
 CPU = torch.device("cpu")
 TINY = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_position_embeddings=256)
 
@@ -278,6 +281,20 @@ def test_evaluate_with_the_calculator_records_calculations_and_changes_only_the_
 
 def test_the_calculator_is_off_unless_asked_for():
     assert EvalConfig(checkpoint="x").calculator is False
+    assert TrainerConfig().eval_calculator is False
+
+
+def test_a_training_run_scores_its_student_with_the_calculator_when_asked(tmp_path):
+    cfg = compose_config("train", ["+experiment=arith_sft", *TINY_OVERRIDES, "trainer.eval_calculator=true",
+                                   "trainer.eval_at_end=true", "trainer.eval_every=3", "trainer.eval_every_limit=2",
+                                   "trainer.save=false"])
+    summary = run_train(cfg, tmp_path, QUIET)
+    assert summary["eval"]["calculator"]["enabled"]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    (curve,) = [line for line in lines if line.get("event") == "eval"]
+    assert curve["calculator"]["enabled"]
+    predictions = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert all(isinstance(p["calculator"], list) for p in predictions)
 
 
 def test_clpd_eval_with_calculator_true_writes_the_counts_into_the_metrics(tmp_path):

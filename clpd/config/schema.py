@@ -257,6 +257,7 @@ class TrainerConfig:
     eval_every_limit: int = 200  # ... on the first N problems of the eval split
     eval_batch_size: int = 128
     eval_max_new_tokens: int = 256
+    eval_calculator: bool = False  # the final and learning-curve evaluations with the calculator (as eval's calculator)
 
     def __post_init__(self) -> None:
         p = Problems()
