@@ -140,7 +140,7 @@ def test_svamp_scores_the_same_from_its_own_loader_and_as_a_file(tmp_path, monke
         gold = [p.answer for p in problems]
         outputs = [f"#### {g}" if i % 3 == 0 else f"#### {float(g):.2f}" if i % 3 == 1 else "#### 99999"
                    for i, g in enumerate(gold)]
-        return outputs, [5] * len(outputs)
+        return outputs, [5] * len(outputs), None
     monkeypatch.setattr(evaluation, "generate", answers)
     one, metrics_one = evaluation.evaluate(model, tokenizer, problems, builtin, **generation)
     two, metrics_two = evaluation.evaluate(model, tokenizer, from_file, as_file, **generation)

@@ -150,7 +150,7 @@ NEVER_RETRAIN = [
     ("trainer", "eval_at_end"), ("trainer", "eval_every"), ("trainer", "eval_every_limit"),
     ("trainer", "eval_batch_size"), ("trainer", "eval_max_new_tokens"), ("trainer", "log_every"),
     ("trainer", "save"), ("trainer", "save_every"), ("trainer", "keep_last"), ("trainer", "resume"),
-    ("trainer", "resume_force"), ("trainer", "tensorboard"),
+    ("trainer", "resume_force"), ("trainer", "tensorboard"), ("trainer", "eval_calculator"),
 ]
 RETRAIN = [
     ("benchmark", "name"), ("benchmark", "train_split"), ("benchmark", "train_limit"), ("benchmark", "train_size"),

@@ -37,7 +37,8 @@ def run_eval(cfg: DictConfig, run_dir: Path, console: Console | None = None) -> 
         metrics = evaluate_checkpoint(ec.checkpoint, ec.benchmark, run_dir, console, device=ec.device,
                                       precision=ec.precision, batch_size=ec.batch_size,
                                       max_new_tokens=ec.max_new_tokens, gguf_file=ec.gguf_file,
-                                      keep_layers=ec.keep_layers, keep_every=ec.keep_every)
+                                      keep_layers=ec.keep_layers, keep_every=ec.keep_every,
+                                      calculator=ec.calculator)
         console.print(f"checkpoint {ec.checkpoint}", soft_wrap=True)
         console.print(metrics_table(metrics, f"{ec.benchmark.label()}/{ec.benchmark.eval_split}"))
         console.print(f"predictions and metrics in {run_dir}", soft_wrap=True)

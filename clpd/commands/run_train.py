@@ -259,7 +259,7 @@ def outputs(run: Run, student: Student, manifest: dict, saves: List[dict]) -> Ou
 
 def generation(run: Run) -> dict:
     return {"batch_size": run.tc.trainer.eval_batch_size, "max_new_tokens": run.tc.trainer.eval_max_new_tokens,
-            "device": run.device, "autocast_dtype": run.autocast_dtype}
+            "device": run.device, "autocast_dtype": run.autocast_dtype, "calculator": run.tc.trainer.eval_calculator}
 
 
 def finish(run: Run, student: Student, result: TrainResult, ladder: Ladder, data: Data, manifest: dict,
@@ -277,7 +277,8 @@ def finish(run: Run, student: Student, result: TrainResult, ladder: Ladder, data
     if tc.trainer.eval_at_end:
         final_eval = evaluate_into(run.run_dir / "eval", model, run.tokenizer, tc.benchmark, header={},
                                    **generation(run), console=run.console)
-        student_row = {"name": f"student {tc.student.name}", "parameters": count_parameters(model),
+        calculator = " (calculator)" if tc.trainer.eval_calculator else ""  # the teachers are scored without it
+        student_row = {"name": f"student {tc.student.name}{calculator}", "parameters": count_parameters(model),
                        "accuracy_strict": final_eval["accuracy_strict"], "by_difficulty": final_eval["by_difficulty"]}
         run.console.print(ladder_table([*ladder.rows, student_row],
                                        f"{tc.benchmark.label()}/{tc.benchmark.eval_split}: teachers and the student"))

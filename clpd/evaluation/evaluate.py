@@ -7,7 +7,9 @@ a student and its teachers are scored the same way.
 
 The metrics say how the model was asked (``prompt``: plain or chat template, the number of solved
 examples before each question) and how fast it answered (``generation``: wall time of the
-generation, problems/s, generated tokens/s, the process's peak resident memory).
+generation, problems/s, generated tokens/s, the process's peak resident memory). With the
+calculator on (``calculator``, :mod:`clpd.evaluation.calculator`), each prediction lists its
+calculations and the metrics count them; with it off, neither says anything about it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from clpd.config.enums import BenchmarkName, Device, Precision
 from clpd.config.model import ModelConfig, StudentConfig
@@ -32,6 +34,7 @@ from clpd.data.prompts import STOP_STRINGS, cut_at_stop, draw_fewshot, encode_pr
 from clpd.environment import max_rss_mib
 from clpd.errors import ClpdError
 from clpd.evaluation.answers import extract_flexible, extract_strict, is_correct
+from clpd.evaluation.calculator import CalculatorProcessor, summarize_calls
 from clpd.files import write_json, write_jsonl
 from clpd.models.load import (check_source, count_parameters, load_model, load_tokenizer, resolve_device,
                               resolve_precision)
@@ -43,10 +46,12 @@ from clpd.training.checkpoint import is_clpd_checkpoint, verify_checkpoint
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[List[int]], *,
              batch_size: int, max_new_tokens: int, device: torch.device,
              autocast_dtype: Optional[torch.dtype] = None, console: Optional[Console] = None,
-             stops: Sequence[str] = STOP_STRINGS) -> tuple[List[str], List[int]]:
-    """Greedy continuations of tokenized prompts, batched with left padding and the KV cache, and
-    the tokens generated for each (up to and with its eos or stop string; a batch runs on until
-    its longest answer is done, so these are the useful tokens, not the work done).
+             stops: Sequence[str] = STOP_STRINGS,
+             calculator: bool = False) -> tuple[List[str], List[int], Optional[List[List[dict]]]]:
+    """Greedy continuations of tokenized prompts, batched with left padding and the KV cache, the
+    tokens generated for each (up to and with its eos or stop string; a batch runs on until its
+    longest answer is done, so these are the useful tokens, not the work done), and with
+    ``calculator`` the calculations of each (:class:`CalculatorProcessor`; None without).
 
     Prompts are generated longest first so that each batch pads little; the outputs come back in
     the input order. Generation stops at eos or one of ``stops`` (lm-eval's gsm8k ``until``).
@@ -57,6 +62,7 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     outputs: List[str] = [""] * len(prompts)
     new_tokens: List[int] = [0] * len(prompts)
+    calls: Optional[List[List[dict]]] = [[] for _ in prompts] if calculator else None
     columns = [TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     plain = plain_lines(console)
     started = time.perf_counter()
@@ -70,20 +76,24 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
             for r, i in enumerate(rows):
                 ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
                 mask[r, width - len(prompts[i]):] = 1
+            processor = CalculatorProcessor(tokenizer, len(rows)) if calculator else None
             with autocast:
                 generated = model.generate(
                     input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                     do_sample=False, num_beams=1, use_cache=True, eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=pad_id, stop_strings=list(stops), tokenizer=tokenizer)
+                    pad_token_id=pad_id, stop_strings=list(stops), tokenizer=tokenizer,
+                    logits_processor=LogitsProcessorList([processor]) if processor else None)
             texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
             for r, i in enumerate(rows):
                 outputs[i] = cut_at_stop(texts[r], stops)
                 new_tokens[i] = answer_length(generated[r, width:].tolist(), {tokenizer.eos_token_id, pad_id})
+                if processor:
+                    calls[i] = processor.calls[r]
             progress.advance(bar, len(rows))
             if plain:
                 done = min(start + batch_size, len(order))
                 console.print(f"eval {done}/{len(order)}  {time.perf_counter() - started:.0f}s", soft_wrap=True)
-    return outputs, new_tokens
+    return outputs, new_tokens, calls
 
 
 def answer_length(ids: Sequence[int], ends: set) -> int:
@@ -127,14 +137,19 @@ def score(problems: Sequence[Problem], outputs: Sequence[str], numeric: bool = F
 
 def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem],
              benchmark: BenchmarkConfig, *, batch_size: int, max_new_tokens: int, device: torch.device,
-             autocast_dtype: Optional[torch.dtype] = None, console: Optional[Console] = None) -> tuple[List[dict], Dict]:
-    """Greedy answers to ``problems``, prompted as ``benchmark`` says, scored: (records, metrics)."""
+             autocast_dtype: Optional[torch.dtype] = None, console: Optional[Console] = None,
+             calculator: bool = False) -> tuple[List[dict], Dict]:
+    """Greedy answers to ``problems``, prompted as ``benchmark`` says, scored: (records, metrics).
+
+    With ``calculator``, the results of the annotations the model opens are written by the
+    calculator: each record gets ``calculator`` (its calculations) and the metrics their counts."""
     shots = fewshot_examples(problems, benchmark)
     prompts = encode_prompts(problems, tokenizer, benchmark.chat_template, shots)
     started = time.perf_counter()
-    outputs, new_tokens = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                   device=device, autocast_dtype=autocast_dtype, console=console,
-                                   stops=stop_strings(benchmark.chat_template))
+    outputs, new_tokens, calls = generate(model, tokenizer, prompts, batch_size=batch_size,
+                                          max_new_tokens=max_new_tokens, device=device, autocast_dtype=autocast_dtype,
+                                          console=console, stops=stop_strings(benchmark.chat_template),
+                                          calculator=calculator)
     seconds = time.perf_counter() - started
     records, metrics = score(problems, outputs, numeric=benchmark.name in (BenchmarkName.svamp, BenchmarkName.jsonl))
     for record, n in zip(records, new_tokens):
@@ -148,6 +163,10 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problem
         "batch_size": batch_size, "max_new_tokens": max_new_tokens, "threads": torch.get_num_threads(),
         "peak_rss_mb": round(max_rss_mib(), 1),
     }
+    if calls is not None:
+        for record, row_calls in zip(records, calls):
+            record["calculator"] = row_calls
+        metrics["calculator"] = summarize_calls(calls)
     return records, metrics
 
 
@@ -179,10 +198,11 @@ def evaluate_into(out_dir: Path, model: PreTrainedModel, tokenizer: PreTrainedTo
 def evaluate_checkpoint(checkpoint: str, benchmark: BenchmarkConfig, out_dir: Path, console: Optional[Console], *,
                         device: Device = Device.auto, precision: Precision = Precision.auto, batch_size: int = 128,
                         max_new_tokens: int = 256, gguf_file: Optional[str] = None,
-                        keep_layers: Optional[List[int]] = None, keep_every: Optional[int] = None) -> Dict:
+                        keep_layers: Optional[List[int]] = None, keep_every: Optional[int] = None,
+                        calculator: bool = False) -> Dict:
     """Load ``checkpoint`` (a clpd checkpoint, any ``save_pretrained`` folder or a hub id) and
     :func:`evaluate_into` ``out_dir``; with ``keep_layers`` or ``keep_every``, the model cut to
-    those blocks (as ``student.init_from`` cuts a student)."""
+    those blocks (as ``student.init_from`` cuts a student); with ``calculator``, calculator-assisted."""
     check_source(checkpoint, "checkpoint")  # before the (possibly slow) data loading
     folder = Path(checkpoint).expanduser()
     if is_clpd_checkpoint(folder) or folder.name.endswith(".tmp"):
@@ -203,7 +223,7 @@ def evaluate_checkpoint(checkpoint: str, benchmark: BenchmarkConfig, out_dir: Pa
     header["parameters"] = count_parameters(model)
     return evaluate_into(out_dir, model, tokenizer, benchmark, header=header, batch_size=batch_size,
                          max_new_tokens=max_new_tokens, device=torch_device, autocast_dtype=autocast_dtype,
-                         console=console)
+                         console=console, calculator=calculator)
 
 
 def metrics_table(metrics: Dict, title: str) -> Table:
@@ -222,5 +242,7 @@ def metrics_table(metrics: Dict, title: str) -> Table:
         table.caption = (f"{shots} {prompt['format'].replace('_', ' ')} prompts; {metrics['n']} problems in "
                          f"{gen['seconds']:.1f} s: {gen['problems_per_s'] or 0:.3f} problems/s, "
                          f"{gen['tokens_per_s'] or 0:.1f} generated tokens/s")
+        if calc := metrics.get("calculator"):
+            table.caption += f"; calculator on: {calc['calls']} calculations, {calc['refused']} refused"
         table.min_width = min(len(table.caption), 100)  # the caption on one line, not wrapped to the columns
     return table

@@ -104,6 +104,7 @@ TRAINER_SET_FOR_TEACHER_FIELDS = (
 # Inherited, but not the training: what the run logs, keeps, evaluates and how many threads it uses.
 TRAINER_UNKEYED_FIELDS = (
     "log_every", "keep_last", "tensorboard", "eval_every_limit", "eval_batch_size", "eval_max_new_tokens",
+    "eval_calculator",  # the student's evaluations only: a teacher is scored without the calculator
     # The thread count changes only the order of floating-point sums, as another machine does (and
     # null, torch's default, is the machine's count); a resumed run may change it too (RESUME_FREE_KEYS).
     "num_threads",

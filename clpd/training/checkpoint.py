@@ -53,7 +53,7 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 RESUME_FREE_KEYS = ("trainer.resume", "trainer.resume_force", "trainer.save_every", "trainer.keep_last",
                     "trainer.num_threads", "trainer.tensorboard", "trainer.log_every", "trainer.eval_every",
                     "trainer.eval_every_limit", "trainer.eval_batch_size", "trainer.eval_max_new_tokens",
-                    "trainer.eval_at_end", "teachers.cache_dir")
+                    "trainer.eval_at_end", "trainer.eval_calculator", "teachers.cache_dir")
 
 
 def step_name(step: int) -> str:
