@@ -53,7 +53,7 @@ def _broken_gsm8k(tmp_path: Path) -> str:
 
 
 BAD_INPUTS = {
-    "unknown benchmark": (["train", "benchmark=nope"], "available: arith, gsm8k, svamp"),
+    "unknown benchmark": (["train", "benchmark=nope"], "available: arith, gsm8k, jsonl, svamp"),
     "unknown precision": (["train", "trainer.precision=fp8"], "expected one of [auto, fp32, bf16, fp16]"),
     "missing data dir": (["train", "benchmark=gsm8k", "benchmark.data_dir=/does/not/exist"], "/does/not/exist"),
     "missing checkpoint": (["eval", "checkpoint=/does/not/exist"], "/does/not/exist"),
