@@ -94,6 +94,16 @@ def test_ids_task_and_separate_files_per_split(tmp_path):
     assert (only.id, only.source, cfg.label()) == ("mine-test-0", "mine", "mine")
 
 
+def test_a_dataset_by_name_reads_its_splits_through_datasets(tmp_path):
+    # hf_path takes a hub id; a local dataset folder (one file per split) goes through the same call.
+    write(tmp_path / "train.jsonl", ROWS)
+    write(tmp_path / "test.jsonl", ROWS[:2])
+    cfg = replace(file_benchmark(tmp_path / "unused.jsonl"), path=None, hf_path=str(tmp_path), task="local")
+    assert [len(load_problems(cfg, split)) for split in ("train", "test")] == [3, 2]
+    with pytest.raises(ClpdError, match=r"benchmark.hf_path=.* \(split dev\): could not be read"):
+        load_problems(cfg, "dev")
+
+
 def test_the_curriculum_orders_by_the_difficulty_field_instead_of_a_scorer(tmp_path):
     problems = load_problems(file_benchmark(write(tmp_path / "p.jsonl", [ROWS[2], ROWS[0], ROWS[1]])), "train")
     scores = compute_scores(CurriculumConfig(), problems, None, seed=0)  # the default scorer is cot_steps
