@@ -108,6 +108,7 @@ def train(model: torch.nn.Module, batches: Batches, cfg: TrainerConfig, supervis
                 curve = {"event": "eval", "step": state.step, **outputs.evaluate(model)}
                 model.train()  # evaluate() leaves the model in eval mode
                 log.event(curve, f"step {state.step}: eval strict accuracy {curve['accuracy_strict']:.3f} (n={curve['n']})")
+            stop.announce()
             stopping = all_reduce_max(stop.requested or 0)  # the signal a rank received: it stops them all
             if outputs.save is not None and not last and (stopping or (cfg.save_every and state.step % cfg.save_every == 0)):
                 state.checkpoint = str(outputs.save(state.step, snapshot()))

@@ -34,6 +34,7 @@ class StopSignals:
         self.console = console
         self.requested: Optional[int] = None
         self.preempted = False
+        self.announced = False
         self.previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
@@ -44,9 +45,15 @@ class StopSignals:
             signal.raise_signal(signum)
             return
         if self.requested is None:
-            self.requested = signum
-            self.console.print(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-                               f"(send SIGINT or SIGTERM again to stop at once)", soft_wrap=True)
+            self.requested = signum  # said by announce(): a handler that printed could interrupt a print (or
+            # the import one makes) and enter it again, which rich does not survive
+
+    def announce(self) -> None:
+        """Say, once, that a signal came and the run stops after this step (called by the loop)."""
+        if self.requested is not None and not self.announced:
+            self.announced = True
+            self.console.print(f"{signal.Signals(self.requested).name}: finishing this step, then saving a "
+                               f"checkpoint (send SIGINT or SIGTERM again to stop at once)", soft_wrap=True)
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
