@@ -121,10 +121,10 @@ def test_a_build_override_must_name_a_build_setting(tmp_path):
 
 
 def test_a_build_override_for_a_teacher_not_in_the_ladder_is_ignored_with_a_warning(tmp_path, caplog):
-    # +experiment=arith's ladder trains its medium teacher longer; a ladder given on the command line
-    # replaces the teachers but not that entry.
+    # A ladder whose medium teacher has a build of its own (arith_tiny, +experiment=arith): a ladder
+    # given on the command line replaces the teachers but not that entry.
     with caplog.at_level(logging.WARNING, logger="clpd.config"):
-        tc = to_object(ladder_cfg(tmp_path, "+teachers.build_overrides.medium.max_steps=7"))
+        tc = to_object(ladder_cfg(tmp_path, "++teachers.build_overrides.medium.max_steps=7"))
     assert "teachers.build_overrides.medium: no teacher of that name in the ladder ['a', 'b', 'c']; ignored" in caplog.text
     assert [build_config(t, tc).max_steps for t in tc.teachers.ladder] == [2, 2, 2]
 
