@@ -6,6 +6,12 @@ from typing import Callable, Optional, Type, TypeVar
 T = TypeVar("T")
 
 
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` of a library's exception, to quote in a ClpdError."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 class ClpdError(Exception):
     """A problem with the user's input: a config value, a path, a data file.
 

@@ -80,6 +80,10 @@ class BenchmarkConfig:
             p.check(self.train_size >= 0 and self.test_size >= 0, "benchmark.train_size and test_size must be >= 0")
         p.raise_if_any("invalid benchmark config: ")
 
+    def numeric_answers(self) -> bool:
+        """Whether answers are compared as numbers (2.50 is 2.5): SVAMP's floats and a file's answers."""
+        return self.name in (BenchmarkName.svamp, BenchmarkName.jsonl)
+
     def label(self) -> str:
         """The benchmark's name in results: a file benchmark's ``task`` (else its file's name)."""
         if self.name != BenchmarkName.jsonl:

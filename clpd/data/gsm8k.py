@@ -8,18 +8,13 @@ from typing import Iterable, List, Mapping
 
 from clpd.config.schema import BenchmarkConfig
 from clpd.data.records import Problem, count_steps, normalize_answer
-from clpd.errors import ClpdError
+from clpd.errors import ClpdError, first_line
 
 
 def _problem(split: str, i: int, question: str, solution: str) -> Problem:
     return Problem(id=f"gsm8k-{split}-{i}", question=question, solution=solution,
                    answer=normalize_answer(solution.rsplit("####", 1)[1]),
                    num_steps=count_steps(solution), source="gsm8k")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def _from_hub(split: str, cfg: BenchmarkConfig) -> List[Problem]:
@@ -36,7 +31,7 @@ def _from_hub(split: str, cfg: BenchmarkConfig) -> List[Problem]:
     except ClpdError:
         raise
     except Exception as e:  # no network, no such dataset/config/split, a changed schema
-        raise ClpdError(f"could not load the dataset {cfg.hf_path} ({cfg.hf_config}, split {split}): {_first_line(e)}; "
+        raise ClpdError(f"could not load the dataset {cfg.hf_path} ({cfg.hf_config}, split {split}): {first_line(e)}; "
                         f"offline, use benchmark.data_dir=PATH (a folder with train.jsonl/test.jsonl)") from e
 
 

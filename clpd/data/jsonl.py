@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, List, Mapping, Optional, Sequence
 
 from clpd.config.schema import BenchmarkConfig
-from clpd.data.records import Problem, count_steps, normalize_answer
-from clpd.errors import ClpdError
+from clpd.data.records import Problem, count_steps, format_number, normalize_answer
+from clpd.errors import ClpdError, first_line
 
 log = logging.getLogger("clpd.data")
 
@@ -55,11 +55,6 @@ def file_problem(cfg: BenchmarkConfig, split: str) -> Optional[str]:
     return None
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
-
-
 def read_rows(cfg: BenchmarkConfig, split: str) -> tuple[str, Sequence[Mapping[str, Any]]]:
     """(where the rows came from, the rows) of ``split``, through ``datasets``."""
     problem = file_problem(cfg, split)
@@ -79,7 +74,7 @@ def read_rows(cfg: BenchmarkConfig, split: str) -> tuple[str, Sequence[Mapping[s
         return path, datasets.load_dataset(builder, data_files=str(Path(path).expanduser()), split="train")
     except Exception as e:  # unreadable, malformed, no network, no such dataset or split
         where = f"{key}={path}" if path else f"benchmark.hf_path={cfg.hf_path} (split {split})"
-        raise ClpdError(f"{where}: could not be read ({_first_line(e)})") from e
+        raise ClpdError(f"{where}: could not be read ({first_line(e)})") from e
     finally:
         datasets.logging.set_verbosity(verbosity)
 
@@ -92,7 +87,7 @@ def answer_number(value: Any) -> Optional[str]:
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, (int, float)):
-        return _number(float(value))
+        return _number(value)
     text = str(value)
     if "####" in text:
         text = text.rsplit("####", 1)[1]
@@ -105,9 +100,7 @@ def _number(x: Any) -> Optional[str]:
         v = float(x)
     except (TypeError, ValueError):
         return None
-    if not math.isfinite(v):
-        return None
-    return str(int(v)) if v.is_integer() else repr(v)
+    return format_number(v) if math.isfinite(v) else None
 
 
 def _solution(text: Any, answer: str) -> str:
@@ -140,7 +133,7 @@ def load(split: str, cfg: BenchmarkConfig) -> List[Problem]:
     """The problems of ``split``, in file order; a row whose answer holds no number is left out
     (and counted in a warning), a file where no answer does is refused."""
     where, rows = read_rows(cfg, split)
-    columns = list(getattr(rows, "column_names", None) or (rows[0].keys() if len(rows) else []))
+    columns = list(rows.column_names)
     check_fields(cfg, where, columns)
     f, task = cfg.fields, cfg.label()
     problems: List[Problem] = []

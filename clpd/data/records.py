@@ -45,6 +45,12 @@ def count_steps(solution: str) -> int:
     return max(1, sum(1 for line in lines[:end] if line.strip()))
 
 
+def format_number(x: float) -> str:
+    """51.0 -> "51", 2.5 -> "2.5" (shortest text that reads back as the same float)."""
+    x = float(x)
+    return str(int(x)) if x.is_integer() else repr(x)
+
+
 def normalize_answer(text: str) -> str:
     """The text of a final answer as stored in :class:`Problem`: stripped, no commas, no ``$``,
     no trailing ``.``."""

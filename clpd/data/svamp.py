@@ -12,18 +12,12 @@ from pathlib import Path
 from typing import List
 
 from clpd.config.schema import BenchmarkConfig
-from clpd.data.records import Problem
+from clpd.data.records import Problem, format_number
 from clpd.errors import ClpdError
 
 FILE = "SVAMP.json"
 OPERATOR = re.compile(r"[-+*/]")
 HOW_TO = f"set benchmark.data_dir=PATH, a folder with {FILE} (or the file itself)"
-
-
-def format_number(x: float) -> str:
-    """51.0 -> "51", 2.5 -> "2.5" (shortest text that reads back as the same float)."""
-    x = float(x)
-    return str(int(x)) if x.is_integer() else repr(x)
 
 
 def _path(cfg: BenchmarkConfig) -> Path:

@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.table import Table
 from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
-from clpd.config.enums import BenchmarkName, Device, Precision
+from clpd.config.enums import Device, Precision
 from clpd.config.model import ModelConfig, StudentConfig
 from clpd.config.schema import BenchmarkConfig
 from clpd.data import Problem, load_problems
@@ -151,7 +151,7 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problem
                                           console=console, stops=stop_strings(benchmark.chat_template),
                                           calculator=calculator)
     seconds = time.perf_counter() - started
-    records, metrics = score(problems, outputs, numeric=benchmark.name in (BenchmarkName.svamp, BenchmarkName.jsonl))
+    records, metrics = score(problems, outputs, numeric=benchmark.numeric_answers())
     for record, n in zip(records, new_tokens):
         record["new_tokens"] = n
     metrics["prompt"] = {"format": "chat_template" if benchmark.chat_template else "plain",
