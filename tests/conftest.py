@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,21 @@ TINY_OVERRIDES = [
     "trainer.max_steps=3", "trainer.batch_size=4", "trainer.warmup_steps=1", "trainer.log_every=1",
     "trainer.eval_max_new_tokens=16",
 ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def clpd_cache_dir(tmp_path_factory):
+    """clpd's own cache (GGUF files converted once) in one folder for the whole test run, shared by
+    the tests and the commands they start, never the user's ``~/.cache/clpd``; removed at the end."""
+    folder = tmp_path_factory.mktemp("clpd-cache")
+    before = os.environ.get("CLPD_CACHE_DIR")
+    os.environ["CLPD_CACHE_DIR"] = str(folder)
+    yield folder
+    if before is None:
+        del os.environ["CLPD_CACHE_DIR"]
+    else:
+        os.environ["CLPD_CACHE_DIR"] = before
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def needs(path: Path) -> Path:

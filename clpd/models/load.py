@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import re
-from functools import lru_cache
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -27,8 +26,9 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreT
 
 from clpd.config.enums import Arch, Device, Precision
 from clpd.config.model import LoraConfig, ModelConfig, StudentConfig
-from clpd.errors import ClpdError
+from clpd.errors import ClpdError, first_line
 from clpd.config.package_paths import is_package_path, package_folder
+from clpd.models.gguf import converted_folder
 from clpd.models.tokenizer import build_char_tokenizer
 
 log = logging.getLogger("clpd.models.load")
@@ -68,8 +68,8 @@ def _from_pretrained(loader, name: str, what: str, **kwargs):
     try:
         return loader.from_pretrained(local_source(name), **kwargs)
     except (OSError, ValueError, SafetensorError) as exc:  # missing or damaged files, no network, not a model folder
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ClpdError(f"could not load {what} '{name}': {first_line}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ClpdError(f"could not load {what} '{name}': {first}") from exc
 
 
 def gguf_reader_missing() -> bool:
@@ -82,30 +82,25 @@ def _require_gguf(what: str) -> None:
         raise ClpdError(f"{what}: reading a GGUF file needs the gguf package (pip install gguf)")
 
 
-@lru_cache(maxsize=4)
-def _gguf_tokenizer(folder: str, gguf_file: str, trust_remote_code: bool, stamp: tuple) -> PreTrainedTokenizerBase:
-    # Rebuilding a tokenizer from a GGUF file parses the whole file's metadata (4 s for SmolLM2's
-    # 49k tokens on 2 cores), and one run loads the student's tokenizer up to three times (the
-    # checks, the run, a teacher of the same file). ``stamp`` (size, mtime) keys a changed file anew.
-    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+def pretrained_source(spec: ModelConfig, what: str) -> tuple[str, Optional[str]]:
+    """What transformers reads for ``spec.path``: ``(path, gguf_file)``. A local GGUF file is read
+    through its converted folder (:mod:`clpd.models.gguf`: parsed and dequantized once, not at
+    every load), so the pair is then ``(that folder, None)``."""
+    if not spec.gguf_file:
+        return spec.path, None
+    check_source(spec.path, what)
+    _require_gguf(what)
+    try:
+        folder = converted_folder(local_source(spec.path), spec.gguf_file, spec.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ClpdError(f"could not load {what} '{spec.path}': {first_line(exc)}") from exc
+    return (str(folder), None) if folder is not None else (spec.path, spec.gguf_file)
 
 
 def _load_pretrained_tokenizer(spec: ModelConfig) -> PreTrainedTokenizerBase:
     what = f"tokenizer of '{spec.name}'"
-    if spec.gguf_file:
-        check_source(spec.path, what)
-        _require_gguf(what)
-        folder = local_source(spec.path)
-        file = Path(folder) / spec.gguf_file
-        if file.is_file():  # else: transformers says what is missing (a hub repo, a wrong name)
-            stat = file.stat()
-            try:
-                return copy.deepcopy(_gguf_tokenizer(folder, spec.gguf_file, spec.trust_remote_code,
-                                                     (stat.st_size, stat.st_mtime_ns)))
-            except (OSError, ValueError) as exc:
-                raise ClpdError(f"could not load {what} '{spec.path}': {str(exc).strip().splitlines()[0]}") from exc
-    return _from_pretrained(AutoTokenizer, spec.path, what, gguf_file=spec.gguf_file,
-                            trust_remote_code=spec.trust_remote_code)
+    path, gguf_file = pretrained_source(spec, what)
+    return _from_pretrained(AutoTokenizer, path, what, gguf_file=gguf_file, trust_remote_code=spec.trust_remote_code)
 
 
 def load_tokenizer(spec: ModelConfig, teachers: Sequence[ModelConfig] = ()) -> PreTrainedTokenizerBase:
@@ -160,8 +155,9 @@ def load_model(spec: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: tor
     if adapter is not None and adapter.exists():
         model = _load_adapter(spec, adapter.parent, dtype)
     elif spec.path is not None:
-        model = _from_pretrained(AutoModelForCausalLM, spec.path, f"model '{spec.name}'", dtype=dtype,
-                                 gguf_file=spec.gguf_file, trust_remote_code=spec.trust_remote_code)
+        path, gguf_file = pretrained_source(spec, f"model '{spec.name}'")
+        model = _from_pretrained(AutoModelForCausalLM, path, f"model '{spec.name}'", dtype=dtype,
+                                 gguf_file=gguf_file, trust_remote_code=spec.trust_remote_code)
     else:
         model = AutoModelForCausalLM.from_config(architecture_config(spec, tokenizer), dtype=dtype)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):

@@ -10,7 +10,8 @@ from typing import List, Optional
 from clpd.training.checkpoint import CHECKPOINT_HINT, checkpoint_files_problem, COMPLETE, CONFIG_FILE, FINAL, latest_checkpoint
 from clpd.config.model import ModelConfig
 from clpd.errors import ClpdError
-from clpd.models.load import (ADAPTER_CONFIG, architecture_config, check_source, gguf_reader_missing, local_source)
+from clpd.models.load import (ADAPTER_CONFIG, architecture_config, check_source, gguf_reader_missing, local_source,
+                             pretrained_source)
 from clpd.config.package_paths import is_package_path, package_folder
 
 
@@ -126,7 +127,8 @@ def config_of(spec: ModelConfig, tokenizer=None):
     if folder is not None and (folder / ADAPTER_CONFIG).is_file():
         return None  # an adapter checkpoint: its base decides
     try:
-        return AutoConfig.from_pretrained(str(folder) if folder is not None else spec.path, gguf_file=spec.gguf_file,
-                                          trust_remote_code=spec.trust_remote_code)
+        path, gguf_file = (pretrained_source(spec, f"model '{spec.name}'") if spec.gguf_file
+                           else (str(folder) if folder is not None else spec.path, None))
+        return AutoConfig.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=spec.trust_remote_code)
     except Exception:  # no network, no cached config, an unknown architecture: checked at load time
         return None

@@ -34,8 +34,9 @@ from clpd.config.enums import BenchmarkName, Difficulty, DistillLoss
 from clpd.config.model import ModelConfig, StudentConfig
 from clpd.config.schema import BenchmarkConfig, TeacherBuildConfig, TrainConfig
 from clpd.curriculum.scorers import is_curriculum, scorers
+from clpd.errors import ClpdError
 from clpd.files import digest, plain_json
-from clpd.models.load import architecture_config
+from clpd.models.load import architecture_config, pretrained_source
 from clpd.teachers.schedule import teacher_index
 
 log = logging.getLogger("clpd.teachers.ladder")
@@ -215,12 +216,15 @@ def count_spec_parameters(spec: ModelConfig, tokenizer: PreTrainedTokenizerBase)
     """Parameters of a teacher without loading its weights (a meta-device model); None if its
     config cannot be read (e.g. a hub id offline)."""
     try:
-        config = (architecture_config(spec, tokenizer) if spec.path is None
-                  else AutoConfig.from_pretrained(spec.path, gguf_file=spec.gguf_file))  # a GGUF teacher's config is in its file
+        if spec.path is None:
+            config = architecture_config(spec, tokenizer)
+        else:
+            path, gguf_file = pretrained_source(spec, f"teacher '{spec.name}'")
+            config = AutoConfig.from_pretrained(path, gguf_file=gguf_file)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         return sum(p.numel() for p in model.parameters())
-    except (OSError, ValueError):
+    except (OSError, ValueError, ClpdError):
         return None
 
 
