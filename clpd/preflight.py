@@ -47,7 +47,7 @@ from clpd.teachers.ladder import ladder_needed, teachers_in_use
 from clpd.teachers.live import check_vocabularies
 from clpd.teachers.store import check_top_k
 from clpd.training.checkpoint import CHECKPOINT_HINT
-from clpd.training.distributed import check_batch
+from clpd.training.distributed import check_batch, ranks
 from clpd.training.resume import resume_problem
 
 
@@ -148,6 +148,10 @@ def check_train(tc: TrainConfig) -> None:
     batch = check_batch(t.batch_size, t.grad_accum, t.micro_batch_tokens)  # under torchrun: a share per rank
     if batch:
         p.append(batch)
+    # Each rank's share of a step would hold a different number of samples of different lengths.
+    p.check(tc.distill.on_policy == 0 or ranks().world_size == 1,
+            f"distill.on_policy={tc.distill.on_policy} runs in one process, not under torchrun ({ranks().world_size} "
+            f"ranks); allowed: one process per run (a sweep runs several at once), or distill.on_policy=0")
     check_device(p, t.device, t.precision, "trainer.")
     problem = resume_problem(t.resume)
     if problem:

@@ -27,6 +27,7 @@ from clpd.errors import ClpdError
 from clpd.models.load import load_tokenizer
 from clpd.files import atomic_path, write_json
 from clpd.teachers.ladder import distilling_teachers, teachers_in_use
+from clpd.training.on_policy import chosen
 from clpd.commands.job import run_command
 from clpd.teachers.schedule import make_schedule
 
@@ -41,10 +42,12 @@ def timeline(tc: TrainConfig, scores: Optional[np.ndarray], n: int) -> dict:
     distills = tc.distill.loss != DistillLoss.sft
     schedule = make_schedule(tc.teachers, starts) if distills else None
     steps = []
+    share = tc.distill.on_policy
     for step in range(tc.trainer.max_steps):
         info = sampler.describe(step)
+        own = {"on_policy": int(chosen(share, tc.seed, step, tc.trainer.batch_size).sum())} if share > 0 else {}
         steps.append({"step": step, "stage": stage_at(step, starts), "teacher": schedule(step) if schedule else None,
-                      **info})
+                      **info, **own})
     return {"n": n, "stage_starts": starts, "teachers": [t.name for t in tc.teachers.ladder] if distills else [],
             "steps": steps}
 
@@ -57,9 +60,10 @@ def stage_rows(plan: dict) -> List[dict]:
             row = rows[-1]
         else:
             row = {"stage": s["stage"], "teacher": s["teacher"], "first": s["step"], "pool": [s["pool"], s["pool"]],
-                   "difficulty": None}
+                   "difficulty": None, "on_policy": 0}
             rows.append(row)
         row["last"] = s["step"]
+        row["on_policy"] += s.get("on_policy", 0)
         row["pool"][1] = s["pool"]
         if "difficulty" in s:
             lo, hi = s["difficulty"]
@@ -71,14 +75,17 @@ def stage_rows(plan: dict) -> List[dict]:
 def plan_table(tc: TrainConfig, plan: dict, scored_at_train_time: bool) -> Table:
     table = Table(title=f"plan: {tc.trainer.max_steps} steps, {plan['n']} examples, {tc.curriculum.order.value} by "
                         f"{tc.curriculum.difficulty.value}, pacing {tc.curriculum.pacing.value}")
-    for column in ("stage", "steps", "teacher", "pool size", "difficulty"):
+    share = tc.distill.on_policy
+    for column in ("stage", "steps", "teacher", "pool size", "difficulty", *(["on-policy"] if share > 0 else [])):
         table.add_column(column, justify="right")
     for r in stage_rows(plan):
         teacher = plan["teachers"][r["teacher"]] if r["teacher"] is not None else "- (gold)"
         difficulty = ("computed at train time" if scored_at_train_time
                       else f"{r['difficulty'][0]:g} .. {r['difficulty'][1]:g}" if r["difficulty"] else "-")
+        examples = (r["last"] - r["first"] + 1) * tc.trainer.batch_size
+        own = [f"{r['on_policy']}/{examples} ({r['on_policy'] / examples:.0%})"] if share > 0 else []
         table.add_row(str(r["stage"]), f"{r['first']}-{r['last']}", teacher, f"{r['pool'][0]} -> {r['pool'][1]}",
-                      difficulty)
+                      difficulty, *own)
     return table
 
 
@@ -147,6 +154,11 @@ def run_plan(cfg: DictConfig, run_dir: Path, console: Console | None = None) -> 
         kept = f"top-{tc.distill.top_k}" if tc.distill.top_k else "every row"
         console.print(f"teacher outputs: stored, {kept} (built first when not in {tc.teachers.cache_dir}/outputs) for "
                       f"{', '.join(tc.teachers.ladder[i].name for i in distilling_teachers(tc))}", soft_wrap=True)
+    if tc.distill.on_policy > 0:
+        g = tc.distill.generation
+        console.print(f"on-policy: each example is the student's own sample with probability {tc.distill.on_policy} "
+                      f"(up to {g.max_new_tokens} tokens, temperature {g.temperature}, top_p {g.top_p}), scored by the "
+                      f"stage's teacher; cross-entropy on the gold rest", soft_wrap=True)
     console.print(f"plan.json and plan.png in {run_dir}", soft_wrap=True)
     return plan
 

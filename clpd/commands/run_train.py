@@ -13,6 +13,7 @@ import copy
 import functools
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -31,14 +32,15 @@ from clpd.curriculum.scorers import compute_scores, given_difficulty, is_curricu
 from clpd.curriculum.stages import stage_starts
 from clpd.training.distributed import alone, barrier, device_for, main_first, ranks
 from clpd.data import load_problems
-from clpd.data.batching import packing_is_exact, read_token_count
+from clpd.data.batching import packing_is_exact, prompt_length, read_token_count
 from clpd.data.prompts import encode_problems
 from clpd.errors import ClpdError
-from clpd.evaluation.evaluate import evaluate, evaluate_checkpoint, evaluate_into
+from clpd.evaluation.evaluate import evaluate, evaluate_checkpoint, evaluate_into, sample_answers
 from clpd.files import fingerprint, write_json
 from clpd.teachers.ladder import Ladder, build_ladder, distilling_teachers, ladder_needed, ladder_table
 from clpd.training.batches import Batches
 from clpd.training.log import Outputs
+from clpd.training.on_policy import OnPolicy
 from clpd.training.step import Supervision
 from clpd.training.state import TrainResult, TrainState
 from clpd.training.loop import train
@@ -116,8 +118,12 @@ def load_data(run: Run) -> Data:
     data = Data(*encode_problems(problems, run.tokenizer, tc.benchmark.chat_template, tc.trainer.max_length,
                                  tc.trainer.overlong.value))
     budget, longest = tc.trainer.micro_batch_tokens, max(read_token_count([e]) for e in data.examples)
+    what = "training example"
+    if tc.distill.on_policy > 0:  # a sample: a prompt and up to max_new_tokens answer tokens
+        sample = max(prompt_length(e) for e in data.examples) + tc.distill.generation.max_new_tokens - 1
+        what, longest = ("training example", longest) if longest >= sample else ("possible sample", sample)
     if budget is not None and budget < longest:
-        raise ClpdError(f"trainer.micro_batch_tokens={budget} is smaller than the longest training example ({longest} "
+        raise ClpdError(f"trainer.micro_batch_tokens={budget} is smaller than the longest {what} ({longest} "
                         f"tokens); allowed: >= {longest}, or null (grad_accum micro-batches)")
     return data
 
@@ -174,7 +180,15 @@ def build_supervision(run: Run, ladder: Ladder, data: Data) -> Supervision:
         teachers = StorePool(ladder.specs, main_first(lambda: stored_outputs(run, ladder, data)))
     else:
         teachers = TeacherPool(ladder.specs, run.tokenizer, device=run.device, dtype=teacher_dtype(run.autocast_dtype))
-    return Supervision(loss_fn, teachers, make_schedule(tc.teachers, stage_starts(tc, len(data.examples))))
+    schedule = make_schedule(tc.teachers, stage_starts(tc, len(data.examples)))
+    if d.on_policy == 0:
+        return Supervision(loss_fn, teachers, schedule)
+    g, tok = d.generation, run.tokenizer
+    autocast = torch.autocast(run.device.type, dtype=run.autocast_dtype) if run.autocast_dtype else nullcontext()
+    sample = functools.partial(sample_answers, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, autocast=autocast,
+                               max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p)
+    return Supervision(loss_fn, teachers, schedule, on_policy=OnPolicy(d.on_policy, tc.seed, sample, tok.eos_token_id),
+                       sampled_loss_fn=functools.partial(loss_fn, gold=False))
 
 
 def stored_outputs(run: Run, ladder: Ladder, data: Data) -> Dict[int, TeacherStore]:
@@ -339,7 +353,8 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
                                 force=tc.trainer.resume_force) if resume_from else None
         saves: List[dict] = []
         batches = Batches(data.examples, sampler, run.tokenizer.pad_token_id, packed=packed,
-                          micro_batch_tokens=tc.trainer.micro_batch_tokens)
+                          micro_batch_tokens=tc.trainer.micro_batch_tokens,
+                          choose=supervision.on_policy.choose if supervision.on_policy else None)
         result = train(student.model, batches, tc.trainer, supervision, outputs(run, student, manifest, saves),
                        device=run.device, autocast_dtype=run.autocast_dtype, resume=resume)
         if supervision.teachers is not None:

@@ -128,6 +128,20 @@ class CurriculumConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """How the student samples its own answers for on-policy distillation (``distill.on_policy``)."""
+
+    max_new_tokens: int = 128  # a sample ends at eos or here (then it is kept to this length and counted as unfinished)
+    temperature: float = 1.0  # the student's sampling temperature (GKD and TRL sample at 1.0)
+    top_p: float = 1.0  # nucleus sampling; 1.0 keeps the whole distribution
+
+    def problems(self, p: Problems) -> None:
+        p.check(self.max_new_tokens >= 1, f"distill.generation.max_new_tokens={self.max_new_tokens} must be >= 1")
+        p.check(self.temperature > 0, f"distill.generation.temperature={self.temperature} must be > 0")
+        p.check(0.0 < self.top_p <= 1.0, f"distill.generation.top_p={self.top_p} must be in (0, 1]")
+
+
+@dataclass
 class DistillConfig:
     """The token-level loss. ``sft``: cross-entropy on the gold solution tokens."""
 
@@ -150,9 +164,16 @@ class DistillConfig:
     # vocabulary row, which gives exactly the live loss (and a store as large as full logits).
     top_k: Optional[int] = 32
     store_batch_size: int = 64  # examples per teacher forward while a store is built
+    # On-policy distillation (GKD's lambda): this share of each step's examples is answered by the
+    # student's own samples, which the active teacher scores token by token (the divergence only;
+    # cross-entropy stays on the gold examples). 0: off-policy, on the gold solutions only.
+    on_policy: float = 0.0
+    generation: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self) -> None:
         p = Problems()
+        p.check(0.0 <= self.on_policy <= 1.0, f"distill.on_policy={self.on_policy} must be in [0, 1]")
+        self.generation.problems(p)
         p.check(self.temperature > 0, f"distill.temperature={self.temperature} must be > 0")
         p.check(self.top_k is None or self.top_k >= 1,
                 f"distill.top_k={self.top_k} must be >= 1 (logits kept per answer position), or null for every row")
@@ -258,6 +279,15 @@ class TrainConfig:
                     f"distill.teacher_outputs=stored needs a teacher's loss term: distill.loss={self.distill.loss.value}, "
                     f"alpha={self.distill.alpha} takes none; allowed: a divergence ({', '.join(loss.value for loss in DistillLoss if loss != DistillLoss.sft)}) with "
                     f"alpha < 1, or distill.teacher_outputs=live")
+        d = self.distill
+        if d.on_policy > 0:
+            p.check(d.loss != DistillLoss.sft and d.alpha < 1.0,
+                    f"distill.on_policy={d.on_policy} trains on the student's samples through a teacher's loss term: "
+                    f"distill.loss={d.loss.value}, alpha={d.alpha} takes none; allowed: a divergence with alpha < 1, "
+                    f"or distill.on_policy=0")
+            p.check(d.teacher_outputs == TeacherOutputs.live,
+                    f"distill.on_policy={d.on_policy} needs distill.teacher_outputs=live: stored teacher outputs cover "
+                    f"the gold solutions only, and the teacher must score the student's own samples")
         names = [t.name for t in self.teachers.ladder]
         c = self.curriculum
         uses_teacher = c.difficulty == Difficulty.teacher_loss or (

@@ -55,6 +55,19 @@ def answer_mask(targets: torch.Tensor) -> torch.Tensor:
     return targets != IGNORE_INDEX
 
 
+def prompt_length(example: dict) -> int:
+    """The tokens of an encoded example before its answer (its leading -100 labels)."""
+    labels = example["labels"]
+    return next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+
+
+def with_answer(example: dict, answer: Sequence[int]) -> dict:
+    """``example``'s prompt followed by another ``answer`` (a sample's token ids), encoded like it:
+    the loss is taken on the answer's tokens only."""
+    n = prompt_length(example)
+    return {**example, "input_ids": [*example["input_ids"][:n], *answer], "labels": [IGNORE_INDEX] * n + list(answer)}
+
+
 def read_token_count(examples: Sequence[dict]) -> int:
     """The tokens the student reads that predict a next token: ``len - 1`` per example, in either
     layout (padding, and the last token of an example, predict nothing)."""

@@ -24,7 +24,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from clpd.config.enums import Device, Precision
 from clpd.config.model import ModelConfig, StudentConfig
@@ -70,12 +70,8 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
         bar = progress.add_task("eval", total=len(prompts))
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            width = max(len(prompts[i]) for i in rows)
-            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):
-                ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
-                mask[r, width - len(prompts[i]):] = 1
+            ids, mask = left_padded([prompts[i] for i in rows], pad_id)
+            width = ids.shape[1]
             processor = CalculatorProcessor(tokenizer, len(rows)) if calculator else None
             with autocast:
                 generated = model.generate(
@@ -94,6 +90,35 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
                 done = min(start + batch_size, len(order))
                 console.print(f"eval {done}/{len(order)}  {time.perf_counter() - started:.0f}s", soft_wrap=True)
     return outputs, new_tokens, calls
+
+
+def left_padded(prompts: Sequence[List[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of ``prompts`` as one batch padded on the left, so that every
+    row's continuation starts at the same column."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, prompt in enumerate(prompts):
+        ids[r, width - len(prompt):] = torch.tensor(prompt)
+        mask[r, width - len(prompt):] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def sample_answers(model: PreTrainedModel, prompts: Sequence[List[int]], *, eos_id: int, pad_id: int,
+                   max_new_tokens: int, temperature: float, top_p: float, autocast=nullcontext()) -> List[List[int]]:
+    """A model's sampled answers to tokenized ``prompts``, in one batch with the KV cache (the
+    generator of :func:`generate`, sampling): the token ids of each, up to and with its eos, or
+    ``max_new_tokens`` of them when it never ended. Pure temperature and nucleus sampling (no top-k,
+    none of the model's own generation settings), from the global torch RNG: the caller seeds it."""
+    device = next(model.parameters()).device
+    ids, mask = left_padded(prompts, pad_id)
+    settings = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                                max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True)
+    with autocast:
+        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=settings)
+    rows = generated[:, ids.shape[1]:].tolist()
+    return [row[:answer_length(row, {eos_id})] for row in rows]
 
 
 def answer_length(ids: Sequence[int], ends: set) -> int:

@@ -24,7 +24,7 @@ class LossTerms(NamedTuple):
 def distill_loss(student_logits: torch.Tensor, teacher_logits: Optional[Union[torch.Tensor, TopK]],
                  targets: torch.Tensor, *,
                  loss: str, alpha: float, temperature: float = 1.0, beta: float = 0.5, lam: float = 0.1,
-                 chunk_size: int = 256, vocab_size: Optional[int] = None) -> LossTerms:
+                 chunk_size: int = 256, vocab_size: Optional[int] = None, gold: bool = True) -> LossTerms:
     """The loop's loss, summed over answer tokens, with its terms.
 
     ``loss == "sft"``: cross-entropy on the gold tokens; ``teacher_logits`` and the KD knobs are
@@ -37,6 +37,10 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: Optional[Union[to
     ``teacher_logits`` is dense ``[B, T, V']`` logits (KD by :func:`kd_loss_sum`) or a stored
     :class:`TopK` of the answer rows (KD by :func:`sparse_kd_loss_sum`, over the first
     ``vocab_size`` rows, all of the student's when None: set it to the width the TopK was built with).
+
+    ``gold=False``: ``targets`` are the student's own sampled tokens (on-policy), on which no
+    cross-entropy is taken: the total is ``(1 - alpha) * KD`` alone, the same divergence code fed
+    other targets, weighed as it is on gold tokens.
     """
     if loss not in LOSS_NAMES:
         raise ValueError(f"unknown loss {loss!r}; expected one of: {', '.join(LOSS_NAMES)}")
@@ -46,17 +50,21 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: Optional[Union[to
     problems = _kd_problems(loss, temperature, beta, lam, chunk_size, vocab_size)
     if not 0.0 <= alpha <= 1.0:
         problems.append(f"alpha must be in [0, 1], got {alpha}")
+    if not gold and alpha >= 1.0:
+        problems.append(f"sampled targets (gold=False) take the KD term only, which alpha {alpha} leaves out")
     if teacher_logits is None and alpha < 1.0:
         problems.append(f"loss {loss!r} with alpha {alpha} needs teacher_logits")
     _raise_if(problems)
 
-    ce = cross_entropy_sum(student_logits, targets) if alpha > 0.0 else None
+    ce = cross_entropy_sum(student_logits, targets) if alpha > 0.0 and gold else None
     kd = None
     if alpha < 1.0:
         kd_sum = sparse_kd_loss_sum if isinstance(teacher_logits, TopK) else kd_loss_sum
         kd = kd_sum(student_logits, teacher_logits, targets, divergence=loss, temperature=temperature, beta=beta,
                     lam=lam, chunk_size=chunk_size, vocab_size=vocab_size)
-    if kd is None:
+    if not gold:
+        total = (1.0 - alpha) * kd
+    elif kd is None:
         total = alpha * ce
     elif ce is None:
         total = (1.0 - alpha) * kd

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from clpd.config.schema import TrainerConfig
 from clpd.errors import ClpdError
 from clpd.progress import plain_lines, progress_bar
+from clpd.training.on_policy import SampleStats
 from clpd.training.state import TrainState
 from clpd.training.step import StepResult
 
@@ -38,7 +39,7 @@ class TrainLog:
 
     COLUMNS = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    BOARD_KEYS = ("loss", "ce", "kd", "lr", "grad_norm", "tokens_per_s", "positions_per_s", "tokens_seen", "pool")
+    BOARD_KEYS = ("loss", "ce", "kd", "kd_sampled", "sampled_tokens", "sample_length_mean", "lr", "grad_norm", "tokens_per_s", "positions_per_s", "tokens_seen", "pool")
 
     def __init__(self, cfg: TrainerConfig, outputs: Outputs, state: TrainState) -> None:
         self.cfg, self.console, self.path = cfg, outputs.console, outputs.metrics_path
@@ -77,7 +78,7 @@ class TrainLog:
         self.console.print(message, soft_wrap=True)
 
     def step(self, state: TrainState, result: StepResult, *, lr: float, at: int, pool: dict, teacher: Optional[str],
-             elapsed_s: float) -> dict:
+             elapsed_s: float, samples: Optional[SampleStats] = None) -> dict:
         """Log optimizer step ``state.step`` (just done): a metrics line, the progress line, tensorboard."""
         now = time.perf_counter()
         loss = result.loss
@@ -88,7 +89,7 @@ class TrainLog:
                   "tokens_per_s": round(self.window_tokens / max(now - self.window_start, 1e-9), 1),
                   "positions_per_s": round(self.window_positions / max(now - self.window_start, 1e-9), 1),
                   "elapsed_s": round(elapsed_s, 3), **pool, **({"schedule_step": at} if self.budget else {}),
-                  "teacher": teacher}
+                  "teacher": teacher, **(samples.record() if samples is not None else {})}
         self.write(record)
         self.history.append(record)
         if self.board is not None:
@@ -97,8 +98,10 @@ class TrainLog:
                     self.board.add_scalar(f"train/{key}", record[key], state.step)
         self.window_tokens, self.window_positions, self.window_start = 0, 0, now
         stats = f"loss {loss:.4f}"
-        if result.terms:
+        if "ce" in result.terms:
             stats += f" (ce {record['ce']:.4f} kd {record['kd']:.4f})"
+        if samples is not None and samples.samples:
+            stats += f"  sampled kd {record['kd_sampled']:.4f}, {samples.samples / max(samples.seconds, 1e-9):.1f} samples/s"
         stats += f"  lr {lr:.2e}  {record['tokens_per_s']:,.0f} tok/s  pool {pool['pool']}"
         if "difficulty" in pool:
             stats += f" [{pool['difficulty'][0]:g}..{pool['difficulty'][1]:g}]"

@@ -21,12 +21,13 @@ import torch
 from clpd.config.schema import TrainerConfig
 from clpd.training.distributed import all_reduce_max, ranks
 from clpd.errors import ClpdError, Interrupted
-from clpd.training.batches import Batches
+from clpd.training.batches import Batches, StepBatch
 from clpd.training.log import Outputs, TrainLog
+from clpd.training.on_policy import SampleStats
 from clpd.training.schedule import finished, lr_at, schedule_step
 from clpd.training.signals import PREEMPT_SIGNAL, StopSignals
 from clpd.training.state import TrainResult, TrainState, rng_state, set_rng_state
-from clpd.training.step import Supervision, build_optimizer, optimizer_step
+from clpd.training.step import StepResult, Supervision, build_optimizer, optimizer_step
 
 
 
@@ -85,11 +86,10 @@ def train(model: torch.nn.Module, batches: Batches, cfg: TrainerConfig, supervis
             lr = lr_at(at, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = batches.step(state.step, at, cfg.batch_size // cfg.grad_accum)
+            batch, samples = draw_batch(batches, supervision, model, state.step, at, cfg.batch_size // cfg.grad_accum)
             # The teacher is not kept in a variable of the loop: a switch must free the old one before it loads the next.
-            result = optimizer_step(trained, optimizer, scaler, batch.micro_batches, answer_tokens=batch.answer_tokens,
-                                    loss_fn=supervision.loss_fn, autocast=autocast, grad_clip=cfg.grad_clip,
-                                    teacher=switch_teacher(supervision, at, state, log) if teachers is not None else None)
+            result = step_on(trained, optimizer, scaler, batch, supervision, autocast, cfg.grad_clip,
+                             teacher=switch_teacher(supervision, at, state, log) if teachers is not None else None)
             if not result.applied:
                 event = refuse_nonfinite(cfg, state, result.loss, batch.examples)
                 log.event(event, f"step {state.step + 1}: loss {result.loss}, step skipped ({state.skipped_steps} so far)")
@@ -101,7 +101,7 @@ def train(model: torch.nn.Module, batches: Batches, cfg: TrainerConfig, supervis
 
             if state.step % cfg.log_every == 0 or last:
                 final_loss = result.loss
-                log.step(state, result, lr=lr, at=at, pool=batches.sampler.describe(at),
+                log.step(state, result, lr=lr, at=at, pool=batches.sampler.describe(at), samples=samples,
                          teacher=teachers.name(teachers.active_index) if teachers is not None else None,
                          elapsed_s=time_before + time.perf_counter() - start)
             if outputs.evaluate is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
@@ -118,6 +118,26 @@ def train(model: torch.nn.Module, batches: Batches, cfg: TrainerConfig, supervis
                                             f"{where}", resumable=outputs.save is not None,
                                   hand_on=PREEMPT_SIGNAL if stop.preempted else None)
     return TrainResult(snapshot(), final_loss, log.history)
+
+
+def draw_batch(batches: Batches, supervision: Supervision, model: torch.nn.Module, step: int, at: int,
+               micro_size: int) -> tuple[StepBatch, Optional[SampleStats]]:
+    """Optimizer step ``step``'s batch (pool of schedule step ``at``); on-policy, with the share the
+    student answers itself sampled now, from the weights the step starts from."""
+    batch = batches.step(step, at, micro_size)
+    if supervision.on_policy is None:
+        return batch, None
+    answers, samples = supervision.on_policy.answer(model, batch.to_answer, step)
+    return batches.answered(batch, answers, micro_size), samples
+
+
+def step_on(model: torch.nn.Module, optimizer, scaler, batch: StepBatch, supervision: Supervision, autocast,
+            grad_clip: float, teacher) -> StepResult:
+    """One optimizer step on ``batch``: its gold micro-batches, then the student's own samples."""
+    return optimizer_step(model, optimizer, scaler, batch.micro_batches, answer_tokens=batch.answer_tokens,
+                          loss_fn=supervision.loss_fn, autocast=autocast, grad_clip=grad_clip, teacher=teacher,
+                          sampled=batch.sampled, sampled_tokens=batch.sampled_tokens,
+                          sampled_loss_fn=supervision.sampled_loss_fn)
 
 
 def wrap_ranks(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

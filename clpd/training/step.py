@@ -18,6 +18,7 @@ import torch
 from clpd.config.schema import TrainerConfig
 from clpd.data.batching import answer_mask
 from clpd.training.distributed import all_reduce_sum, ranks
+from clpd.training.on_policy import OnPolicy
 from clpd.losses.distill import LossTerms
 from clpd.losses.sparse import TopK
 from clpd.losses.chunks import cross_entropy_sum
@@ -80,7 +81,9 @@ class StepResult:
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                    micro_batches: Sequence[Dict[str, torch.Tensor]], *, answer_tokens: int, loss_fn: LossFn,
-                   teacher: Optional[Teacher], autocast, grad_clip: float) -> StepResult:
+                   teacher: Optional[Teacher], autocast, grad_clip: float,
+                   sampled: Sequence[Dict[str, torch.Tensor]] = (), sampled_tokens: int = 0,
+                   sampled_loss_fn: Optional[LossFn] = None) -> StepResult:
     """Accumulate the gradients of ``micro_batches`` (one step's batch, or this rank's share of
     it) and update the weights.
 
@@ -88,12 +91,18 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sca
     step over all ranks, so two micro-batches give the update of one batch of the same examples,
     and N ranks the update of one process. A non-finite loss never reaches the weights: the step is
     then not applied on any rank (the caller decides what that means).
+
+    ``sampled``: micro-batches of the student's own answers (on-policy), ``sampled_tokens`` of the
+    step's answer tokens, taken by ``sampled_loss_fn`` (the divergence alone). Their term is logged
+    as ``kd_sampled``, per sampled token; ``ce`` and ``kd`` are per gold answer token.
     """
     world = ranks().world_size
     device = next(model.parameters()).device
     step_loss = torch.zeros((), device=device)
     terms: Dict[str, torch.Tensor] = {}
-    for i, mb in enumerate(micro_batches):
+    gold_tokens = max(answer_tokens - sampled_tokens, 1)
+    parts_of = [(mb, loss_fn, False) for mb in micro_batches] + [(mb, sampled_loss_fn, True) for mb in sampled]
+    for i, (mb, loss_of, own) in enumerate(parts_of):
         mb = dict(mb)
         examples = mb.pop("index", None)  # indices into the training set: where stored teacher outputs are found
         mb = {k: v.to(device) for k, v in mb.items()}
@@ -105,20 +114,22 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sca
         mb["logits_to_keep"], mb["use_cache"] = keep, False  # no cache: packed rows' bounds come from position_ids
         teacher_logits = None if teacher is None else teacher.logits(mb, examples, autocast)
         # DDP all-reduces gradients in the backward of the last micro-batch only.
-        sync = model.no_sync() if world > 1 and i < len(micro_batches) - 1 else nullcontext()
+        sync = model.no_sync() if world > 1 and i < len(parts_of) - 1 else nullcontext()
         with sync:
             with autocast:
                 logits = model(**mb).logits
-            parts = loss_fn(logits, teacher_logits, targets)
+            parts = loss_of(logits, teacher_logits, targets)
             loss = parts.total / max(answer_tokens, 1)
             # Free both models' logits before backward: they are the largest activations, and
             # keeping them would raise the backward's peak memory.
             del logits, teacher_logits
             scaler.scale(loss * world).backward()  # DDP averages over ranks; the loss is a sum over them
         step_loss += loss.detach()  # stays on the device: .item() here would sync every micro-batch
-        if parts.ce is not None and parts.kd is not None:  # both terms of a mixed loss: logged apart
+        if own:
+            terms["kd_sampled"] = terms.get("kd_sampled", 0.0) + parts.kd.detach() / max(sampled_tokens, 1)
+        elif parts.ce is not None and parts.kd is not None:  # both terms of a mixed loss: logged apart
             for name in ("ce", "kd"):
-                terms[name] = terms.get(name, 0.0) + getattr(parts, name).detach() / max(answer_tokens, 1)
+                terms[name] = terms.get(name, 0.0) + getattr(parts, name).detach() / gold_tokens
 
     # One sync per optimizer step, before the update (under fp16 the scaler skips inf *gradients*
     # by itself; this is the loss): the sum over ranks, so that all of them step or none.
@@ -138,7 +149,10 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sca
 @dataclass
 class Supervision:
     """What the student learns from: ``loss_fn(student_logits, teacher_logits or None, targets)``,
-    and for distillation the teachers with ``schedule(schedule_step)`` naming each step's teacher."""
+    and for distillation the teachers with ``schedule(schedule_step)`` naming each step's teacher;
+    on-policy, also the student's own answers (``on_policy``) and their loss (``sampled_loss_fn``)."""
     loss_fn: LossFn = sft_loss
     teachers: Optional[Teachers] = None
     schedule: Optional[Callable[[int], int]] = None
+    on_policy: Optional[OnPolicy] = None
+    sampled_loss_fn: Optional[LossFn] = None
