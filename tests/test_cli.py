@@ -20,6 +20,15 @@ def clpd(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> 
                           env={**os.environ, **(env or {})})
 
 
+def started(*command: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(list(command), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finished(process: subprocess.Popen, timeout: int = 300) -> subprocess.CompletedProcess:
+    out, err = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
 def test_help_lists_every_command_with_one_line_each(tmp_path):
     out = clpd("--help", cwd=tmp_path)
     assert out.returncode == 0
@@ -101,8 +110,17 @@ def test_train_then_eval_through_the_cli_and_load_the_checkpoint_with_plain_tran
     assert (final / "clpd_config.yaml").exists() and json.loads((run / "status.json").read_text())["status"] == "ok"
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3  # log_every=1, 3 steps
 
-    out = clpd("eval", f"checkpoint={final}", "benchmark.test_size=16", "benchmark.max_steps=2",
-               "max_new_tokens=8", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    # Three independent commands on the checkpoint, started together: eval, plain transformers, a rerun.
+    evaluation = started(CLPD, "eval", f"checkpoint={final}", "benchmark.test_size=16", "benchmark.max_steps=2",
+                         "max_new_tokens=8", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    code = ("import sys; sys.modules['clpd'] = None\n"
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f"tok = AutoTokenizer.from_pretrained({str(final)!r}); model = AutoModelForCausalLM.from_pretrained({str(final)!r})\n"
+            "print(type(model).__name__, len(tok))")
+    loaded = started(sys.executable, "-c", code, cwd=tmp_path)
+    again = started(CLPD, "train", "+experiment=arith_sft", *TINY_OVERRIDES, f"hydra.run.dir={run}", cwd=tmp_path)
+    out, loaded, again = (finished(p) for p in (evaluation, loaded, again))
+
     assert out.returncode == 0, out.stderr
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["n"] == 16 and {"accuracy_strict", "accuracy_flexible", "by_difficulty"} <= set(metrics)
@@ -110,15 +128,8 @@ def test_train_then_eval_through_the_cli_and_load_the_checkpoint_with_plain_tran
     assert len(predictions) == 16
     assert {"id", "question", "gold", "output", "extracted_strict", "extracted_flexible", "correct_strict"} <= set(predictions[0])
 
-    code = ("import sys; sys.modules['clpd'] = None\n"
-            "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-            f"tok = AutoTokenizer.from_pretrained({str(final)!r}); model = AutoModelForCausalLM.from_pretrained({str(final)!r})\n"
-            "print(type(model).__name__, len(tok))")
-    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.split() == ["LlamaForCausalLM", "100"]
-
-    again = clpd("train", "+experiment=arith_sft", *TINY_OVERRIDES, f"hydra.run.dir={run}", cwd=tmp_path)
     assert again.returncode == 1 and "already holds a finished run" in again.stderr
 
 
