@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from clpd.config.enums import Difficulty, DistillLoss, TeacherOutputs
+from clpd.config.enums import Difficulty, DistillLoss, Keep, Targets, TeacherOutputs
 from clpd.config.schema import TrainConfig, register_configs, to_object
 from clpd.curriculum.sampler import build_sampler
 from clpd.curriculum.scorers import compute_scores, given_difficulty, is_curriculum, needs_model, scorers
@@ -154,6 +154,13 @@ def run_plan(cfg: DictConfig, run_dir: Path, console: Console | None = None) -> 
         kept = f"top-{tc.distill.top_k}" if tc.distill.top_k else "every row"
         console.print(f"teacher outputs: stored, {kept} (built first when not in {tc.teachers.cache_dir}/outputs) for "
                       f"{', '.join(tc.teachers.ladder[i].name for i in distilling_teachers(tc))}", soft_wrap=True)
+    if tc.distill.targets == Targets.teacher:
+        d, g = tc.distill, tc.distill.teacher_generation
+        kept = "those with the gold answer" if d.keep == Keep.correct else "all of them"
+        console.print(f"targets: solutions written by {', '.join(tc.teachers.ladder[i].name for i in distilling_teachers(tc))} "
+                      f"({d.teacher_samples} per prompt, up to {g.max_new_tokens} tokens, "
+                      f"{'greedy' if g.temperature == 0 else f'temperature {g.temperature}, top_p {g.top_p}'}; kept: {kept}), "
+                      f"each stage on its teacher's", soft_wrap=True)
     if tc.distill.on_policy > 0:
         g = tc.distill.generation
         console.print(f"on-policy: each example is the student's own sample with probability {tc.distill.on_policy} "

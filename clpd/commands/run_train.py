@@ -10,10 +10,8 @@ schedule), order and pace the data (the curriculum's sampler), resume if asked, 
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -24,35 +22,31 @@ from rich.console import Console
 from transformers import PreTrainedTokenizerBase
 
 from clpd.training.checkpoint import FINAL, make_manifest, prune_checkpoints, step_name, write_checkpoint
-from clpd.config.enums import Difficulty, DistillLoss, TeacherOutputs
+from clpd.config.enums import Difficulty, Targets, TeacherOutputs
 from clpd.config.schema import TrainConfig, to_object
 from clpd.curriculum.sampler import Sampler, build_sampler
 from clpd.curriculum.score_cache import load_scores, save_scores
-from clpd.curriculum.scorers import compute_scores, given_difficulty, is_curriculum, needs_model, per_example_loss
-from clpd.curriculum.stages import stage_starts
+from clpd.curriculum.scorers import compute_scores, given_difficulty, is_curriculum, needs_model, per_example_loss, scorers
 from clpd.training.distributed import alone, barrier, device_for, main_first, ranks
 from clpd.data import load_problems
 from clpd.data.batching import packing_is_exact, prompt_length, read_token_count
 from clpd.data.prompts import encode_problems
 from clpd.errors import ClpdError
-from clpd.evaluation.evaluate import evaluate, evaluate_checkpoint, evaluate_into, sample_answers
-from clpd.files import fingerprint, write_json
-from clpd.teachers.ladder import Ladder, build_ladder, distilling_teachers, ladder_needed, ladder_table
+from clpd.evaluation.evaluate import evaluate, evaluate_checkpoint, evaluate_into
+from clpd.files import fingerprint, plain_json, write_json
+from clpd.teachers.ladder import Ladder, build_ladder, ladder_needed, ladder_table
 from clpd.training.batches import Batches
 from clpd.training.log import Outputs
-from clpd.training.on_policy import OnPolicy
-from clpd.training.step import Supervision
 from clpd.training.state import TrainResult, TrainState
 from clpd.training.loop import train
-from clpd.losses.distill import distill_loss
 from clpd.models.load import apply_lora, count_parameters, load_model, load_tokenizer, resolve_device, resolve_precision
 from clpd.preflight import check_train
 from clpd.training.resume import finished_run, resume_source, resume_student
 from clpd.environment import environment
 from clpd.commands.job import recorded_status
-from clpd.teachers.store import StorePool, TeacherStore, describe, prepare_stores
-from clpd.teachers.live import TeacherPool, teacher_dtype
-from clpd.teachers.schedule import make_schedule
+from clpd.teachers.store import describe
+from clpd.teachers.live import teacher_dtype
+from clpd.commands.supervision import build_supervision, solutions_of, stored_outputs, teacher_outputs_summary, teacher_targets
 
 log = logging.getLogger("clpd.commands.run_train")
 
@@ -118,9 +112,12 @@ def load_data(run: Run) -> Data:
     data = Data(*encode_problems(problems, run.tokenizer, tc.benchmark.chat_template, tc.trainer.max_length,
                                  tc.trainer.overlong.value))
     budget, longest = tc.trainer.micro_batch_tokens, max(read_token_count([e]) for e in data.examples)
-    what = "training example"
-    if tc.distill.on_policy > 0:  # a sample: a prompt and up to max_new_tokens answer tokens
-        sample = max(prompt_length(e) for e in data.examples) + tc.distill.generation.max_new_tokens - 1
+    what, d = "training example", tc.distill
+    # a sample (the student's, or a teacher's solution): a prompt and up to max_new_tokens answer tokens
+    new_tokens = max(d.generation.max_new_tokens if d.on_policy > 0 else 0,
+                     d.teacher_generation.max_new_tokens if d.targets == Targets.teacher else 0)
+    if new_tokens:
+        sample = max(prompt_length(e) for e in data.examples) + new_tokens - 1
         what, longest = ("training example", longest) if longest >= sample else ("possible sample", sample)
     if budget is not None and budget < longest:
         raise ClpdError(f"trainer.micro_batch_tokens={budget} is smaller than the longest {what} ({longest} "
@@ -166,49 +163,14 @@ def build_student(run: Run, ladder: Ladder) -> Student:
     return Student(model, scratch_base)
 
 
-def build_supervision(run: Run, ladder: Ladder, data: Data) -> Supervision:
-    """Gold solutions (SFT), or a divergence to the teachers of the schedule: their live forward,
-    or their stored top-k outputs (built first where missing)."""
-    tc = run.tc
-    if tc.distill.loss == DistillLoss.sft:
-        return Supervision()
-    d = tc.distill
-    # Only the rows that the tokenizer, the student and every teacher share are compared.
-    loss_fn = functools.partial(distill_loss, loss=d.loss.value, alpha=d.alpha, temperature=d.temperature, beta=d.beta,
-                                lam=d.skew_lambda, chunk_size=d.chunk_size, vocab_size=len(run.tokenizer))
-    if d.teacher_outputs == TeacherOutputs.stored:
-        teachers = StorePool(ladder.specs, main_first(lambda: stored_outputs(run, ladder, data)))
-    else:
-        teachers = TeacherPool(ladder.specs, run.tokenizer, device=run.device, dtype=teacher_dtype(run.autocast_dtype))
-    schedule = make_schedule(tc.teachers, stage_starts(tc, len(data.examples)))
-    if d.on_policy == 0:
-        return Supervision(loss_fn, teachers, schedule)
-    g, tok = d.generation, run.tokenizer
-    autocast = torch.autocast(run.device.type, dtype=run.autocast_dtype) if run.autocast_dtype else nullcontext()
-    sample = functools.partial(sample_answers, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, autocast=autocast,
-                               max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p)
-    return Supervision(loss_fn, teachers, schedule, on_policy=OnPolicy(d.on_policy, tc.seed, sample, tok.eos_token_id),
-                       sampled_loss_fn=functools.partial(loss_fn, gold=False))
 
 
-def stored_outputs(run: Run, ladder: Ladder, data: Data) -> Dict[int, TeacherStore]:
-    """The stores of the teachers the schedule uses (all rungs with teachers.build_only), built where missing."""
-    tc = run.tc
-    used = range(len(ladder.specs)) if tc.teachers.build_only else distilling_teachers(tc)
-    return prepare_stores(ladder.specs, list(used), data.examples, cache_dir=tc.teachers.cache_dir, top_k=tc.distill.top_k,
-                          max_length=tc.trainer.max_length, tokenizer=run.tokenizer, batch_size=tc.distill.store_batch_size,
-                          device=run.device, dtype=teacher_dtype(run.autocast_dtype), autocast_dtype=run.autocast_dtype,
-                          console=run.console)
 
 
-def teacher_outputs_summary(run: Run, supervision: Supervision) -> dict:
-    """Where the run's teacher logits came from, for summary.json and clpd report."""
-    if supervision.teachers is None:
-        return {"source": None}
-    if isinstance(supervision.teachers, StorePool):
-        return {"source": "stored", "top_k": run.tc.distill.top_k or len(run.tokenizer),
-                "stores": describe(supervision.teachers.stores, supervision.teachers.specs)}
-    return {"source": "live"}
+
+
+
+
 
 
 def curriculum_sampler(run: Run, data: Data, student: torch.nn.Module, ladder: Ladder,
@@ -224,7 +186,9 @@ def curriculum_sampler(run: Run, data: Data, student: torch.nn.Module, ladder: L
     if is_curriculum(c) or not needs_model(c) or given_difficulty(data.problems) is not None:  # model scores only when the order depends on them
         meta = {"difficulty": c.difficulty.value, "rrf_scorers": [s.value for s in c.rrf_scorers],
                 "teacher": c.teacher, "student": tc.student.path or tc.student.name, "seed": tc.seed,
-                "data": fingerprint(examples)}
+                "data": fingerprint(examples),
+                **({"teacher_generation": plain_json(tc.distill.teacher_generation), "teacher_samples": tc.distill.teacher_samples}
+                   if Difficulty.teacher_cot_steps in scorers(c) else {})}
         cache = run.run_dir / "difficulty.json"
         scores = load_scores(cache, meta)
         if scores is None:
@@ -237,8 +201,13 @@ def curriculum_sampler(run: Run, data: Data, student: torch.nn.Module, ladder: L
                 spec = next(t for t in ladder.specs if t.name == c.teacher)
                 return loss_of(load_model(spec, run.tokenizer, dtype=teacher_dtype(run.autocast_dtype)))
 
-            scores = compute_scores(c, data.problems, examples, tc.seed, {Difficulty.student_loss: lambda: loss_of(student),
-                                                                       Difficulty.teacher_loss: teacher_loss})
+            def teacher_cot_steps():  # the reasoning steps of the teacher's own (first) solution
+                index = [t.name for t in ladder.specs].index(c.teacher)
+                return solutions_of(run, ladder, data, [index])[index].steps(n)
+
+            scores = compute_scores(c, data.problems, examples, tc.seed, {
+                Difficulty.student_loss: lambda: loss_of(student), Difficulty.teacher_loss: teacher_loss,
+                Difficulty.teacher_cot_steps: teacher_cot_steps})
             save_scores(cache, scores, meta)
     return build_sampler(tc, scores, n), None if scores is None else [float(x) for x in scores]
 
@@ -346,7 +315,8 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
         supervision = build_supervision(run, ladder, data)
         packed = choose_layout(run, student.model)  # padded or packed micro-batches, for scoring and training
         sampler, scores = main_first(lambda: curriculum_sampler(run, data, student.model, ladder, packed))  # cached by rank 0
-        in_use = ladder.in_use() if supervision.teachers is not None else []  # the rungs built and loaded
+        targets, written = teacher_targets(run, ladder, data)
+        in_use = ladder.in_use() if supervision.teachers is not None or targets else []  # the rungs built and loaded
         manifest = make_manifest(cfg, teachers=[{"name": t.name, "source": t.path} for t in in_use],
                                  data=fingerprint(data.examples), scores=scores)
         resume = resume_student(resume_from, manifest, student.model, run_dir, console,
@@ -354,11 +324,12 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
         saves: List[dict] = []
         batches = Batches(data.examples, sampler, run.tokenizer.pad_token_id, packed=packed,
                           micro_batch_tokens=tc.trainer.micro_batch_tokens,
-                          choose=supervision.on_policy.choose if supervision.on_policy else None)
+                          choose=supervision.on_policy.choose if supervision.on_policy else None, targets=targets)
         result = train(student.model, batches, tc.trainer, supervision, outputs(run, student, manifest, saves),
                        device=run.device, autocast_dtype=run.autocast_dtype, resume=resume)
         if supervision.teachers is not None:
             supervision.teachers.release()
         summary = finish(run, student, result, ladder, data, manifest, saves, resume and resume.checkpoint,
-                         teacher_outputs_summary(run, supervision))
+                         {**teacher_outputs_summary(run, supervision),
+                          **({"targets": "teacher", "keep": tc.distill.keep.value, "solutions": written} if targets else {})})
     return summary

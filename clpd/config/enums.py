@@ -61,6 +61,16 @@ class TeacherOutputs(str, Enum):
     stored = "stored"  # top-k logits computed once per teacher and training set (clpd/teachers/store.py)
 
 
+class Targets(str, Enum):
+    gold = "gold"  # the benchmark's worked solutions
+    teacher = "teacher"  # solutions the schedule's teacher wrote to the training prompts (sequence-level KD)
+
+
+class Keep(str, Enum):
+    all = "all"  # every teacher-written solution
+    correct = "correct"  # only those whose final answer is the gold answer (rejection sampling)
+
+
 class Schedule(str, Enum):
     strongest = "strongest"  # standard KD: the last (largest) teacher throughout
     weakest = "weakest"
@@ -90,5 +100,6 @@ class Difficulty(str, Enum):
     cot_length = "cot_length"  # answer length in student tokens
     student_loss = "student_loss"  # loss of the initial student, one pass before training
     teacher_loss = "teacher_loss"  # loss of curriculum.teacher (a teacher of the ladder)
+    teacher_cot_steps = "teacher_cot_steps"  # reasoning steps of curriculum.teacher's own solution (CoT-derived)
     rrf = "rrf"  # reciprocal rank fusion of curriculum.rrf_scorers (k = 60, as POCL)
     random = "random"  # a control

@@ -18,8 +18,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from clpd.errors import Problems
-from clpd.config.enums import (BenchmarkName, Device, Difficulty, DistillLoss, LrSchedule, Order, Overlong, Pacing,
-                               Precision, Schedule, TeacherOutputs)
+from clpd.config.enums import (BenchmarkName, Device, Difficulty, DistillLoss, Keep, LrSchedule, Order, Overlong,
+                               Pacing, Precision, Schedule, Targets, TeacherOutputs)
 from clpd.config.benchmark import BenchmarkConfig, FieldsConfig  # noqa: F401 (the schema of every section, in one place)
 from clpd.config.model import ModelConfig, StudentConfig, _check_keep
 from clpd.config.package_paths import resolve_sources
@@ -105,7 +105,7 @@ class CurriculumConfig:
     saturate: float = 0.8  # the fraction of training at which the whole set is available
     root_p: float = 2.0  # pacing=root: the p of the root-p competence function
     num_buckets: int = 4  # pacing=step: equal buckets added cumulatively
-    teacher: Optional[str] = None  # difficulty=teacher_loss: the ladder teacher that scores
+    teacher: Optional[str] = None  # difficulty=teacher_loss or teacher_cot_steps: the ladder teacher that scores
     rrf_scorers: List[Difficulty] = field(default_factory=lambda: [Difficulty.cot_steps, Difficulty.cot_length])
     num_stages: Optional[int] = None  # K; None: the number of teachers (1 without teachers)
     stage_boundaries: Optional[List[float]] = None  # without pacing: where stages 2..K begin (fractions)
@@ -129,16 +129,17 @@ class CurriculumConfig:
 
 @dataclass
 class SamplingConfig:
-    """How the student samples its own answers for on-policy distillation (``distill.on_policy``)."""
+    """How a model samples answers to the training prompts: the student for on-policy distillation
+    (``distill.generation``), the teachers for sequence-level KD (``distill.teacher_generation``)."""
 
     max_new_tokens: int = 128  # a sample ends at eos or here (then it is kept to this length and counted as unfinished)
-    temperature: float = 1.0  # the student's sampling temperature (GKD and TRL sample at 1.0)
+    temperature: float = 1.0  # sampling temperature (GKD and TRL sample at 1.0); 0: greedy
     top_p: float = 1.0  # nucleus sampling; 1.0 keeps the whole distribution
 
-    def problems(self, p: Problems) -> None:
-        p.check(self.max_new_tokens >= 1, f"distill.generation.max_new_tokens={self.max_new_tokens} must be >= 1")
-        p.check(self.temperature > 0, f"distill.generation.temperature={self.temperature} must be > 0")
-        p.check(0.0 < self.top_p <= 1.0, f"distill.generation.top_p={self.top_p} must be in (0, 1]")
+    def problems(self, p: Problems, key: str = "distill.generation") -> None:
+        p.check(self.max_new_tokens >= 1, f"{key}.max_new_tokens={self.max_new_tokens} must be >= 1")
+        p.check(self.temperature >= 0, f"{key}.temperature={self.temperature} must be >= 0 (0: greedy)")
+        p.check(0.0 < self.top_p <= 1.0, f"{key}.top_p={self.top_p} must be in (0, 1]")
 
 
 @dataclass
@@ -169,11 +170,24 @@ class DistillConfig:
     # cross-entropy stays on the gold examples). 0: off-policy, on the gold solutions only.
     on_policy: float = 0.0
     generation: SamplingConfig = field(default_factory=SamplingConfig)
+    # Sequence-level KD: what the student is trained on. gold: the benchmark's solutions; teacher:
+    # solutions each teacher of the schedule wrote once to the training prompts (teacher_samples
+    # per prompt, stored like the teacher outputs), all of them or only those with the gold answer.
+    targets: Targets = Targets.gold
+    teacher_samples: int = 1
+    keep: Keep = Keep.all
+    teacher_generation: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=256, temperature=0.0))
 
     def __post_init__(self) -> None:
         p = Problems()
         p.check(0.0 <= self.on_policy <= 1.0, f"distill.on_policy={self.on_policy} must be in [0, 1]")
         self.generation.problems(p)
+        self.teacher_generation.problems(p, "distill.teacher_generation")
+        p.check(self.teacher_samples >= 1, f"distill.teacher_samples={self.teacher_samples} must be >= 1")
+        p.check(self.teacher_samples == 1 or self.teacher_generation.temperature > 0,
+                f"distill.teacher_samples={self.teacher_samples} with greedy decoding "
+                f"(distill.teacher_generation.temperature=0) writes the same solution each time; allowed: "
+                f"teacher_samples=1, or a temperature > 0")
         p.check(self.temperature > 0, f"distill.temperature={self.temperature} must be > 0")
         p.check(self.top_k is None or self.top_k >= 1,
                 f"distill.top_k={self.top_k} must be >= 1 (logits kept per answer position), or null for every row")
@@ -288,13 +302,19 @@ class TrainConfig:
             p.check(d.teacher_outputs == TeacherOutputs.live,
                     f"distill.on_policy={d.on_policy} needs distill.teacher_outputs=live: stored teacher outputs cover "
                     f"the gold solutions only, and the teacher must score the student's own samples")
+        if d.targets == Targets.teacher:
+            p.check(len(self.teachers.ladder) > 0, "distill.targets=teacher needs a teacher ladder (teachers=none has none)")
+            p.check(d.teacher_outputs == TeacherOutputs.live,
+                    "distill.targets=teacher needs distill.teacher_outputs=live: stored outputs are built on the gold "
+                    "solutions")
         names = [t.name for t in self.teachers.ladder]
         c = self.curriculum
-        uses_teacher = c.difficulty == Difficulty.teacher_loss or (
-            c.difficulty == Difficulty.rrf and Difficulty.teacher_loss in c.rrf_scorers)
+        teacher_scorers = {Difficulty.teacher_loss, Difficulty.teacher_cot_steps}
+        uses_teacher = c.difficulty in teacher_scorers or (
+            c.difficulty == Difficulty.rrf and teacher_scorers & set(c.rrf_scorers))
         if uses_teacher:
             p.check(c.teacher in names,
-                    f"curriculum.teacher={c.teacher} must name a teacher of the ladder for teacher_loss: {names}")
+                    f"curriculum.teacher={c.teacher} must name a teacher of the ladder for {c.difficulty.value}: {names}")
         p.check(not (c.stage_boundaries is not None and self.teachers.boundaries is not None),
                 "set stage boundaries once: curriculum.stage_boundaries or teachers.boundaries, not both")
         s = self.student

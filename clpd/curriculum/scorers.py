@@ -121,7 +121,8 @@ def rrf(score_arrays: Sequence[np.ndarray], k: float = 60.0) -> np.ndarray:
 
 # --- the config's scorers ------------------------------------------------------------------
 
-MODEL_SCORERS = {Difficulty.student_loss, Difficulty.teacher_loss}
+MODEL_SCORERS = {Difficulty.student_loss, Difficulty.teacher_loss, Difficulty.teacher_cot_steps}
+TEACHER_SCORERS = {Difficulty.teacher_loss, Difficulty.teacher_cot_steps}  # need curriculum.teacher
 
 
 def scorers(c: CurriculumConfig) -> list:

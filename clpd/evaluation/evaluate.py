@@ -110,11 +110,13 @@ def sample_answers(model: PreTrainedModel, prompts: Sequence[List[int]], *, eos_
     """A model's sampled answers to tokenized ``prompts``, in one batch with the KV cache (the
     generator of :func:`generate`, sampling): the token ids of each, up to and with its eos, or
     ``max_new_tokens`` of them when it never ended. Pure temperature and nucleus sampling (no top-k,
-    none of the model's own generation settings), from the global torch RNG: the caller seeds it."""
+    none of the model's own generation settings), from the global torch RNG: the caller seeds it;
+    ``temperature=0`` decodes greedily."""
     device = next(model.parameters()).device
     ids, mask = left_padded(prompts, pad_id)
-    settings = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                                max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
+    settings = GenerationConfig(**sampling, max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id,
+                                use_cache=True)
     with autocast:
         generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=settings)
     rows = generated[:, ids.shape[1]:].tolist()

@@ -30,10 +30,10 @@ from rich.table import Table
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from clpd.cache import build_lock, build_once
-from clpd.config.enums import BenchmarkName, Difficulty, DistillLoss
+from clpd.config.enums import BenchmarkName, Difficulty, DistillLoss, Targets
 from clpd.config.model import ModelConfig, StudentConfig
 from clpd.config.schema import BenchmarkConfig, TeacherBuildConfig, TrainConfig
-from clpd.curriculum.scorers import is_curriculum, scorers
+from clpd.curriculum.scorers import TEACHER_SCORERS, is_curriculum, scorers
 from clpd.errors import ClpdError
 from clpd.files import digest, plain_json
 from clpd.models.load import architecture_config, pretrained_source
@@ -248,15 +248,17 @@ def ladder_needed(tc: TrainConfig) -> bool:
     """Whether a run builds and loads its ladder: to distil from it, to score difficulty by a
     teacher's loss, or to build it alone (``teachers.build_only``)."""
     return bool(tc.teachers.ladder) and (tc.teachers.build_only or tc.distill.loss != DistillLoss.sft
-                                         or Difficulty.teacher_loss in scorers(tc.curriculum))
+                                         or tc.distill.targets == Targets.teacher
+                                         or bool(TEACHER_SCORERS & set(scorers(tc.curriculum))))
 
 
 def distilling_teachers(tc: TrainConfig) -> List[int]:
     """The rungs the teacher schedule picks over the run (indices into ``teachers.ladder``):
     standard KD the strongest alone, ``fixed`` that one, ``progressive`` one per stage (with fewer
-    stages than rungs the last ones are never used); none for SFT."""
+    stages than rungs the last ones are never used); none for SFT on gold solutions. With
+    ``distill.targets=teacher`` these rungs also write the solutions the student trains on."""
     ladder = tc.teachers.ladder
-    if tc.distill.loss == DistillLoss.sft or not ladder:
+    if (tc.distill.loss == DistillLoss.sft and tc.distill.targets != Targets.teacher) or not ladder:
         return []
     # One step in each stage, through the schedule the loop uses: stage k is step k here.
     stages = tc.num_stages()
@@ -279,7 +281,7 @@ def teachers_in_use(tc: TrainConfig) -> List[int]:
         return list(range(len(ladder)))
     names = [t.name for t in ladder]
     used = set(distilling_teachers(tc))
-    if Difficulty.teacher_loss in scorers(tc.curriculum) and is_curriculum(tc.curriculum):
+    if TEACHER_SCORERS & set(scorers(tc.curriculum)) and is_curriculum(tc.curriculum):
         used.add(names.index(tc.curriculum.teacher))  # clpd.commands.run_train scores only when the order depends on it
     return sorted(used)
 

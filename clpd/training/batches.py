@@ -14,6 +14,7 @@ import torch
 from clpd.curriculum.sampler import Sampler
 from clpd.data.batching import answer_token_count, collate, cut_by_tokens, pack, position_count, read_token_count
 from clpd.training.distributed import all_reduce_sum, ranks
+from clpd.training.targets import TeacherTargets
 
 
 @dataclass
@@ -28,6 +29,7 @@ class StepBatch:
     to_answer: List[dict] = field(default_factory=list)
     sampled: List[Dict[str, torch.Tensor]] = field(default_factory=list)
     sampled_tokens: int = 0  # answer tokens of the samples, over all ranks (part of answer_tokens)
+    left_out: int = 0  # drawn examples without a kept teacher solution (distill.targets=teacher, keep=correct)
 
 
 
@@ -43,6 +45,7 @@ class Batches:
     micro_batch_tokens: Optional[int] = None
     # (step, n) -> which of a step's n examples (sorted by length) the student answers itself; None: all gold
     choose: Optional[Callable[[int, int], np.ndarray]] = None
+    targets: Optional[TeacherTargets] = None  # sequence-level KD: the teachers' solutions in place of the gold ones
 
     def step(self, step: int, at: int, micro_size: int) -> StepBatch:
         """The batch of optimizer step ``step`` (pool of schedule step ``at``) as micro-batches.
@@ -51,18 +54,25 @@ class Batches:
         micro-batch carries, not the update: the loss is normalised by the whole step's answer
         tokens. Under torchrun rank r takes examples r, r + N, ... of every micro-batch, so the
         ranks together see exactly the single-process batch, in lengths that are about equal."""
-        order = sorted(self.sampler.batch(step, at), key=lambda i: len(self.examples[i]["input_ids"]))
-        everything = [self.examples[i] for i in order]
+        drawn = self.sampler.batch(step, at)
+        if self.targets is None:
+            chosen_examples = {i: self.examples[i] for i in drawn}
+        else:  # an example the step's teacher wrote no kept solution for is left out
+            written = {i: self.targets.example(self.examples, i, step, at) for i in drawn}
+            chosen_examples = {i: e for i, e in written.items() if e is not None}
+        order = sorted((i for i in drawn if i in chosen_examples), key=lambda i: len(chosen_examples[i]["input_ids"]))
+        everything = [chosen_examples[i] for i in order]
         answered = []
         if self.choose is not None:  # the student's share: taken out of the gold micro-batches
             chosen = self.choose(step, len(order))
             answered = [i for i, c in zip(order, chosen) if c]
             order = [i for i, c in zip(order, chosen) if not c]
-        batch = [self.examples[i] for i in order]
+        batch = [chosen_examples[i] for i in order]
         mine, positions = self._micro_batches(batch, order, micro_size)
         r = ranks()
         return StepBatch(everything, mine, read_token_count(batch), positions, answer_token_count(batch),
-                         to_answer=[self.examples[i] for i in answered[r.rank::r.world_size]])
+                         to_answer=[chosen_examples[i] for i in answered[r.rank::r.world_size]],
+                         left_out=len(drawn) - len(everything))
 
     def answered(self, batch: StepBatch, samples: List[dict], micro_size: int) -> StepBatch:
         """``batch`` with this rank's ``samples`` (its ``to_answer`` examples with the student's own

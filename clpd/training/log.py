@@ -17,7 +17,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from clpd.config.schema import TrainerConfig
 from clpd.errors import ClpdError
 from clpd.progress import plain_lines, progress_bar
-from clpd.training.on_policy import SampleStats
 from clpd.training.state import TrainState
 from clpd.training.step import StepResult
 
@@ -78,7 +77,7 @@ class TrainLog:
         self.console.print(message, soft_wrap=True)
 
     def step(self, state: TrainState, result: StepResult, *, lr: float, at: int, pool: dict, teacher: Optional[str],
-             elapsed_s: float, samples: Optional[SampleStats] = None) -> dict:
+             elapsed_s: float, drawn: Optional[dict] = None) -> dict:
         """Log optimizer step ``state.step`` (just done): a metrics line, the progress line, tensorboard."""
         now = time.perf_counter()
         loss = result.loss
@@ -89,7 +88,7 @@ class TrainLog:
                   "tokens_per_s": round(self.window_tokens / max(now - self.window_start, 1e-9), 1),
                   "positions_per_s": round(self.window_positions / max(now - self.window_start, 1e-9), 1),
                   "elapsed_s": round(elapsed_s, 3), **pool, **({"schedule_step": at} if self.budget else {}),
-                  "teacher": teacher, **(samples.record() if samples is not None else {})}
+                  "teacher": teacher, **(drawn or {})}
         self.write(record)
         self.history.append(record)
         if self.board is not None:
@@ -100,8 +99,8 @@ class TrainLog:
         stats = f"loss {loss:.4f}"
         if "ce" in result.terms:
             stats += f" (ce {record['ce']:.4f} kd {record['kd']:.4f})"
-        if samples is not None and samples.samples:
-            stats += f"  sampled kd {record['kd_sampled']:.4f}, {samples.samples / max(samples.seconds, 1e-9):.1f} samples/s"
+        if record.get("samples"):
+            stats += f"  sampled kd {record['kd_sampled']:.4f}, {record['samples'] / max(record['sample_s'], 1e-9):.1f} samples/s"
         stats += f"  lr {lr:.2e}  {record['tokens_per_s']:,.0f} tok/s  pool {pool['pool']}"
         if "difficulty" in pool:
             stats += f" [{pool['difficulty'][0]:g}..{pool['difficulty'][1]:g}]"

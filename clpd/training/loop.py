@@ -23,7 +23,6 @@ from clpd.training.distributed import all_reduce_max, ranks
 from clpd.errors import ClpdError, Interrupted
 from clpd.training.batches import Batches, StepBatch
 from clpd.training.log import Outputs, TrainLog
-from clpd.training.on_policy import SampleStats
 from clpd.training.schedule import finished, lr_at, schedule_step
 from clpd.training.signals import PREEMPT_SIGNAL, StopSignals
 from clpd.training.state import TrainResult, TrainState, rng_state, set_rng_state
@@ -86,7 +85,7 @@ def train(model: torch.nn.Module, batches: Batches, cfg: TrainerConfig, supervis
             lr = lr_at(at, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch, samples = draw_batch(batches, supervision, model, state.step, at, cfg.batch_size // cfg.grad_accum)
+            batch, drawn = draw_batch(batches, supervision, model, state.step, at, cfg.batch_size // cfg.grad_accum)
             # The teacher is not kept in a variable of the loop: a switch must free the old one before it loads the next.
             result = step_on(trained, optimizer, scaler, batch, supervision, autocast, cfg.grad_clip,
                              teacher=switch_teacher(supervision, at, state, log) if teachers is not None else None)
@@ -101,7 +100,7 @@ def train(model: torch.nn.Module, batches: Batches, cfg: TrainerConfig, supervis
 
             if state.step % cfg.log_every == 0 or last:
                 final_loss = result.loss
-                log.step(state, result, lr=lr, at=at, pool=batches.sampler.describe(at), samples=samples,
+                log.step(state, result, lr=lr, at=at, pool=batches.sampler.describe(at), drawn=drawn,
                          teacher=teachers.name(teachers.active_index) if teachers is not None else None,
                          elapsed_s=time_before + time.perf_counter() - start)
             if outputs.evaluate is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
@@ -121,14 +120,16 @@ def train(model: torch.nn.Module, batches: Batches, cfg: TrainerConfig, supervis
 
 
 def draw_batch(batches: Batches, supervision: Supervision, model: torch.nn.Module, step: int, at: int,
-               micro_size: int) -> tuple[StepBatch, Optional[SampleStats]]:
+               micro_size: int) -> tuple[StepBatch, dict]:
     """Optimizer step ``step``'s batch (pool of schedule step ``at``); on-policy, with the share the
-    student answers itself sampled now, from the weights the step starts from."""
+    student answers itself sampled now, from the weights the step starts from. Also what the step's
+    metrics line says of it: its samples, and the examples left out for want of a teacher's solution."""
     batch = batches.step(step, at, micro_size)
+    said = {"left_out": batch.left_out} if batches.targets is not None else {}
     if supervision.on_policy is None:
-        return batch, None
+        return batch, said
     answers, samples = supervision.on_policy.answer(model, batch.to_answer, step)
-    return batches.answered(batch, answers, micro_size), samples
+    return batches.answered(batch, answers, micro_size), {**said, **samples.record()}
 
 
 def step_on(model: torch.nn.Module, optimizer, scaler, batch: StepBatch, supervision: Supervision, autocast,
