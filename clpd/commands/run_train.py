@@ -46,7 +46,7 @@ from clpd.environment import environment
 from clpd.commands.job import recorded_status
 from clpd.teachers.store import describe
 from clpd.teachers.live import teacher_dtype
-from clpd.commands.supervision import build_supervision, solutions_of, stored_outputs, teacher_outputs_summary, teacher_targets
+from clpd.teachers.supervision import build_supervision, solutions_of, stored_outputs, teacher_outputs_summary, teacher_targets
 
 log = logging.getLogger("clpd.commands.run_train")
 

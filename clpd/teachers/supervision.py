@@ -1,6 +1,7 @@
 """What the student of ``clpd train`` learns from: the loss, the teachers of the schedule (live or
 their stored outputs), the student's own samples (on-policy) and the teachers' written solutions
-(sequence-level KD), each built or read from the cache where it is missing."""
+(sequence-level KD), each built or read from the cache where it is missing. ``clpd train``'s
+pipeline (clpd.commands.run_train) calls these with its ``Run`` and ``Data`` records."""
 
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from clpd.training.distributed import main_first
 from clpd.training.on_policy import OnPolicy
 from clpd.training.step import Supervision
 from clpd.training.targets import TeacherTargets
-# ``run`` and ``data`` below are clpd.commands.run_train's Run and Data (not imported: it imports this module).
 
 
 def build_supervision(run: Run, ladder: Ladder, data: Data) -> Supervision:
