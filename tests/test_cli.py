@@ -75,11 +75,25 @@ BAD_INPUTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory) -> dict:
+    """Every case of BAD_INPUTS as a user types it, all started at once (each is seconds of imports
+    on one core): {case: (args, completed process)}."""
+    tmp = tmp_path_factory.mktemp("bad-input")
+    broken = _broken_gsm8k(tmp)
+    cases = {case: [a.format(broken=broken) if "{broken}" in a else a for a in args]
+             for case, (args, _) in BAD_INPUTS.items()}
+    folders = {case: tmp / f"case{i}" for i, case in enumerate(cases)}  # each its own outputs/
+    for folder in folders.values():
+        folder.mkdir()
+    runs = {case: started(CLPD, *args, cwd=folders[case]) for case, args in cases.items()}
+    return {case: (cases[case], finished(run)) for case, run in runs.items()}
+
+
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_exits_non_zero_with_one_clear_line_and_no_traceback(case, tmp_path):
-    args, expected = BAD_INPUTS[case]
-    args = [a.format(broken=_broken_gsm8k(tmp_path)) if "{broken}" in a else a for a in args]
-    out = clpd(*args, cwd=tmp_path)
+def test_bad_input_exits_non_zero_with_one_clear_line_and_no_traceback(case, refused):
+    expected = BAD_INPUTS[case][1]
+    args, out = refused[case]
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert out.returncode != 0
     assert len(lines) == 1, out.stderr

@@ -19,7 +19,7 @@ from clpd.losses.distill import LossTerms
 from clpd.models.load import load_model, load_tokenizer
 from clpd.commands.run_train import run_train
 from tests.conftest import TINY_OVERRIDES, compose_config
-from tests.test_cli import clpd
+from tests.test_cli import CLPD, clpd, finished, started
 from tests.test_loop import SPEC, examples, run_loop
 
 QUIET = Console(quiet=True)
@@ -66,12 +66,7 @@ def _checkpoint(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("truncate", r"model.safetensors has \d+ bytes, \d+ were written \(truncated\?\)"),
-    ("flip", r"model.safetensors does not match the sha256 written with it"),
-    ("unmark", r"is incomplete: it has no COMPLETE marker"),
-])
-def test_eval_of_a_damaged_checkpoint_is_one_clear_line(tmp_path, damage, message):
+def _damaged(tmp_path, damage: str):
     path = _checkpoint(tmp_path)
     weights = path / "model.safetensors"
     if damage == "truncate":
@@ -82,7 +77,31 @@ def test_eval_of_a_damaged_checkpoint_is_one_clear_line(tmp_path, damage, messag
         weights.write_bytes(bytes(data))
     else:
         (path / "COMPLETE").unlink()
-    out = clpd("eval", f"checkpoint={path}", "benchmark.test_size=4", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    return path
+
+
+DAMAGES = ("truncate", "flip", "unmark")
+
+
+@pytest.fixture(scope="module")
+def evaluated_damaged(tmp_path_factory) -> dict:
+    """``clpd eval`` of a checkpoint damaged each way, the three started at once: {damage: completed process}."""
+    runs = {}
+    for damage in DAMAGES:
+        tmp = tmp_path_factory.mktemp(damage)
+        path = _damaged(tmp, damage)
+        runs[damage] = started(CLPD, "eval", f"checkpoint={path}", "benchmark.test_size=4", f"hydra.run.dir={tmp / 'eval'}",
+                               cwd=tmp)
+    return {damage: finished(run) for damage, run in runs.items()}
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", r"model.safetensors has \d+ bytes, \d+ were written \(truncated\?\)"),
+    ("flip", r"model.safetensors does not match the sha256 written with it"),
+    ("unmark", r"is incomplete: it has no COMPLETE marker"),
+])
+def test_eval_of_a_damaged_checkpoint_is_one_clear_line(evaluated_damaged, damage, message):
+    out = evaluated_damaged[damage]
     assert out.returncode == 1
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("clpd eval: error: checkpoint") and "Traceback" not in out.stderr
