@@ -81,20 +81,34 @@ def cache(tmp_path_factory) -> str:
     return f"teachers.cache_dir={tmp_path_factory.mktemp('teachers')}"
 
 
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """The uninterrupted run of each student, trained once for the module: (run dir, summary)."""
+    done = {}
+
+    def reference(student: str, overrides: list) -> tuple[Path, dict]:
+        if student not in done:
+            folder = tmp_path_factory.mktemp(f"reference-{student}")
+            done[student] = (folder, run_train(compose_config("train", overrides), folder, QUIET))
+        return done[student]
+    return reference
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("student", ["full", "lora"])
 @pytest.mark.parametrize("where, at", [("mid-step", 2 * 8 + 2), ("mid-save", 2)])
-def test_a_run_killed_with_sigkill_and_resumed_ends_bit_for_bit_like_an_uninterrupted_one(tmp_path, cache, student,
-                                                                                           where, at):
+def test_a_run_killed_with_sigkill_and_resumed_ends_bit_for_bit_like_an_uninterrupted_one(tmp_path, cache, references,
+                                                                                           student, where, at):
     # mid-step: killed in step 9 (its 2nd micro-batch; grad_accum=2), after the checkpoint of step 6.
     # mid-save: killed while writing the checkpoint of step 6, so its .tmp folder is left behind.
     overrides = [*RUN, cache, *(LORA if student == "lora" else [])]
-    reference = run_train(compose_config("train", overrides), tmp_path / "reference", QUIET)
-
     run = tmp_path / "run"
-    killed = subprocess.run([sys.executable, "-c", KILLER, where, str(at), json.dumps(overrides), str(run)],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    # The run that is killed starts first; the uninterrupted reference (one per student) trains meanwhile.
+    killer = subprocess.Popen([sys.executable, "-c", KILLER, where, str(at), json.dumps(overrides), str(run)],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reference_dir, reference = references(student, overrides)
+    _, stderr = killer.communicate(timeout=300)
+    assert killer.returncode == -signal.SIGKILL, stderr
     assert json.loads((run / "status.json").read_text()) == {"status": "running"}  # nobody could record the kill
     assert [p.name for p in complete_checkpoints(run / "checkpoints")] == (
         ["step-0000003", "step-0000006"] if where == "mid-step" else ["step-0000003"])
@@ -105,9 +119,9 @@ def test_a_run_killed_with_sigkill_and_resumed_ends_bit_for_bit_like_an_uninterr
     resumed = run_train(compose_config("train", [*overrides, "trainer.resume=auto"]), run, QUIET)
     assert resumed["resumed_from"].endswith("step-0000006" if where == "mid-step" else "step-0000003")
     assert json.loads((run / "status.json").read_text()) == {"status": "ok"}
-    final, expected = weights(run / "checkpoints" / "final"), weights(tmp_path / "reference" / "checkpoints" / "final")
+    final, expected = weights(run / "checkpoints" / "final"), weights(reference_dir / "checkpoints" / "final")
     assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in expected)
-    assert metrics(run) == metrics(tmp_path / "reference")  # the whole log, from the resume point on too
+    assert metrics(run) == metrics(reference_dir)  # the whole log, from the resume point on too
     assert [s["to"] for s in resumed["teacher_switches"]] == [s["to"] for s in reference["teacher_switches"]] == ["a", "b"]
     assert resumed["tokens_seen"] == reference["tokens_seen"] and resumed["steps"] == reference["steps"] == 12
     assert not list((run / "checkpoints").glob("*.tmp"))  # the leftover of the killed save was cleaned up
