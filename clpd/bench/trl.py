@@ -17,6 +17,12 @@ its CPU per wall second and the cores the rest of the machine used; a run where 
 than ``--max-others`` cores is repeated (``--retries``), the quietest kept, and each run first waits
 up to ``--quiet-wait`` seconds for a quiet machine.
 
+``--on-policy``: the on-policy arms instead (clpd.bench.gkd_arms): clpd with ``distill.on_policy=1``
+against GKDTrainer with ``lmbda=1``, every example answered by the student's own sample (up to
+``--max-new-tokens``, temperature 1.0, top_p 1.0, top_k 0), the generalized JSD with ``--beta`` on
+the sampled tokens; it also prints sampled tokens/s and where each arm's steps went (generation,
+teacher forward, student forward, optimizer step, the rest).
+
 TRL is not a dependency of clpd: ``pip install trl`` for this benchmark only (check that torch and
 transformers keep their versions). Timed runs under the shared lock (~10 minutes on 2 idle cores)::
 
@@ -24,6 +30,9 @@ transformers keep their versions). Timed runs under the shared lock (~10 minutes
     python -m clpd.bench.trl --steps 2 --rounds 1 --train-limit 200 --arms clpd_ga4,trl_ga4_sorted   # smoke test
     flock /tmp/clpd-measure.lock python -m clpd.bench.trl --shapes smollm2 --batch-size 16 --steps 4 \\
         --arms clpd_ga1,clpd_ga4,trl_ga1,trl_ga4_sorted,trl_ga4_rebalance   # SmolLM2-135M's shapes: ~20 min
+    flock /tmp/clpd-measure.lock python -m clpd.bench.trl --on-policy --steps 8   # on-policy, arith: ~3 min
+    flock /tmp/clpd-measure.lock python -m clpd.bench.trl --on-policy --shapes smollm2 --batch-size 8 \\
+        --max-new-tokens 64 --steps 2 --arms clpd_onpolicy_ga1,trl_onpolicy_ga1   # ~6 min (and the ga4 pair)
 """
 
 from __future__ import annotations
@@ -43,8 +52,9 @@ from typing import Dict, List, Optional
 import torch
 
 from clpd.bench.common import in_child, provenance, rounds, versions, wait_quiet, write_report
-from clpd.bench.trl_arms import (ARM_NAMES, ARMS, OPT_IN, SHAPES, Arm, Work, build_models, packing_support, preimport,
-                                 run_arm, trl_version, unavailable_reason)
+from clpd.bench.gkd_arms import ON_POLICY_ARMS, on_policy_table, run_on_policy_arm, summarize_on_policy
+from clpd.bench.trl_arms import (ARMS as OFF_POLICY_ARMS, OPT_IN, SHAPES, Arm, Work, build_models, packing_support,
+                                 preimport, run_arm, trl_version, unavailable_reason)
 from clpd.config.schema import BenchmarkConfig
 from clpd.curriculum.sampler import Sampler
 from clpd.data import load_problems
@@ -56,8 +66,12 @@ TRL_MISSING = ("TRL is not installed. It is not a dependency of clpd; install it
                "benchmark only: pip install trl (then check that torch and transformers kept their versions, e.g. "
                "pip install trl -c <(pip freeze | grep -v '^-e'))")
 
+ARMS = OFF_POLICY_ARMS + ON_POLICY_ARMS
+ARM_NAMES = [a.name for a in ARMS]
+
 # clpd arms and the TRL arm with the same micro-batch shapes
-SAME_SHAPES = {"clpd_ga1": "trl_ga1", "clpd_ga4": "trl_ga4_sorted"}
+SAME_SHAPES = {"clpd_ga1": "trl_ga1", "clpd_ga4": "trl_ga4_sorted",
+               "clpd_onpolicy_ga1": "trl_onpolicy_ga1", "clpd_onpolicy_ga4": "trl_onpolicy_ga4"}
 
 
 # --- report ----------------------------------------------------------------------------------------
@@ -136,8 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first, in every arm (>= 1)")
     p.add_argument("--rounds", type=int, default=3, help="rounds; each runs every arm once, the order rotated")
     p.add_argument("--arms", default="default",
-                   help=f"'default' (all but {', '.join(OPT_IN)}), 'all', or comma-separated names from: "
-                        f"{', '.join(ARM_NAMES)}")
+                   help=f"'default' (all of the mode's arms but {', '.join(OPT_IN)}), 'all' (the mode's), or "
+                        f"comma-separated names from: {', '.join(ARM_NAMES)}")
+    p.add_argument("--on-policy", action="store_true",
+                   help="the on-policy mode: every example answered by the student's own sample (clpd on_policy=1, "
+                        "TRL lmbda=1), the generalized JSD with --beta on the sampled tokens; its arms are "
+                        f"{', '.join(a.name for a in ON_POLICY_ARMS)}")
+    p.add_argument("--max-new-tokens", type=int, default=128,
+                   help="on-policy: a sample ends at eos or after this many tokens (distill.generation.max_new_tokens, "
+                        "GKDConfig.max_new_tokens)")
+    p.add_argument("--beta", type=float, default=0.5,
+                   help="on-policy: the generalized JSD's beta (distill.beta, GKDConfig.beta); 0 is forward KL")
     p.add_argument("--shapes", choices=sorted(SHAPES), default="arith",
                    help="the student's and teacher's shapes: arith (the default job's micro student and large "
                         "teacher, 100 rows) or smollm2 (SmolLM2-135M's config as the teacher, its 6-block cut as the "
@@ -169,11 +192,15 @@ def chosen_arms(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Li
         problems.append("--retries must be >= 0")
     if args.warmup < 1:  # TRL's first step has no start mark (the clock is on_step_end)
         problems.append("--warmup must be >= 1")
-    wanted = (ARM_NAMES if args.arms == "all" else [n for n in ARM_NAMES if n not in OPT_IN] if args.arms == "default"
+    if args.max_new_tokens < 1 or not 0.0 <= args.beta <= 1.0:
+        problems.append("--max-new-tokens must be >= 1 and --beta in [0, 1]")
+    mode = [a.name for a in ARMS if a.on_policy == args.on_policy]  # one mode per run: the arms do the same work
+    wanted = (mode if args.arms == "all" else [n for n in mode if n not in OPT_IN] if args.arms == "default"
               else [a.strip() for a in args.arms.split(",") if a.strip()])
-    unknown = [a for a in wanted if a not in ARM_NAMES]
+    unknown = [a for a in wanted if a not in mode]
     if unknown:
-        problems.append(f"--arms: unknown {unknown}; choose from {', '.join(ARM_NAMES)}")
+        problems.append(f"--arms: {unknown} not among the {'on' if args.on_policy else 'off'}-policy arms "
+                        f"({', '.join(mode)}){'' if args.on_policy else '; on-policy arms need --on-policy'}")
     arms = [a for a in ARMS if a.name in wanted]
     if any(args.batch_size % a.grad_accum for a in arms):
         problems.append(f"--batch-size {args.batch_size} must divide by every arm's grad_accum (4)")
@@ -230,7 +257,7 @@ def quietest_run(args: argparse.Namespace, work: Work, arm: Arm, r: int) -> dict
         if waited >= 5:
             print(f"round {r + 1} {arm.name:<18} waited {waited:.0f}s for a quiet machine (others now "
                   f"{before:.2f} cores)", flush=True)
-        out = in_child(lambda: run_arm(work, arm))
+        out = in_child(lambda: run_on_policy_arm(work, arm) if arm.on_policy else run_arm(work, arm))
         out.update(waited_s=waited, others_before=before)
         attempts.append(out)
         if "error" in out or out["others_cores"] <= args.max_others or attempt == args.retries:
@@ -249,7 +276,8 @@ def print_run(args: argparse.Namespace, arm: Arm, r: int, out: dict) -> None:
         if os.environ.get("BENCH_TRL_DEBUG"):
             print(out.get("traceback", ""), file=sys.stderr)
         return
-    print(f"round {r + 1} {arm.name:<18} {out['real_tok_s']:>9,.0f} real tok/s  {out['positions_s']:>9,.0f} "
+    sampled = f"{out['sampled_tok_s']:>7,.0f} sampled tok/s  " if "sampled_tok_s" in out else ""
+    print(f"round {r + 1} {arm.name:<18} {sampled}{out['real_tok_s']:>9,.0f} real tok/s  {out['positions_s']:>9,.0f} "
           f"pos/s  step {1000 * out['median_step_s']:.1f} ms  peak {out['peak_rss_mib']:.0f} MiB  "
           f"probe {out['probe_kd']:.5f}  cpu/wall {out['cpu_per_wall']:.2f}  others "
           f"{out['others_cores']:.2f} cores{'  (BUSY)' if out['others_cores'] > args.max_others else ''}", flush=True)
@@ -264,6 +292,10 @@ def print_header(args: argparse.Namespace, models: dict, n_examples: int, length
           f"({models['student_attn']} attention), fp32; {n_examples} arith examples, batch {args.batch_size}, "
           f"{args.warmup} warm-up + {args.steps} timed steps per arm, {args.rounds} rounds; example length "
           f"{min(lengths)}-{max(lengths)} (mean {statistics.mean(lengths):.0f}); data prep {prep_s:.1f}s", flush=True)
+    if args.on_policy:
+        print(f"on-policy: every example answered by the student (clpd on_policy=1, TRL lmbda=1), sampled with "
+              f"temperature 1.0, top_p 1.0, top_k 0, up to {args.max_new_tokens} new tokens or eos; generalized JSD "
+              f"beta={args.beta} on the sampled tokens", flush=True)
     for name, why in skipped.items():
         print(f"  skipped {name}: {why}", flush=True)
 
@@ -296,6 +328,11 @@ def measure(args: argparse.Namespace, arms: List[Arm], skipped: Dict[str, str], 
     print(table(summary, arms))
     trl = [k for k in summary if k.startswith("trl_")]
     clpd = [k for k in summary if k.startswith("clpd_")]
+    on_policy = summarize_on_policy(results, arms, SAME_SHAPES) if args.on_policy else None
+    if on_policy:
+        print("\non-policy: sampled tokens (generated by the student, up to and with eos) per second of timed steps; "
+              "'x twin': over the TRL arm of the same micro-batches; the split: seconds per step (median over rounds)")
+        print(on_policy_table(on_policy, arms))
     if trl and clpd:
         best_clpd = max(clpd, key=lambda k: summary[k]["median_real_tok_s"])
         print(f"\nbest clpd arm {best_clpd}: {summary[best_clpd]['ratio_to_best_trl']:.2f}x the best TRL arm "
@@ -306,7 +343,8 @@ def measure(args: argparse.Namespace, arms: List[Arm], skipped: Dict[str, str], 
         "versions": {**versions(), "trl": trl_version()},
         "machine": {"cpus": os.cpu_count(), "processor": cpu_name()},
         "clpd": provenance(), "support": support, "models": models, "skipped": skipped,
-        "arms": {a.name: dataclasses.asdict(a) for a in arms}, "summary": summary, "runs": results, "wall_s": wall,
+        "arms": {a.name: dataclasses.asdict(a) for a in arms}, "summary": summary, "on_policy": on_policy,
+        "runs": results, "wall_s": wall,
         "data": {"examples": len(work.examples), "dropped": counts["dropped"], "length_min": min(lengths),
                  "length_max": max(lengths), "length_mean": statistics.mean(lengths)}})
     return 1 if any("error" in r for runs in results.values() for r in runs) else 0

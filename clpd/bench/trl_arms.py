@@ -58,6 +58,7 @@ class Arm:
     packed: bool = False
     micro_batch_tokens: bool = False  # clpd: cut micro-batches by --micro-batch-tokens
     layout: str = "sorted"  # trl: "sorted" (sequential, step batch sorted by length) | "rebalance"
+    on_policy: bool = False  # the student answers every example itself (clpd.bench.gkd_arms)
     what: str = ""
 
 
@@ -281,8 +282,9 @@ def trl_collator(pad_id: int, positions: List[int]) -> Callable[[List[dict]], Di
     return collate_trl
 
 
-def gkd_config(work: Work, arm: Arm):
-    """Off-policy forward KL (lmbda=0, beta=0), clpd's optimizer settings, everything else off."""
+def gkd_config(work: Work, arm: Arm, **gkd):
+    """Off-policy forward KL (lmbda=0, beta=0) unless ``gkd`` says otherwise, clpd's optimizer
+    settings, everything else off."""
     from trl.experimental.gkd import GKDConfig
 
     a = work.args
@@ -291,7 +293,7 @@ def gkd_config(work: Work, arm: Arm):
         max_steps=len(work.step_batches), per_device_train_batch_size=a.batch_size // arm.grad_accum,
         gradient_accumulation_steps=arm.grad_accum, learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0,
-        lmbda=0.0, beta=0.0, temperature=1.0, seq_kd=False,
+        **{"lmbda": 0.0, "beta": 0.0, "temperature": 1.0, "seq_kd": False, **gkd},
         bf16=False, fp16=False, gradient_checkpointing=False,  # both on by SFTConfig's defaults
         logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True,
         dataloader_num_workers=0, dataloader_pin_memory=False, dataloader_drop_last=False,
@@ -361,8 +363,10 @@ def run_trl(work: Work, arm: Arm) -> dict:
             "probe_kd": probe_kd(trainer.model, teacher, work), "trl": trl_info(trainer, config)}
 
 
-def run_arm(work: Work, arm: Arm) -> dict:
-    """Child: one arm's run, its timed steps read from the step boundaries it recorded."""
+def run_arm(work: Work, arm: Arm, run: Optional[Callable[[Work, Arm], dict]] = None) -> dict:
+    """Child: one arm's run (``run``, by default the off-policy arm of its kind), its timed steps
+    read from the step boundaries it recorded, its real tokens those of the step batches unless
+    the run counted its own (``step_real_tokens``: the samples of on-policy arms)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars of from_pretrained
@@ -370,14 +374,16 @@ def run_arm(work: Work, arm: Arm) -> dict:
     reset = reset_peak_rss()
     rss_start = peak_rss_mib("VmRSS")  # inherited from the parent (imports, data): the same in every arm
     load_before = loadavg()
-    out = run_clpd(work, arm) if arm.kind == "clpd" else run_trl(work, arm)
+    out = (run or (run_clpd if arm.kind == "clpd" else run_trl))(work, arm)
     w = work.args.warmup
     bounds = out.pop("bounds")  # len = steps + 1: the start of every step, then the end of the last
     assert len(bounds) == len(work.step_batches) + 1, (len(bounds), len(work.step_batches))
     timed = [b[0] - a[0] for a, b in zip(bounds[w:-1], bounds[w + 1:])]
     first, last = bounds[w], bounds[-1]
     seconds = last[0] - first[0]
-    tokens = sum(real_tokens(step_examples(work, s)) for s in range(w, len(work.step_batches)))
+    per_step = out.pop("step_real_tokens", None) or [real_tokens(step_examples(work, s))
+                                                     for s in range(len(work.step_batches))]
+    tokens = sum(per_step[w:])
     positions = sum(out["positions"][w:])
     out.update(seconds=seconds, real_tokens=tokens, padded_positions=positions, real_tok_s=tokens / seconds,
                positions_s=positions / seconds, median_step_s=statistics.median(timed),
