@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 from clpd.bench.common import clock
-from clpd.bench.trl_arms import Arm, Work, gkd_config, load_pair, probe_kd, run_arm, step_examples, trainer_config
-from clpd.curriculum.sampler import Sampler
+from clpd.bench.trl_arms import (Arm, Work, gkd_config, load_pair, probe_kd, run_arm, step_examples, StepSampler,
+                                 trainer_config)
 from clpd.data.batching import prompt_length
 from clpd.data.records import IGNORE_INDEX
 from clpd.losses.distill import distill_loss
@@ -156,12 +156,7 @@ def run_clpd_on_policy(work: Work, arm: Arm) -> dict:
     a = work.args
     tokenizer, student, teacher_spec = load_pair(work)
     phases = Phases(tokenizer.eos_token_id)
-    table = work.step_batches
     seen = {"bounds": [], "phases": [], "positions": [], "micro_batches": [], "clpd_sampled": []}  # per step
-
-    class StepSampler(Sampler):  # the step batches of ``work``, whatever clpd's sampler would draw
-        def batch(self, step, at=None):
-            return list(table[step])
 
     class TimedBatches(Batches):
         def step(self, *args, **kwargs):
@@ -179,7 +174,7 @@ def run_clpd_on_policy(work: Work, arm: Arm) -> dict:
     sample = functools.partial(sample_answers, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                                max_new_tokens=a.max_new_tokens, temperature=1.0, top_p=1.0)
     on_policy = OnPolicy(1.0, a.seed, sample, tokenizer.eos_token_id)
-    batches = TimedBatches(work.examples, StepSampler(range(len(work.examples)), a.batch_size, 0), work.pad_id,
+    batches = TimedBatches(work.examples, StepSampler(work), work.pad_id,
                            choose=on_policy.choose)
     loss_fn = functools.partial(distill_loss, loss="jsd", alpha=0.0, beta=a.beta, vocab_size=work.vocab)
     teachers = TeacherPool([teacher_spec], tokenizer, device=torch.device("cpu"), dtype=torch.float32)

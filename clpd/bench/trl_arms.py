@@ -194,6 +194,17 @@ def probe_kd(student: torch.nn.Module, teacher: torch.nn.Module, work: Work) -> 
     return float(terms.total) / max(answers, 1)
 
 
+class StepSampler(Sampler):
+    """The step batches of a benchmark's work, whatever clpd's sampler would draw."""
+
+    def __init__(self, work: "Work") -> None:
+        super().__init__(range(len(work.examples)), work.args.batch_size, 0)
+        self.table = work.step_batches
+
+    def batch(self, step, at=None):
+        return list(self.table[step])
+
+
 def load_pair(work: Work) -> tuple:
     """(tokenizer, student, teacher spec) of ``work``'s saved models."""
     from clpd.models.load import load_model
@@ -230,12 +241,7 @@ def run_clpd(work: Work, arm: Arm) -> dict:
     from clpd.training.step import Supervision
 
     tokenizer, student, teacher_spec = load_pair(work)
-    table = work.step_batches
     seen = {"bounds": [], "positions": [], "clpd_tokens": [], "micro_batches": []}  # per step
-
-    class StepSampler(Sampler):  # the step batches of ``work``, whatever clpd's sampler would draw
-        def batch(self, step, at=None):
-            return list(table[step])
 
     class TimedBatches(Batches):
         def step(self, *args, **kwargs):
@@ -250,7 +256,7 @@ def run_clpd(work: Work, arm: Arm) -> dict:
     layout = {"packed": arm.packed} if "packed" in names else {}
     if "micro_batch_tokens" in names and arm.micro_batch_tokens:
         layout["micro_batch_tokens"] = work.args.micro_batch_tokens
-    batches = TimedBatches(work.examples, StepSampler(range(len(work.examples)), work.args.batch_size, 0),
+    batches = TimedBatches(work.examples, StepSampler(work),
                            work.pad_id, **layout)
     loss_fn = functools.partial(distill_loss, loss="forward_kl", alpha=0.0, vocab_size=work.vocab)
     teachers = TeacherPool([teacher_spec], tokenizer, device=torch.device("cpu"), dtype=torch.float32)
