@@ -73,6 +73,16 @@ def test_a_step_trains_on_the_active_teachers_kept_solutions_and_leaves_out_exam
     assert picked == {(11, 2), (12, 3, 4)}  # each step draws one of the two kept solutions, seeded
     assert [b.examples for b in late] == [batches.step(s, 20, micro_size=4).examples for s in range(8)]
 
+    # Each micro-batch names its solutions' rows in the teacher's list of kept solutions, where
+    # stored outputs built on them are found: teacher 0 kept one each for examples 0-2 (rows 0-2),
+    # teacher 1 two for each (example i's are rows 2i and 2i + 1).
+    assert early.micro_batches[0]["index"].tolist() == [e["id"] for e in early.examples]
+    for b in late:
+        rows = b.micro_batches[0]["index"].tolist()
+        assert rows == [2 * e["id"] + answers[1][e["id"]].index(e["input_ids"][prompt_length(e):]) for e in b.examples]
+        listed = targets.solution_examples(1, examples)
+        assert [listed[r]["input_ids"] for r in rows] == [e["input_ids"] for e in b.examples]
+
 
 # --- runs ----------------------------------------------------------------------------------------
 
@@ -91,6 +101,23 @@ def test_each_teacher_writes_its_solutions_once_and_the_student_trains_on_them(t
     stamps = {p: (p / "solutions.json").stat().st_mtime_ns for p in entries}
     run_train(kd_cfg(tmp_path, *WRITE, "teachers.schedule=progressive", "trainer.max_steps=1"), tmp_path / "two", QUIET)
     assert {p: (p / "solutions.json").stat().st_mtime_ns for p in entries} == stamps  # the same key: read, not written
+
+
+def test_stored_outputs_on_written_solutions_train_the_student_the_live_teachers_train(tmp_path):
+    # Two sampled solutions per prompt: a step reads the stored rows of the one it drew.
+    written = (*WRITE, "teachers.schedule=progressive", "distill.teacher_samples=2",
+               "distill.teacher_generation.temperature=1.0", "trainer.max_steps=6")
+    live = run_train(kd_cfg(tmp_path, *written), tmp_path / "live", QUIET)
+    stored = run_train(kd_cfg(tmp_path, *written, "distill.teacher_outputs=stored", "distill.top_k=null"),
+                       tmp_path / "stored", QUIET)
+    stores = stored["teacher_outputs"]["stores"]
+    assert [s["teacher"] for s in stores] == ["a", "b", "c"]
+    for store, solutions in zip(stores, stored["teacher_outputs"]["solutions"]):
+        marker = json.loads((Path(store["folder"]) / "store.json").read_text())
+        assert marker["examples"] == solutions["kept"] == 2 * 64  # one stored example per kept solution
+    losses = [[r["loss"] for r in steps_of(tmp_path / run)] for run in ("live", "stored")]
+    assert len(losses[0]) == 6
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
 
 
 def test_the_key_of_written_solutions_holds_what_changes_them():
@@ -163,7 +190,6 @@ def test_clpd_plan_names_the_targets_each_teacher_writes(tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (None, "distill.targets=teacher needs a teacher ladder"),
-    (["distill.targets=teacher", "distill.teacher_outputs=stored"], "distill.targets=teacher needs distill.teacher_outputs=live"),
     (["distill.targets=teacher", "distill.teacher_samples=0"], "distill.teacher_samples=0 must be >= 1"),
     (["distill.targets=teacher", "distill.teacher_samples=3"], "writes the same solution each time"),
     (["distill.targets=teacher", "distill.keep=some"], "keep"),

@@ -285,11 +285,13 @@ def finish(run: Run, student: Student, result: TrainResult, ladder: Ladder, data
 
 
 def build_teachers_only(run: Run, ladder: Ladder, data: Data) -> dict:
-    """``teachers.build_only=true``: the ladder is built (and evaluated); with stored outputs every
-    rung's store is built too; no student is trained. Returns the summary it writes."""
+    """``teachers.build_only=true``: the ladder is built (and evaluated); with distill.targets=teacher
+    every rung writes its solutions, and with stored outputs every rung's store is built (on those
+    solutions, or the gold ones); no student is trained. Returns the summary it writes."""
     stored = run.tc.distill.teacher_outputs == TeacherOutputs.stored and ladder.specs
-    stores = main_first(lambda: stored_outputs(run, ladder, data)) if stored else {}
-    summary = {"teachers": ladder.rows, "stores": describe(stores, ladder.specs),
+    targets, written = teacher_targets(run, ladder, data)
+    stores = main_first(lambda: stored_outputs(run, ladder, data, targets)) if stored else {}
+    summary = {"teachers": ladder.rows, "stores": describe(stores, ladder.specs), **({"solutions": written} if targets else {}),
                "wall_time_s": round(time.perf_counter() - run.started, 2)}
     write_json(run.run_dir / "summary.json", summary)
     return summary
@@ -312,10 +314,10 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
         if tc.teachers.build_only:  # the ladder (and its stores) ahead of a sweep, no student
             return build_teachers_only(run, ladder, data)
         student = build_student(run, ladder)
-        supervision = build_supervision(run, ladder, data)
+        targets, written = teacher_targets(run, ladder, data)  # sequence-level KD: the teachers' solutions
+        supervision = build_supervision(run, ladder, data, targets)
         packed = choose_layout(run, student.model)  # padded or packed micro-batches, for scoring and training
         sampler, scores = main_first(lambda: curriculum_sampler(run, data, student.model, ladder, packed))  # cached by rank 0
-        targets, written = teacher_targets(run, ladder, data)
         in_use = ladder.in_use() if supervision.teachers is not None or targets else []  # the rungs built and loaded
         manifest = make_manifest(cfg, teachers=[{"name": t.name, "source": t.path} for t in in_use],
                                  data=fingerprint(data.examples), scores=scores)

@@ -158,8 +158,9 @@ class DistillConfig:
     # Small losses are one chunk whatever this says (clpd.losses.RECOMPUTE_ABOVE).
     chunk_size: int = 256
     # Where the teacher's logits come from: its forward at every step (live), or a store of its
-    # top-k logits at every training example's answer positions, built once into
-    # <teachers.cache_dir>/outputs and shared by every run that needs the same one (stored).
+    # top-k logits at every training example's answer positions (the gold solutions, or with
+    # targets=teacher each teacher's own kept ones), built once into <teachers.cache_dir>/outputs
+    # and shared by every run that needs the same one (stored).
     teacher_outputs: TeacherOutputs = TeacherOutputs.live
     # stored: logits kept per answer position (the rest is one tail bucket); null: every compared
     # vocabulary row, which gives exactly the live loss (and a store as large as full logits).
@@ -301,12 +302,9 @@ class TrainConfig:
                     f"or distill.on_policy=0")
             p.check(d.teacher_outputs == TeacherOutputs.live,
                     f"distill.on_policy={d.on_policy} needs distill.teacher_outputs=live: stored teacher outputs cover "
-                    f"the gold solutions only, and the teacher must score the student's own samples")
+                    f"the gold or teacher-written solutions only, and the teacher must score the student's own samples")
         if d.targets == Targets.teacher:
             p.check(len(self.teachers.ladder) > 0, "distill.targets=teacher needs a teacher ladder (teachers=none has none)")
-            p.check(d.teacher_outputs == TeacherOutputs.live,
-                    "distill.targets=teacher needs distill.teacher_outputs=live: stored outputs are built on the gold "
-                    "solutions")
         names = [t.name for t in self.teachers.ladder]
         c = self.curriculum
         teacher_scorers = {Difficulty.teacher_loss, Difficulty.teacher_cot_steps}

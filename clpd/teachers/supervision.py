@@ -26,9 +26,10 @@ from clpd.training.step import Supervision
 from clpd.training.targets import TeacherTargets
 
 
-def build_supervision(run: Run, ladder: Ladder, data: Data) -> Supervision:
+def build_supervision(run: Run, ladder: Ladder, data: Data, targets: Optional[TeacherTargets] = None) -> Supervision:
     """Gold solutions (SFT), or a divergence to the teachers of the schedule: their live forward,
-    or their stored top-k outputs (built first where missing)."""
+    or their stored top-k outputs (built first where missing, on ``targets`` where the teachers
+    wrote them)."""
     tc = run.tc
     if tc.distill.loss == DistillLoss.sft:
         return Supervision()
@@ -37,7 +38,7 @@ def build_supervision(run: Run, ladder: Ladder, data: Data) -> Supervision:
     loss_fn = functools.partial(distill_loss, loss=d.loss.value, alpha=d.alpha, temperature=d.temperature, beta=d.beta,
                                 lam=d.skew_lambda, chunk_size=d.chunk_size, vocab_size=len(run.tokenizer))
     if d.teacher_outputs == TeacherOutputs.stored:
-        teachers = StorePool(ladder.specs, main_first(lambda: stored_outputs(run, ladder, data)))
+        teachers = StorePool(ladder.specs, main_first(lambda: stored_outputs(run, ladder, data, targets)))
     else:
         teachers = TeacherPool(ladder.specs, run.tokenizer, device=run.device, dtype=teacher_dtype(run.autocast_dtype))
     schedule = make_schedule(tc.teachers, stage_starts(tc, len(data.examples)))
@@ -51,14 +52,19 @@ def build_supervision(run: Run, ladder: Ladder, data: Data) -> Supervision:
                        sampled_loss_fn=functools.partial(loss_fn, gold=False))
 
 
-def stored_outputs(run: Run, ladder: Ladder, data: Data) -> Dict[int, TeacherStore]:
-    """The stores of the teachers the schedule uses (all rungs with teachers.build_only), built where missing."""
+def stored_outputs(run: Run, ladder: Ladder, data: Data, targets: Optional[TeacherTargets] = None) -> Dict[int, TeacherStore]:
+    """The stores of the teachers the schedule uses (all rungs with teachers.build_only), built where
+    missing: on the gold solutions, or on each teacher's own kept solutions (``targets``)."""
     tc = run.tc
     used = range(len(ladder.specs)) if tc.teachers.build_only else distilling_teachers(tc)
-    return prepare_stores(ladder.specs, list(used), data.examples, cache_dir=tc.teachers.cache_dir, top_k=tc.distill.top_k,
-                          max_length=tc.trainer.max_length, tokenizer=run.tokenizer, batch_size=tc.distill.store_batch_size,
-                          device=run.device, dtype=teacher_dtype(run.autocast_dtype), autocast_dtype=run.autocast_dtype,
-                          console=run.console)
+    prepare = functools.partial(prepare_stores, ladder.specs, cache_dir=tc.teachers.cache_dir, top_k=tc.distill.top_k,
+                                max_length=tc.trainer.max_length, tokenizer=run.tokenizer,
+                                batch_size=tc.distill.store_batch_size, device=run.device,
+                                dtype=teacher_dtype(run.autocast_dtype), autocast_dtype=run.autocast_dtype,
+                                console=run.console)
+    if targets is None:
+        return prepare(list(used), data.examples)
+    return {i: prepare([i], targets.solution_examples(i, data.examples))[i] for i in used}
 
 
 def solutions_of(run: Run, ladder: Ladder, data: Data, used: List[int]) -> Dict[int, TeacherSolutions]:
@@ -73,13 +79,15 @@ def solutions_of(run: Run, ladder: Ladder, data: Data, used: List[int]) -> Dict[
 
 
 def teacher_targets(run: Run, ladder: Ladder, data: Data) -> tuple[Optional[TeacherTargets], List[dict]]:
-    """Sequence-level KD: the solutions of the schedule's teachers (written where missing) as the
-    run's targets, and what each teacher wrote and kept (for summary.json); (None, []) on gold."""
+    """Sequence-level KD: the solutions of the schedule's teachers (all rungs with
+    teachers.build_only; written where missing) as the run's targets, and what each teacher wrote
+    and kept (for summary.json); (None, []) on gold."""
     tc, d = run.tc, run.tc.distill
     if d.targets != Targets.teacher:
         return None, []
     n = len(data.examples)
-    solutions = main_first(lambda: solutions_of(run, ladder, data, distilling_teachers(tc)))
+    used = list(range(len(ladder.specs))) if tc.teachers.build_only else distilling_teachers(tc)
+    solutions = main_first(lambda: solutions_of(run, ladder, data, used))
     correct_only = d.keep == Keep.correct
     answers = {i: s.kept(n, correct_only) for i, s in solutions.items()}
     targets = TeacherTargets(answers, make_schedule(tc.teachers, stage_starts(tc, n)), tc.seed)

@@ -55,11 +55,13 @@ class Batches:
         tokens. Under torchrun rank r takes examples r, r + N, ... of every micro-batch, so the
         ranks together see exactly the single-process batch, in lengths that are about equal."""
         drawn = self.sampler.batch(step, at)
+        rows = {i: i for i in drawn}  # where stored teacher outputs are found: the example, or its written solution
         if self.targets is None:
             chosen_examples = {i: self.examples[i] for i in drawn}
         else:  # an example the step's teacher wrote no kept solution for is left out
-            written = {i: self.targets.example(self.examples, i, step, at) for i in drawn}
-            chosen_examples = {i: e for i, e in written.items() if e is not None}
+            written = {i: self.targets.written(self.examples, i, step, at) for i in drawn}
+            chosen_examples = {i: w[0] for i, w in written.items() if w is not None}
+            rows = {i: w[1] for i, w in written.items() if w is not None}
         order = sorted((i for i in drawn if i in chosen_examples), key=lambda i: len(chosen_examples[i]["input_ids"]))
         everything = [chosen_examples[i] for i in order]
         answered = []
@@ -68,7 +70,7 @@ class Batches:
             answered = [i for i, c in zip(order, chosen) if c]
             order = [i for i, c in zip(order, chosen) if not c]
         batch = [chosen_examples[i] for i in order]
-        mine, positions = self._micro_batches(batch, order, micro_size)
+        mine, positions = self._micro_batches(batch, [rows[i] for i in order], micro_size)
         r = ranks()
         return StepBatch(everything, mine, read_token_count(batch), positions, answer_token_count(batch),
                          to_answer=[chosen_examples[i] for i in answered[r.rank::r.world_size]],
@@ -95,7 +97,8 @@ class Batches:
         r = ranks()
         rank, world = (r.rank, r.world_size) if split else (0, 1)
         layout = pack if self.packed else functools.partial(collate, pad_id=self.pad_id)
-        # Each micro-batch also says which examples it holds ("index"): stored teacher outputs are found by example.
+        # Each micro-batch also says which examples it holds ("index", ``order``): stored teacher outputs are
+        # found by example (or by written solution).
         mine = [{**layout(chunk[rank::world]), "index": torch.tensor(order[a:b][rank::world], dtype=torch.long)}
                 for chunk, a, b in zip(chunks, starts, starts[1:])]
         positions = sum(position_count(chunk[q::world], self.packed) for chunk in chunks for q in range(world))
