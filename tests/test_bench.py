@@ -81,7 +81,7 @@ def test_bench_store_times_every_arm_and_sizes_stores_from_their_files(tmp_path)
                 "--batch-size", "4", "--grad-accum", "2", "--train-limit", "50", "--threads", "1",
                 "--json", str(tmp_path / "step.json"))
     step = json.loads((tmp_path / "step.json").read_text())
-    assert sorted(step["summary"]) == ["live", "sft", "stored"]
+    assert sorted(step["summary"]) == ["live", "live_fused", "sft", "sft_fused", "stored", "stored_fused"]
     for arm in step["summary"].values():
         assert arm["median_step_s"] > 0 and arm["tokens_per_s"] > 0 and arm["ratio_to_sft"] > 0
         assert arm["steps_applied"] == arm["steps_timed"] == 1
@@ -90,7 +90,10 @@ def test_bench_store_times_every_arm_and_sizes_stores_from_their_files(tmp_path)
     assert step["store"]["rows"] == step["workload"]["answer_tokens_per_step"] > 0 and step["store"]["build_s"] > 0
     # the same first student and batch: top-k + tail coarsening can only lower the divergence
     assert 0 < step["summary"]["stored"]["first_loss"] <= step["summary"]["live"]["first_loss"]
-    assert "stored/SFT" in out
+    for arm in ("sft", "live", "stored"):  # fused: the same loss of the same first step
+        assert step["summary"][f"{arm}_fused"]["first_loss"] == pytest.approx(step["summary"][arm]["first_loss"], rel=1e-5)
+        assert step["ratios"][f"{arm}_fused/{arm}"] > 0
+    assert "stored/sft" in out
 
     bench("store", "size", "--vocab", "1000", "--examples", "4", "--ks", "8,32", "--threads", "1",
           "--json", str(tmp_path / "size.json"))
@@ -107,11 +110,13 @@ def test_the_loss_memory_of_each_variant_is_measured_in_its_own_process(tmp_path
     bench("store", "memory", "--vocab", "2000", "--tokens", "256", "--threads", "1",
           "--json", str(tmp_path / "memory.json"))
     variants = json.loads((tmp_path / "memory.json").read_text())["variants"]
-    assert sorted(variants) == ["clpd_live", "clpd_stored", "naive"]
+    assert sorted(variants) == ["clpd_live", "clpd_stored", "fused_live", "fused_stored", "naive"]
     assert all(v["peak_mib"] > 0 and v["threads"] == 1 for v in variants.values())
     assert variants["naive"]["ratio_to_naive"] == 1.0
-    # the same inputs: live KD is the naive loss, computed on the answer rows only
+    # the same inputs: live KD is the naive loss, computed on the answer rows only; fused, the same loss
     assert variants["clpd_live"]["loss"] == pytest.approx(variants["naive"]["loss"], rel=1e-4)
+    assert variants["fused_live"]["loss"] == pytest.approx(variants["clpd_live"]["loss"], rel=1e-5)
+    assert variants["fused_stored"]["loss"] == pytest.approx(variants["clpd_stored"]["loss"], rel=1e-5)
 
 
 @pytest.mark.slow

@@ -232,6 +232,7 @@ PRESETS: Dict[str, Shape] = {
     "qwen2.5-1.5b": Shape(1536, 28, 12, 2, 8960, 151936, tied=True),
     "qwen2.5-3b": Shape(2048, 36, 16, 2, 11008, 151936, tied=True),
     "qwen2.5-7b": Shape(3584, 28, 28, 4, 18944, 152064, tied=False),
+    "smollm2-135m": Shape(576, 30, 9, 3, 1536, 49152, tied=True),
     "tiny": Shape(128, 4, 4, 4, 384, 100, tied=True),
     "tiny-teacher": Shape(128, 5, 4, 4, 384, 100, tied=True),
 }

@@ -35,7 +35,7 @@ from typing import List, Optional
 from clpd.bench.common import QWEN_HIDDEN, QWEN_TOKENIZER, QWEN_VOCAB, parse_shape
 from clpd.bench.store_build import BUILD_BATCH, cmd_build, cmd_size
 from clpd.bench.store_memory import VARIANTS, cmd_memory
-from clpd.bench.store_step import STEP_DEFAULTS, cmd_step
+from clpd.bench.store_step import ARMS, STEP_DEFAULTS, cmd_step
 from clpd.config.schema import DistillConfig
 
 SHAPE = "PRESET|h,l,heads,kv,ffn,vocab"
@@ -77,6 +77,7 @@ def add_step(sub) -> None:
     s.add_argument("--batch-size", type=int, default=None, help="examples per step (default: arith 32, qwen 2)")
     s.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (default: arith 4, qwen 1)")
     s.add_argument("--lr", type=float, default=None, help="AdamW's lr (default: arith 5e-3, qwen 1e-5)")
+    s.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms (*_fused: trainer.fused_loss)")
     s.add_argument("--top-k", type=int, default=32, help="logits kept per answer position in the store")
     s.add_argument("--store-batch-size", type=int, default=64, help="examples per teacher forward building the store")
     s.add_argument("--train-limit", type=int, default=None, help="arith: draw the batch from the first N problems")

@@ -1,6 +1,8 @@
 """``python -m clpd.bench.store memory``: peak memory of the logits and the KD loss alone, naive vs
-clpd with a live teacher vs clpd with a stored top-k, each variant in its own fresh process (this
-command again, ``memory --variant X``); the peak RSS over the RSS right before the variant ran."""
+clpd with a live teacher vs clpd with a stored top-k, each unfused (the output layer, then the loss)
+and fused (``fused_*``: the output layer inside the loss, clpd.losses.fused), each variant in its own
+fresh process (this command again, ``memory --variant X``); the peak RSS over the RSS right before
+the variant ran."""
 
 from __future__ import annotations
 
@@ -21,12 +23,13 @@ from clpd.environment import max_rss_mib, mem_available_mib, peak_rss_mib, reset
 from clpd.data.records import IGNORE_INDEX
 from clpd.losses.sparse import TopK, top_k_outputs
 from clpd.losses.distill import distill_loss
+from clpd.losses.fused import HeadRows
 
-VARIANTS = ("naive", "clpd_live", "clpd_stored")
+VARIANTS = ("naive", "clpd_live", "clpd_stored", "fused_live", "fused_stored")
 
 # Peak over the RSS before, in fp32 [rows, V] matrices (rows: every position for naive, the answer
 # positions for clpd), as measured at small sizes (V=20,000, 1,024 positions: 7.2, 10.4, 6.1), rounded up.
-PEAK_MATRICES = {"naive": 8, "clpd_live": 11, "clpd_stored": 7}
+PEAK_MATRICES = {"naive": 8, "clpd_live": 11, "clpd_stored": 7, "fused_live": 2, "fused_stored": 2}
 
 
 def memory_inputs(tokens: int, answer_fraction: float, vocab: int, hidden: int, top_k: Optional[int], seed: int,
@@ -84,6 +87,20 @@ def clpd_kd(h_s, h_t, w_s, w_t, targets, *, top_k=None, chunk_size: int, **_) ->
     return loss.detach()
 
 
+def fused_kd(h_s, h_t, w_s, w_t, targets, *, top_k=None, chunk_size: int, **_) -> torch.Tensor:
+    """:func:`clpd_kd` with the output layers inside the loss (``trainer.fused_loss``): the answer
+    rows' hidden states and the output matrices go in, chunks of logits are made and dropped."""
+    keep = targets != IGNORE_INDEX
+    n = int(keep.sum())
+    teacher = HeadRows(h_t[keep], w_t) if top_k is None else top_k
+    parts = distill_loss(HeadRows(h_s[keep], w_s), teacher, targets[keep], loss="forward_kl", alpha=0.0,
+                         chunk_size=chunk_size, vocab_size=w_s.size(0))
+    loss = parts.total / n
+    del teacher, parts
+    loss.backward()
+    return loss.detach()
+
+
 def estimate_mib(variant: str, tokens: int, answer: int, vocab: int, hidden: int) -> float:
     """What a variant's process needs at most: its inputs, ~0.5 GiB of Python and torch, its peak."""
     rows = tokens if variant == "naive" else answer
@@ -93,8 +110,9 @@ def estimate_mib(variant: str, tokens: int, answer: int, vocab: int, hidden: int
 def memory_variant(args: argparse.Namespace) -> dict:
     """Child: one variant, measured alone in this process."""
     threads = set_threads(args.threads)
-    fn = naive_kd if args.variant == "naive" else functools.partial(clpd_kd, chunk_size=args.chunk_size)
-    stored = args.variant == "clpd_stored"
+    kd = {"naive": naive_kd, "clpd": clpd_kd, "fused": fused_kd}[args.variant.split("_")[0]]
+    fn = kd if args.variant == "naive" else functools.partial(kd, chunk_size=args.chunk_size)
+    stored = args.variant.endswith("_stored")
     # The same code once on tiny inputs first: what a first call costs once per process (lazy imports
     # such as the checkpoint's, kernel and thread-pool setup: ~80 MiB) is not the loss's memory.
     warm = memory_inputs(16, 0.5, 2 * args.top_k, 32, args.top_k if stored else None, args.seed)

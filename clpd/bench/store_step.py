@@ -1,6 +1,7 @@
-"""``python -m clpd.bench.store step``: one optimizer step, SFT vs live KD vs stored KD, interleaved in
-one run, each arm through clpd's own ``optimizer_step`` on the same micro-batches from the same
-initial student."""
+"""``python -m clpd.bench.store step``: one optimizer step, SFT vs live KD vs stored KD, each with the
+output layer fused with the loss or not (``trainer.fused_loss``; arms ``*_fused``), interleaved in one
+run, each arm through clpd's own ``optimizer_step`` on the same micro-batches from the same initial
+student."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from clpd.bench.store_build import (arith_examples, arith_spec, bench_key, place
                                     write_bench_store)
 from clpd.losses.distill import distill_loss
 
-ARMS = ("sft", "live", "stored")
+ARMS = ("sft", "live", "stored", "sft_fused", "live_fused", "stored_fused")
 STEP_DEFAULTS = {
     "arith": {"batch_size": 32, "grad_accum": 4, "rounds": 5, "steps": 20, "warmup": 1, "lr": 5e-3},
     "qwen": {"batch_size": 2, "grad_accum": 1, "rounds": 3, "steps": 2, "warmup": 1, "lr": 1e-5},
@@ -151,10 +152,12 @@ def run_arm(work: Workload, arm: str, store, initial, args: argparse.Namespace) 
     optimizer = build_optimizer(work.student, cfg, fused=where.cuda)
     scaler = torch.amp.GradScaler(where.device.type, enabled=False)  # bf16 and fp32 need no loss scaling
     kd = functools.partial(distill_loss, loss="forward_kl", alpha=0.0, vocab_size=work.width)
-    loss_fn, teacher = {"sft": (sft_loss, None), "live": (kd, LiveTeacher(work.teacher)), "stored": (kd, store)}[arm]
+    base, fused = arm.removesuffix("_fused"), arm.endswith("_fused")
+    loss_fn, teacher = {"sft": (sft_loss, None), "live": (kd, LiveTeacher(work.teacher, fused=fused)),
+                        "stored": (kd, store)}[base]
     step = functools.partial(optimizer_step, work.student, optimizer, scaler, work.step.micro_batches,
                              answer_tokens=work.step.answer_tokens, loss_fn=loss_fn, teacher=teacher,
-                             autocast=where.autocast(), grad_clip=cfg.grad_clip)
+                             autocast=where.autocast(), grad_clip=cfg.grad_clip, fused=fused)
     step_s, losses, applied, start = [], [], 0, None
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
@@ -202,13 +205,13 @@ def summarize_arms(runs: Dict[str, List[dict]], tokens_per_step: int) -> Dict[st
 
 def step_table(summary: Dict[str, dict]) -> str:
     gpu = all("peak_allocated_gib" in s for s in summary.values())
-    head = (f"{'arm':<8} {'s/step':>9} {'min-max over rounds':>21} {'tokens/s':>10} {'x SFT':>6} {'per round':>11} "
+    head = (f"{'arm':<12} {'s/step':>9} {'min-max over rounds':>21} {'tokens/s':>10} {'x SFT':>6} {'per round':>11} "
             f"{'cpu/wall':>8} {'others':>6} {'loss@1':>8}" + (f" {'peak GiB':>9}" if gpu else ""))
     lines = [head, "-" * len(head)]
     for arm, s in summary.items():
         ratios = s.get("round_ratios_to_sft") or []
         spread = f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else "-"
-        lines.append(f"{arm:<8} {s['median_step_s']:>9.4f} {s['min_step_s']:>10.4f}-{s['max_step_s']:<10.4f} "
+        lines.append(f"{arm:<12} {s['median_step_s']:>9.4f} {s['min_step_s']:>10.4f}-{s['max_step_s']:<10.4f} "
                      f"{s['tokens_per_s']:>10,.0f} {s.get('ratio_to_sft', float('nan')):>5.2f}x {spread:>11} "
                      f"{s['cpu_per_wall']:>8.2f} {s['max_others_cores']:>6.2f} {s['first_loss']:>8.4f}"
                      + (f" {s['peak_allocated_gib']:>9.2f}" if gpu else ""))
@@ -227,6 +230,10 @@ def step_args(args: argparse.Namespace) -> None:
                 for k in ("steps", "rounds", "batch_size", "grad_accum", "top_k") if getattr(args, k) < 1]
     if args.warmup < 0:
         problems.append("--warmup must be >= 0")
+    args.arms = [a.strip() for a in args.arms.split(",") if a.strip()] if isinstance(args.arms, str) else args.arms
+    unknown = [a for a in args.arms if a not in ARMS]
+    if unknown or not args.arms:
+        problems.append(f"--arms from {', '.join(ARMS)}, got {unknown or 'none'}")
     if args.batch_size % args.grad_accum:
         problems.append(f"--batch-size {args.batch_size} must divide by --grad-accum {args.grad_accum}")
     if problems:
@@ -255,14 +262,14 @@ def run_rounds(args: argparse.Namespace, work: Workload, tmp: Path) -> tuple:
           f"examples, {info['bytes'] / 2**20:.2f} MiB, built in {info['build_s']:.2f}s (first forwards included), "
           f"opened (verified) in {info['open_s']:.3f}s"
           + (f", peak {info['peak_allocated_gib']:.2f} GiB" if work.where.cuda else ""), flush=True)
-    runs: Dict[str, List[dict]] = {arm: [] for arm in ARMS}
+    runs: Dict[str, List[dict]] = {arm: [] for arm in args.arms}
     started = time.perf_counter()
-    for r, order in rounds(args.rounds, ARMS):
+    for r, order in rounds(args.rounds, args.arms):
         for arm in order:
             out = run_arm(work, arm, store, initial, args)
             runs[arm].append({"round": r, **out})
             peak = f"  peak {out['peak_allocated_gib']:.2f} GiB" if "peak_allocated_gib" in out else ""
-            print(f"round {r + 1} {arm:<7} {out['mean_step_s']:.4f} s/step  cpu/wall {out['cpu_per_wall']:.2f}  "
+            print(f"round {r + 1} {arm:<12} {out['mean_step_s']:.4f} s/step  cpu/wall {out['cpu_per_wall']:.2f}  "
                   f"others {out['others_cores']:.2f} cores  loss {out['losses'][0]:.4f} -> {out['losses'][-1]:.4f}"
                   f"{peak}", flush=True)
     return info, runs, time.perf_counter() - started
@@ -276,10 +283,10 @@ def print_summary(args: argparse.Namespace, summary: Dict[str, dict], where: Pla
           + ("; peak GiB: torch.cuda.max_memory_allocated over the arm's runs (both models' weights included), "
              "reset at each run's start" if where.cuda else ""))
     print(step_table(summary))
-    ratios = {"live/sft": summary["live"]["ratio_to_sft"], "stored/sft": summary["stored"]["ratio_to_sft"],
-              "stored/live": summary["stored"]["median_step_s"] / summary["live"]["median_step_s"]}
-    print(f"\nlive/SFT {ratios['live/sft']:.2f}x, stored/SFT {ratios['stored/sft']:.2f}x, "
-          f"stored/live {ratios['stored/live']:.2f}x; {wall:.0f}s of arms")
+    pairs = [("live", "sft"), ("stored", "sft"), ("stored", "live")] + [(f"{a}_fused", a) for a in ("sft", "live", "stored")]
+    ratios = {f"{a}/{b}": summary[a]["median_step_s"] / summary[b]["median_step_s"] for a, b in pairs
+              if a in summary and b in summary}
+    print("\n" + ", ".join(f"{pair} {ratio:.2f}x" for pair, ratio in ratios.items()) + f"; {wall:.0f}s of arms")
     unapplied = {arm: s["steps_timed"] - s["steps_applied"] for arm, s in summary.items()
                  if s["steps_applied"] < s["steps_timed"]}
     if unapplied:

@@ -38,6 +38,7 @@ from clpd.teachers.ladder import Ladder, build_ladder, ladder_needed, ladder_tab
 from clpd.training.batches import Batches
 from clpd.training.log import Outputs
 from clpd.training.state import TrainResult, TrainState
+from clpd.training.head import why_not_fused
 from clpd.training.loop import train
 from clpd.models.load import apply_lora, count_parameters, load_model, load_tokenizer, resolve_device, resolve_precision
 from clpd.preflight import check_train
@@ -144,6 +145,21 @@ def choose_layout(run: Run, model: torch.nn.Module) -> bool:
     run.console.print(f"trainer.packing: padded micro-batches (the student's attention, {attention}, does not keep "
                       f"packed examples apart)", soft_wrap=True)
     return False
+
+
+def choose_fused(run: Run, model: torch.nn.Module) -> bool:
+    """The output layer fused with the loss where the student allows it (``trainer.fused_loss=null``
+    or true); a run that asks for it on a student that does not is refused."""
+    setting = run.tc.trainer.fused_loss
+    if setting is False:
+        return False
+    why = why_not_fused(model)
+    if why is not None and setting:
+        raise ClpdError(f"trainer.fused_loss=true: the student's logits cannot be fused with the loss ({why}); "
+                        f"allowed: false, or null")
+    if why is not None:
+        log.info("trainer.fused_loss: unfused (%s)", why)
+    return why is None
 
 
 def build_student(run: Run, ladder: Ladder) -> Student:
@@ -315,7 +331,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
             return build_teachers_only(run, ladder, data)
         student = build_student(run, ladder)
         targets, written = teacher_targets(run, ladder, data)  # sequence-level KD: the teachers' solutions
-        supervision = build_supervision(run, ladder, data, targets)
+        supervision = build_supervision(run, ladder, data, targets, fused=choose_fused(run, student.model))
         packed = choose_layout(run, student.model)  # padded or packed micro-batches, for scoring and training
         sampler, scores = main_first(lambda: curriculum_sampler(run, data, student.model, ladder, packed))  # cached by rank 0
         in_use = ladder.in_use() if supervision.teachers is not None or targets else []  # the rungs built and loaded

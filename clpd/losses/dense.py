@@ -95,10 +95,7 @@ class _ForwardKL(torch.autograd.Function):
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, temperature: float, chunk_size: int) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.promote_types(student.dtype, torch.float32), device=student.device)
         for s, t in zip(student.split(chunk_size), teacher.split(chunk_size)):
-            s_logp, t_logp = (_tempered(x, temperature, total.dtype).log_softmax(-1) for x in (s, t))
-            p = t_logp.exp()
-            gap = t_logp.clamp_(min=LOG_PROB_FLOOR).sub_(s_logp.clamp_(min=LOG_PROB_FLOOR))
-            total += p.mul_(gap).sum()
+            total += forward_kl_chunk(s, t, temperature, total.dtype)
         ctx.save_for_backward(student, teacher)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         return total
@@ -108,12 +105,29 @@ class _ForwardKL(torch.autograd.Function):
         student, teacher = ctx.saved_tensors
         out = torch.empty_like(student)
         for s, t, g in zip(student.split(ctx.chunk_size), teacher.split(ctx.chunk_size), out.split(ctx.chunk_size)):
-            p = _tempered(s, ctx.temperature, grad.dtype).log_softmax(-1)
-            w = _tempered(t, ctx.temperature, grad.dtype).softmax(-1)
-            w.masked_fill_(p < LOG_PROB_FLOOR, 0.0)  # rows so unlikely that the floor stops their gradient
-            p.exp_().mul_(w.sum(-1, keepdim=True)).sub_(w).mul_(grad / ctx.temperature)  # d/d(s / T), times dL/dsum
-            g.copy_(p)
+            g.copy_(forward_kl_chunk_grad(s, t, ctx.temperature, grad.dtype).mul_(grad))
         return out, None, None, None
+
+
+def forward_kl_chunk(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """Summed ``forward_kl`` of one chunk of [rows, V] logits at ``temperature`` (not times T ** 2),
+    in ``dtype``, without recording anything for autograd."""
+    s_logp, t_logp = (_tempered(x, temperature, dtype).log_softmax(-1) for x in (student, teacher))
+    p = t_logp.exp()
+    gap = t_logp.clamp_(min=LOG_PROB_FLOOR).sub_(s_logp.clamp_(min=LOG_PROB_FLOOR))
+    return p.mul_(gap).sum()
+
+
+def forward_kl_chunk_grad(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """The gradient of :func:`forward_kl_chunk` w.r.t. the student logits, [rows, V] in ``dtype``:
+    ``(softmax(s / T) * sum(w) - w) / T`` with ``w = softmax(t / T)``, zeroed where the student's
+    log-probability is below the floor (where the generic path's floor stops the gradient)."""
+    p = _tempered(student, temperature, dtype).log_softmax(-1)
+    w = _tempered(teacher, temperature, dtype).softmax(-1)
+    w.masked_fill_(p < LOG_PROB_FLOOR, 0.0)  # rows so unlikely that the floor stops their gradient
+    return p.exp_().mul_(w.sum(-1, keepdim=True)).sub_(w).div_(temperature)
 
 
 def _tempered(logits: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:

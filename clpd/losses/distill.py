@@ -9,6 +9,7 @@ import torch
 from clpd.losses.chunks import _kd_problems, _raise_if, cross_entropy_sum
 from clpd.losses.dense import kd_loss_sum
 from clpd.losses.divergences import LOSS_NAMES
+from clpd.losses.fused import HeadRows, fused_loss_terms
 from clpd.losses.sparse import TopK, sparse_kd_loss_sum
 
 
@@ -21,7 +22,7 @@ class LossTerms(NamedTuple):
 
 
 
-def distill_loss(student_logits: torch.Tensor, teacher_logits: Optional[Union[torch.Tensor, TopK]],
+def distill_loss(student_logits: Union[torch.Tensor, HeadRows], teacher_logits: Optional[Union[torch.Tensor, TopK, HeadRows]],
                  targets: torch.Tensor, *,
                  loss: str, alpha: float, temperature: float = 1.0, beta: float = 0.5, lam: float = 0.1,
                  chunk_size: int = 256, vocab_size: Optional[int] = None, gold: bool = True) -> LossTerms:
@@ -38,13 +39,21 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: Optional[Union[to
     :class:`TopK` of the answer rows (KD by :func:`sparse_kd_loss_sum`, over the first
     ``vocab_size`` rows, all of the student's when None: set it to the width the TopK was built with).
 
+    ``student_logits`` may be the student's :class:`HeadRows` (answer rows' hidden states and output
+    matrix, ``targets`` then [N]; the teacher's may be too): the same loss, fused with the output
+    layer, with no [N, V] logits held (:mod:`clpd.losses.fused`).
+
     ``gold=False``: ``targets`` are the student's own sampled tokens (on-policy), on which no
     cross-entropy is taken: the total is ``(1 - alpha) * KD`` alone, the same divergence code fed
     other targets, weighed as it is on gold tokens.
     """
     if loss not in LOSS_NAMES:
         raise ValueError(f"unknown loss {loss!r}; expected one of: {', '.join(LOSS_NAMES)}")
+    fused = isinstance(student_logits, HeadRows)
     if loss == "sft":
+        if fused:
+            total, _, _ = fused_loss_terms(student_logits, None, targets, loss=loss, alpha=1.0, chunk_size=chunk_size)
+            return LossTerms(total, ce=total)
         ce = cross_entropy_sum(student_logits, targets)
         return LossTerms(ce, ce=ce)
     problems = _kd_problems(loss, temperature, beta, lam, chunk_size, vocab_size)
@@ -56,6 +65,11 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: Optional[Union[to
         problems.append(f"loss {loss!r} with alpha {alpha} needs teacher_logits")
     _raise_if(problems)
 
+    if fused:
+        total, ce, kd = fused_loss_terms(student_logits, teacher_logits, targets, loss=loss, alpha=alpha,
+                                         temperature=temperature, beta=beta, lam=lam, chunk_size=chunk_size,
+                                         vocab_size=vocab_size, gold=gold)
+        return LossTerms(total, ce=ce, kd=kd)
     ce = cross_entropy_sum(student_logits, targets) if alpha > 0.0 and gold else None
     kd = None
     if alpha < 1.0:

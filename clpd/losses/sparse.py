@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from clpd.data.records import IGNORE_INDEX
 from clpd.losses.chunks import _chunked_sum, _kd_problems, _raise_if, answer_rows
 from clpd.losses.divergences import Divergence
-from clpd.losses.divergences import DIVERGENCES
+from clpd.losses.divergences import DIVERGENCES, LOG_PROB_FLOOR
 
 
 class TopK(NamedTuple):
@@ -93,6 +93,41 @@ def _sparse_chunk_sum(student: torch.Tensor, indices: torch.Tensor, values: torc
     # With k == width there is no tail column at all, so nothing computes -inf - (-inf).
     return fn(s_logp, F.log_softmax(teacher, dim=-1)).sum()
 
+
+
+def sparse_forward_kl_chunk(student: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, tail_lse: torch.Tensor,
+                            temperature: float, want_grad: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """:func:`_sparse_chunk_sum` for ``forward_kl``, times ``temperature ** 2``, with its gradient
+    w.r.t. ``student`` written out (None unless ``want_grad``), nothing recorded for autograd.
+
+    With ``w_b`` the teacher's bucket probabilities (zero where the student's bucket log-probability
+    is below the floor, where the generic path's floor stops the gradient), ``q`` the student's
+    softmax at temperature T and ``Q_tail`` its tail mass, the gradient w.r.t. ``student / T`` is
+    ``q_j * sum(w) - w_j`` on a teacher row and ``q_j * sum(w) - w_tail * q_j / Q_tail`` on a tail row."""
+    dtype = torch.promote_types(student.dtype, torch.float32)
+    x, teacher = student.to(dtype), values.to(dtype)
+    if temperature != 1.0:
+        x, teacher = x / temperature, teacher / temperature
+    s_full = F.log_softmax(x, dim=-1)
+    s_buckets = s_full.gather(-1, indices)
+    width, k = x.size(-1), indices.size(-1)
+    tail = k < width
+    if tail:
+        s_tail = s_full.scatter(-1, indices, torch.finfo(dtype).min).logsumexp(-1, keepdim=True)
+        s_buckets = torch.cat([s_buckets, s_tail], dim=-1)
+        teacher = torch.cat([teacher, tempered_tail_lse(tail_lse.to(dtype), width - k, temperature).unsqueeze(-1)], -1)
+    t_logp = F.log_softmax(teacher, dim=-1)
+    value = DIVERGENCES["forward_kl"](s_buckets, t_logp).sum() * temperature ** 2
+    if not want_grad:
+        return value, None
+    w = t_logp.exp().masked_fill_(s_buckets < LOG_PROB_FLOOR, 0.0)
+    total = w.sum(-1, keepdim=True)
+    q = s_full.exp()
+    grad = q * total
+    if tail:
+        grad.sub_(s_full.sub(s_tail).exp_().mul_(w[:, k:]))
+    grad.scatter_(-1, indices, q.gather(-1, indices).mul_(total).sub_(w[:, :k]))
+    return value, grad.mul_(temperature)  # d/d(student) = d/d(student / T) / T, times T ** 2
 
 
 def sparse_kd_loss_sum(student_logits: torch.Tensor, teacher: TopK, targets: torch.Tensor, *,

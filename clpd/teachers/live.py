@@ -9,14 +9,16 @@ Building the ladder's from-scratch teachers is :mod:`clpd.teachers.ladder`.
 from __future__ import annotations
 
 import gc
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from clpd.config.model import ModelConfig
 from clpd.errors import ClpdError
+from clpd.losses.fused import HeadRows
 from clpd.models.load import load_model
+from clpd.training.head import head_rows, why_not_fused
 
 
 # ---------------------------------------------------------------------------------------------
@@ -39,25 +41,30 @@ def check_vocabularies(student_tok: PreTrainedTokenizerBase, student_name: str,
 # ---------------------------------------------------------------------------------------------
 
 class LiveTeacher:
-    """A loaded teacher model; ``logits`` runs it on a micro-batch (the step's :class:`Teacher`)."""
+    """A loaded teacher model; ``logits`` runs it on a micro-batch (the step's :class:`Teacher`):
+    its logits, or with ``fused`` (and a model whose output layer allows it) their makings, the
+    hidden states and output matrix that the fused loss multiplies out chunk by chunk."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, fused: bool = False) -> None:
         self.model = model
+        self.fused = fused and why_not_fused(model) is None
 
-    def logits(self, batch: Dict[str, torch.Tensor], examples: torch.Tensor, autocast) -> torch.Tensor:
+    def logits(self, batch: Dict[str, torch.Tensor], examples: torch.Tensor, autocast) -> Union[torch.Tensor, HeadRows]:
         # no_grad, not inference_mode: the chunked loss reads (and its checkpoints keep) these logits
         # as they are, where inference tensors would first have to be copied (one more [N, V] matrix).
         with torch.no_grad(), autocast:
-            return self.model(**batch).logits
+            return head_rows(self.model, batch) if self.fused else self.model(**batch).logits
 
 
 class TeacherPool:
     """Loads teachers on demand and keeps only the active one: on a switch the old teacher is
     released (and CUDA's cache emptied) *before* the new one is loaded, so the device never holds
-    two. Teachers are frozen, in eval mode, in ``dtype`` (bf16 on CUDA)."""
+    two. Teachers are frozen, in eval mode, in ``dtype`` (bf16 on CUDA); ``fused``: they hand the
+    loss their output layer (with a fused student)."""
 
     def __init__(self, specs: Sequence[ModelConfig], tokenizer: PreTrainedTokenizerBase, *,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, fused: bool = False) -> None:
+        self.fused = fused
         self.specs = list(specs)
         self.tokenizer = tokenizer
         self.device = device
@@ -72,7 +79,7 @@ class TeacherPool:
         self.release()
         model = load_model(self.specs[index], self.tokenizer, dtype=self.dtype)
         model.requires_grad_(False)
-        self.teacher = LiveTeacher(model.to(self.device).eval())
+        self.teacher = LiveTeacher(model.to(self.device).eval(), self.fused)
         self.active_index = index
         return self.teacher, True
 

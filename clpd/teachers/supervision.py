@@ -26,13 +26,14 @@ from clpd.training.step import Supervision
 from clpd.training.targets import TeacherTargets
 
 
-def build_supervision(run: Run, ladder: Ladder, data: Data, targets: Optional[TeacherTargets] = None) -> Supervision:
+def build_supervision(run: Run, ladder: Ladder, data: Data, targets: Optional[TeacherTargets] = None,
+                      fused: bool = False) -> Supervision:
     """Gold solutions (SFT), or a divergence to the teachers of the schedule: their live forward,
     or their stored top-k outputs (built first where missing, on ``targets`` where the teachers
-    wrote them)."""
+    wrote them). ``fused``: the loss takes the student's (and live teachers') output layer."""
     tc = run.tc
     if tc.distill.loss == DistillLoss.sft:
-        return Supervision()
+        return Supervision(fused=fused)
     d = tc.distill
     # Only the rows that the tokenizer, the student and every teacher share are compared.
     loss_fn = functools.partial(distill_loss, loss=d.loss.value, alpha=d.alpha, temperature=d.temperature, beta=d.beta,
@@ -40,16 +41,17 @@ def build_supervision(run: Run, ladder: Ladder, data: Data, targets: Optional[Te
     if d.teacher_outputs == TeacherOutputs.stored:
         teachers = StorePool(ladder.specs, main_first(lambda: stored_outputs(run, ladder, data, targets)))
     else:
-        teachers = TeacherPool(ladder.specs, run.tokenizer, device=run.device, dtype=teacher_dtype(run.autocast_dtype))
+        teachers = TeacherPool(ladder.specs, run.tokenizer, device=run.device, dtype=teacher_dtype(run.autocast_dtype),
+                               fused=fused)
     schedule = make_schedule(tc.teachers, stage_starts(tc, len(data.examples)))
     if d.on_policy == 0:
-        return Supervision(loss_fn, teachers, schedule)
+        return Supervision(loss_fn, teachers, schedule, fused=fused)
     g, tok = d.generation, run.tokenizer
     autocast = torch.autocast(run.device.type, dtype=run.autocast_dtype) if run.autocast_dtype else nullcontext()
     sample = functools.partial(sample_answers, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, autocast=autocast,
                                max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p)
     return Supervision(loss_fn, teachers, schedule, on_policy=OnPolicy(d.on_policy, tc.seed, sample, tok.eos_token_id),
-                       sampled_loss_fn=functools.partial(loss_fn, gold=False))
+                       sampled_loss_fn=functools.partial(loss_fn, gold=False), fused=fused)
 
 
 def stored_outputs(run: Run, ladder: Ladder, data: Data, targets: Optional[TeacherTargets] = None) -> Dict[int, TeacherStore]:

@@ -138,7 +138,7 @@ def step_on(model: torch.nn.Module, optimizer, scaler, batch: StepBatch, supervi
     return optimizer_step(model, optimizer, scaler, batch.micro_batches, answer_tokens=batch.answer_tokens,
                           loss_fn=supervision.loss_fn, autocast=autocast, grad_clip=grad_clip, teacher=teacher,
                           sampled=batch.sampled, sampled_tokens=batch.sampled_tokens,
-                          sampled_loss_fn=supervision.sampled_loss_fn)
+                          sampled_loss_fn=supervision.sampled_loss_fn, fused=supervision.fused)
 
 
 def wrap_ranks(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

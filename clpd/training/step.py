@@ -19,9 +19,10 @@ from clpd.config.schema import TrainerConfig
 from clpd.data.batching import answer_mask
 from clpd.training.distributed import all_reduce_sum, ranks
 from clpd.training.on_policy import OnPolicy
-from clpd.losses.distill import LossTerms
+from clpd.losses.distill import LossTerms, distill_loss
+from clpd.losses.fused import HeadRows
 from clpd.losses.sparse import TopK
-from clpd.losses.chunks import cross_entropy_sum
+from clpd.training.head import head_rows
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainerConfig, fused: bool) -> torch.optim.AdamW:
@@ -34,15 +35,17 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainerConfig, fused: bool) -> 
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused)
 
 
-LossFn = Callable[[torch.Tensor, Optional[torch.Tensor], torch.Tensor], LossTerms]
+# (student logits or HeadRows, teacher outputs or None, targets of the answer rows) -> the summed loss
+LossFn = Callable[[Union[torch.Tensor, HeadRows], Optional[Union[torch.Tensor, TopK, HeadRows]], torch.Tensor], LossTerms]
 
 
 class Teacher(Protocol):
     """What a step reads from a teacher: its outputs at a micro-batch's answer positions, full
-    logits ``[answer positions, V]`` (a live model) or their stored top-k (:class:`TopK`). The
-    step never asks which kind it has (clpd.teachers.live and clpd.teachers.store give both)."""
+    logits ``[answer positions, V]`` or their makings (:class:`HeadRows`) from a live model, or
+    their stored top-k (:class:`TopK`). The step never asks which kind it has (clpd.teachers.live
+    and clpd.teachers.store give them; the loss takes each)."""
 
-    def logits(self, batch: Dict[str, torch.Tensor], examples: torch.Tensor, autocast) -> Union[torch.Tensor, TopK]:
+    def logits(self, batch: Dict[str, torch.Tensor], examples: torch.Tensor, autocast) -> Union[torch.Tensor, TopK, HeadRows]:
         """``batch``: the micro-batch's model inputs on the device (``logits_to_keep`` selects the
         answer positions); ``examples``: their indices in the training set; ``autocast``: the
         student's autocast context."""
@@ -62,9 +65,9 @@ class Teachers(Protocol):
     def release(self) -> None: ...
 
 
-def sft_loss(student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], targets: torch.Tensor) -> LossTerms:
-    ce = cross_entropy_sum(student_logits, targets)
-    return LossTerms(ce, ce=ce)
+def sft_loss(student_logits: Union[torch.Tensor, HeadRows], teacher_logits: Optional[torch.Tensor],
+             targets: torch.Tensor) -> LossTerms:
+    return distill_loss(student_logits, None, targets, loss="sft", alpha=1.0)
 
 
 @dataclass
@@ -83,7 +86,7 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sca
                    micro_batches: Sequence[Dict[str, torch.Tensor]], *, answer_tokens: int, loss_fn: LossFn,
                    teacher: Optional[Teacher], autocast, grad_clip: float,
                    sampled: Sequence[Dict[str, torch.Tensor]] = (), sampled_tokens: int = 0,
-                   sampled_loss_fn: Optional[LossFn] = None) -> StepResult:
+                   sampled_loss_fn: Optional[LossFn] = None, fused: bool = False) -> StepResult:
     """Accumulate the gradients of ``micro_batches`` (one step's batch, or this rank's share of
     it) and update the weights.
 
@@ -95,6 +98,9 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sca
     ``sampled``: micro-batches of the student's own answers (on-policy), ``sampled_tokens`` of the
     step's answer tokens, taken by ``sampled_loss_fn`` (the divergence alone). Their term is logged
     as ``kd_sampled``, per sampled token; ``ce`` and ``kd`` are per gold answer token.
+
+    ``fused``: the student's output layer runs inside the loss (:func:`~clpd.training.head.head_rows`),
+    so no [answer positions, V] logits are held.
     """
     world = ranks().world_size
     device = next(model.parameters()).device
@@ -117,7 +123,7 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sca
         sync = model.no_sync() if world > 1 and i < len(parts_of) - 1 else nullcontext()
         with sync:
             with autocast:
-                logits = model(**mb).logits
+                logits = head_rows(model, mb) if fused else model(**mb).logits
             parts = loss_of(logits, teacher_logits, targets)
             loss = parts.total / max(answer_tokens, 1)
             # Free both models' logits before backward: they are the largest activations, and
@@ -150,9 +156,11 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sca
 class Supervision:
     """What the student learns from: ``loss_fn(student_logits, teacher_logits or None, targets)``,
     and for distillation the teachers with ``schedule(schedule_step)`` naming each step's teacher;
-    on-policy, also the student's own answers (``on_policy``) and their loss (``sampled_loss_fn``)."""
+    on-policy, also the student's own answers (``on_policy``) and their loss (``sampled_loss_fn``);
+    ``fused``: the loss takes the student's output layer (trainer.fused_loss)."""
     loss_fn: LossFn = sft_loss
     teachers: Optional[Teachers] = None
     schedule: Optional[Callable[[int], int]] = None
     on_policy: Optional[OnPolicy] = None
     sampled_loss_fn: Optional[LossFn] = None
+    fused: bool = False

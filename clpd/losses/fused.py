@@ -1,0 +1,183 @@
+"""The output layer and the loss fused: ``fused_distill_loss`` takes the answer rows' last hidden
+states and the output matrix (:class:`HeadRows`) instead of their logits, and never holds a
+``[answer rows, V]`` matrix of logits or of their gradient.
+
+Rows go through the output matrix ``chunk_size`` at a time. For each chunk, the logits are made,
+the loss terms are taken on them, and the gradient of the chunk's loss w.r.t. its logits is turned
+at once into the gradients w.r.t. the chunk's hidden states (``g @ W``) and w.r.t. the output matrix
+(``g.T @ h``, accumulated); then the chunk's logits are dropped. Backward only scales the two
+stored gradients (the approach of Liger-Kernel's fused linear cross-entropy and KL divergence).
+A live teacher's rows can come as :class:`HeadRows` too: its chunk of logits is made beside the
+student's and dropped with it.
+
+Per chunk, the gradient w.r.t. the logits is written out for cross-entropy (``softmax - onehot``)
+and for forward KL (dense: :func:`clpd.losses.dense.forward_kl_chunk_grad`; against a stored
+:class:`~clpd.losses.sparse.TopK`: :func:`clpd.losses.sparse.sparse_forward_kl_chunk`); every other
+divergence takes autograd's gradient of the chunk's loss, computed with the same per-chunk functions as the unfused losses. So each
+fused loss is the unfused one summed in another order: same value and gradients to float rounding
+(tests/test_fused.py).
+
+Matmuls run in the ambient autocast dtype (bf16 on CUDA), as the model's own output layer would;
+the loss itself is fp32, as elsewhere.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Dict, NamedTuple, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from clpd.losses.chunks import RECOMPUTE_ABOVE, _kd_problems, _raise_if
+from clpd.losses.dense import _chunk_sum, forward_kl_chunk, forward_kl_chunk_grad
+from clpd.losses.divergences import DIVERGENCES
+from clpd.losses.sparse import TopK, _sparse_chunk_sum, sparse_forward_kl_chunk
+
+
+class HeadRows(NamedTuple):
+    """A model's outputs at answer rows before its output layer: ``hidden`` [N, H] (after the final
+    norm) and the output matrix ``weight`` [V, H]; the logits would be ``hidden @ weight.T``."""
+    hidden: torch.Tensor
+    weight: torch.Tensor
+
+
+Teacher = Union[torch.Tensor, TopK, HeadRows]
+
+
+def fused_loss_terms(student: HeadRows, teacher: Optional[Teacher], targets: torch.Tensor, *, loss: str,
+                     alpha: float, temperature: float = 1.0, beta: float = 0.5, lam: float = 0.1,
+                     chunk_size: int = 256, vocab_size: Optional[int] = None,
+                     gold: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The terms of :func:`clpd.losses.distill.distill_loss` (which calls this for
+    :class:`HeadRows`), as (total, ce, kd): ``targets`` [N] are the answer rows' gold or sampled
+    tokens, ``teacher`` dense answer-row logits, a TopK or the teacher's HeadRows (None without a
+    KD term). ``total`` has gradients for ``student.hidden`` and ``student.weight`` where they
+    require them and grad is enabled; ``ce`` and ``kd`` are values only."""
+    problems = [] if loss == "sft" else _kd_problems(loss, temperature, beta, lam, chunk_size, vocab_size)
+    if student.hidden.dim() != 2 or targets.shape != student.hidden.shape[:1]:
+        problems.append(f"shapes do not line up: hidden {tuple(student.hidden.shape)}, targets {tuple(targets.shape)} "
+                        "(expected [N, H] answer rows and [N] targets)")
+    _raise_if(problems)
+    ce_on = loss == "sft" or (alpha > 0.0 and gold)
+    kd_on = loss != "sft" and alpha < 1.0
+    weights = (1.0, 0.0) if loss == "sft" else (alpha if gold else 0.0, 1.0 - alpha)
+    n, width = student.hidden.size(0), student.weight.size(0)
+    rows = chunk_size if n * width > RECOMPUTE_ABOVE else max(n, 1)  # small losses: one chunk
+    terms = partial(_chunk_terms, targets=targets, teacher=teacher if kd_on else None, ce_on=ce_on, weights=weights,
+                    divergence=loss, temperature=temperature, beta=beta, lam=lam, vocab_size=vocab_size)
+    sums: Dict[str, torch.Tensor] = {}
+    total = _FusedOutputLoss.apply(student.hidden, student.weight, terms, rows, sums, torch.is_grad_enabled())
+    return total, sums.get("ce"), sums.get("kd")
+
+
+class _FusedOutputLoss(torch.autograd.Function):
+    """``terms`` summed over row chunks of ``hidden @ weight.T``; the gradients are made in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, terms, rows: int, sums: dict,
+                tracked: bool) -> torch.Tensor:
+        want_h, want_w = tracked and ctx.needs_input_grad[0], tracked and ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros_like(weight) if want_w else None
+        total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+        for start in range(0, hidden.size(0), rows):
+            h = hidden[start:start + rows]
+            logits = h @ weight.T  # in the autocast dtype where one is active
+            value, parts, grad = terms(logits, start, start + h.size(0), want_grad=want_h or want_w)
+            del logits
+            total += value
+            for name, part in parts.items():
+                sums[name] = sums.get(name, 0.0) + part
+            if grad is not None:
+                if not torch.is_autocast_enabled(h.device.type):  # (autocast casts the matmuls itself)
+                    grad = grad.to(h.dtype)
+                if want_h:
+                    grad_h[start:start + h.size(0)] = grad @ weight
+                if want_w:
+                    grad_w += (grad.T @ h).to(grad_w.dtype)
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, d_total: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * d_total.to(grad_h.dtype),
+                None if grad_w is None else grad_w * d_total.to(grad_w.dtype), None, None, None, None)
+
+
+def _chunk_terms(logits: torch.Tensor, start: int, end: int, *, targets: torch.Tensor, teacher: Optional[Teacher],
+                 ce_on: bool, weights: tuple, divergence: str, temperature: float, beta: float, lam: float,
+                 vocab_size: Optional[int], want_grad: bool):
+    """One chunk's weighted total, its unweighted terms (``ce``, ``kd``) and the total's gradient
+    w.r.t. the chunk's logits (None when no gradient is wanted)."""
+    s = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    value = s.new_zeros(())
+    grad = torch.zeros_like(s) if want_grad else None
+    parts: Dict[str, torch.Tensor] = {}
+    if ce_on:
+        ce, ce_grad = _ce_chunk(s, targets[start:end], want_grad)
+        parts["ce"] = ce
+        value += weights[0] * ce
+        if want_grad:
+            grad.add_(ce_grad, alpha=weights[0])
+    if teacher is not None:
+        kd, kd_grad = _kd_chunk(s, _teacher_rows(teacher, start, end), divergence=divergence, temperature=temperature,
+                                beta=beta, lam=lam, vocab_size=vocab_size, want_grad=want_grad)
+        parts["kd"] = kd
+        value += weights[1] * kd
+        if want_grad:
+            grad[:, :kd_grad.size(1)].add_(kd_grad, alpha=weights[1])
+    return value, parts, grad
+
+
+def _ce_chunk(s: torch.Tensor, targets: torch.Tensor, want_grad: bool):
+    """Summed cross-entropy of fp32 logits ``s`` [rows, V] and its gradient ``softmax - onehot``."""
+    value = F.cross_entropy(s, targets, reduction="sum")
+    if not want_grad:
+        return value, None
+    grad = s.softmax(-1)
+    grad[torch.arange(s.size(0), device=s.device), targets] -= 1.0
+    return value, grad
+
+
+def _teacher_rows(teacher: Teacher, start: int, end: int) -> Union[torch.Tensor, TopK]:
+    """The teacher's logits (or TopK) of rows ``start:end``; a teacher's HeadRows are multiplied out here."""
+    if isinstance(teacher, TopK):
+        return TopK(*(x[start:end] for x in teacher))
+    if isinstance(teacher, HeadRows):
+        with torch.no_grad():
+            return teacher.hidden[start:end] @ teacher.weight.T
+    return teacher[start:end]
+
+
+def _kd_chunk(s: torch.Tensor, teacher: Union[torch.Tensor, TopK], *, divergence: str, temperature: float, beta: float,
+              lam: float, vocab_size: Optional[int], want_grad: bool):
+    """The chunk's summed divergence times ``temperature ** 2`` over the compared rows, and its
+    gradient w.r.t. those columns of ``s`` ([rows, width]; the columns past width get none)."""
+    sparse = isinstance(teacher, TopK)
+    width = vocab_size or (s.size(1) if sparse else min(s.size(1), teacher.size(1)))
+    student = s[:, :width]
+    scale = temperature ** 2
+    if not sparse and divergence == "forward_kl":  # closed-form gradient, as the unfused loss
+        t = teacher[:, :width]
+        value = forward_kl_chunk(student, t, temperature, s.dtype) * scale
+        grad = forward_kl_chunk_grad(student, t, temperature, s.dtype).mul_(scale) if want_grad else None
+        return value, grad
+    if sparse and divergence == "forward_kl":
+        return sparse_forward_kl_chunk(student, teacher.indices.long(), teacher.values, teacher.tail_lse, temperature,
+                                       want_grad)
+    fn = partial(DIVERGENCES[divergence], beta=beta, lam=lam)
+    if sparse:
+        per_chunk = partial(_sparse_chunk_sum, indices=teacher.indices.long(), values=teacher.values,
+                            tail_lse=teacher.tail_lse, fn=fn, temperature=temperature)
+    else:
+        per_chunk = partial(_chunk_sum, teacher=teacher[:, :width], fn=fn, temperature=temperature)
+    if not want_grad:
+        with torch.no_grad():
+            return per_chunk(student) * scale, None
+    with torch.enable_grad():
+        x = student.detach().requires_grad_(True)
+        value = per_chunk(x) * scale
+        (grad,) = torch.autograd.grad(value, x)
+    return value.detach(), grad
