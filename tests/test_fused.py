@@ -188,3 +188,23 @@ def test_a_model_whose_logits_are_not_its_output_layer_alone_is_not_fused():
     assert "not one of the causal LMs" in why_not_fused(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2)))
     dropped = get_peft_model(tiny_llama(0, tied=False), LoraConfig(r=2, lora_dropout=0.1, target_modules=["lm_head"]))
     assert "dropout" in why_not_fused(dropped)
+
+
+# --- a run ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra", [(), ("distill.teacher_outputs=stored", "distill.top_k=4")], ids=["live", "stored"])
+def test_a_fused_run_follows_the_unfused_run(tmp_path, extra):
+    import json
+
+    from rich.console import Console
+
+    from clpd.commands.run_train import run_train
+    from tests.test_teacher_store import kd_cfg
+
+    for name, setting in (("fused", "null"), ("unfused", "false")):
+        run_train(kd_cfg(tmp_path, *extra, "trainer.max_steps=6", f"trainer.fused_loss={setting}"), tmp_path / name,
+                  Console(quiet=True))
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+               if "loss" in json.loads(line)] for name in ("fused", "unfused")]
+    assert len(losses[0]) == 6
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-5, atol=0)

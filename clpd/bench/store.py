@@ -116,7 +116,7 @@ def add_build(sub) -> None:
 
 
 def add_memory(sub) -> None:
-    m = sub.add_parser("memory", help="peak RSS of logits + KD loss: naive vs clpd live vs clpd stored",
+    m = sub.add_parser("memory", help="peak RSS of logits + KD loss: naive vs clpd live vs clpd stored, unfused and fused",
                        formatter_class=DEFAULTS)
     m.add_argument("--tokens", type=int, default=4096, help="positions per micro-batch")
     m.add_argument("--answer-fraction", type=float, default=0.5)

@@ -130,6 +130,18 @@ def forward_kl_chunk_grad(student: torch.Tensor, teacher: torch.Tensor, temperat
     return p.exp_().mul_(w.sum(-1, keepdim=True)).sub_(w).div_(temperature)
 
 
+def forward_kl_chunk_with_grad(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`forward_kl_chunk` and :func:`forward_kl_chunk_grad` at once, sharing the two softmaxes
+    (the fused loss needs both in one pass)."""
+    s_logp, t_logp = (_tempered(x, temperature, dtype).log_softmax(-1) for x in (student, teacher))
+    p = t_logp.exp()
+    value = t_logp.clamp_(min=LOG_PROB_FLOOR).sub_(s_logp.clamp(min=LOG_PROB_FLOOR)).mul_(p).sum()
+    del t_logp
+    p.masked_fill_(s_logp < LOG_PROB_FLOOR, 0.0)  # rows so unlikely that the floor stops their gradient
+    return value, s_logp.exp_().mul_(p.sum(-1, keepdim=True)).sub_(p).div_(temperature)
+
+
 def _tempered(logits: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
     """``logits / temperature`` in ``dtype`` (possibly ``logits`` itself: not to be changed in place)."""
     x = logits.to(dtype)

@@ -11,7 +11,7 @@ A live teacher's rows can come as :class:`HeadRows` too: its chunk of logits is 
 student's and dropped with it.
 
 Per chunk, the gradient w.r.t. the logits is written out for cross-entropy (``softmax - onehot``)
-and for forward KL (dense: :func:`clpd.losses.dense.forward_kl_chunk_grad`; against a stored
+and for forward KL (dense: :func:`clpd.losses.dense.forward_kl_chunk_with_grad`; against a stored
 :class:`~clpd.losses.sparse.TopK`: :func:`clpd.losses.sparse.sparse_forward_kl_chunk`); every other
 divergence takes autograd's gradient of the chunk's loss, computed with the same per-chunk functions as the unfused losses. So each
 fused loss is the unfused one summed in another order: same value and gradients to float rounding
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from clpd.losses.chunks import RECOMPUTE_ABOVE, _kd_problems, _raise_if
-from clpd.losses.dense import _chunk_sum, forward_kl_chunk, forward_kl_chunk_grad
+from clpd.losses.dense import _chunk_sum, forward_kl_chunk, forward_kl_chunk_with_grad
 from clpd.losses.divergences import DIVERGENCES
 from clpd.losses.sparse import TopK, _sparse_chunk_sum, sparse_forward_kl_chunk
 
@@ -113,22 +113,29 @@ def _chunk_terms(logits: torch.Tensor, start: int, end: int, *, targets: torch.T
     w.r.t. the chunk's logits (None when no gradient is wanted)."""
     s = logits.to(torch.promote_types(logits.dtype, torch.float32))
     value = s.new_zeros(())
-    grad = torch.zeros_like(s) if want_grad else None
+    grad = None  # the first term's gradient, scaled in place; the second's added to it
     parts: Dict[str, torch.Tensor] = {}
     if ce_on:
-        ce, ce_grad = _ce_chunk(s, targets[start:end], want_grad)
+        ce, grad = _ce_chunk(s, targets[start:end], want_grad)
         parts["ce"] = ce
         value += weights[0] * ce
-        if want_grad:
-            grad.add_(ce_grad, alpha=weights[0])
+        if grad is not None:
+            grad.mul_(weights[0])
     if teacher is not None:
         kd, kd_grad = _kd_chunk(s, _teacher_rows(teacher, start, end), divergence=divergence, temperature=temperature,
                                 beta=beta, lam=lam, vocab_size=vocab_size, want_grad=want_grad)
         parts["kd"] = kd
         value += weights[1] * kd
-        if want_grad:
+        if kd_grad is not None and grad is not None:
             grad[:, :kd_grad.size(1)].add_(kd_grad, alpha=weights[1])
+        elif kd_grad is not None:  # the KD term alone (alpha = 0): no second [rows, V] buffer
+            grad = _widened(kd_grad.mul_(weights[1]), s.size(1))
     return value, parts, grad
+
+
+def _widened(grad: torch.Tensor, width: int) -> torch.Tensor:
+    """``grad`` [rows, w] with zero columns appended up to ``width`` (the rows past the compared vocabulary)."""
+    return grad if grad.size(1) == width else F.pad(grad, (0, width - grad.size(1)))
 
 
 def _ce_chunk(s: torch.Tensor, targets: torch.Tensor, want_grad: bool):
@@ -161,9 +168,10 @@ def _kd_chunk(s: torch.Tensor, teacher: Union[torch.Tensor, TopK], *, divergence
     scale = temperature ** 2
     if not sparse and divergence == "forward_kl":  # closed-form gradient, as the unfused loss
         t = teacher[:, :width]
-        value = forward_kl_chunk(student, t, temperature, s.dtype) * scale
-        grad = forward_kl_chunk_grad(student, t, temperature, s.dtype).mul_(scale) if want_grad else None
-        return value, grad
+        if not want_grad:
+            return forward_kl_chunk(student, t, temperature, s.dtype) * scale, None
+        value, grad = forward_kl_chunk_with_grad(student, t, temperature, s.dtype)
+        return value * scale, grad.mul_(scale)
     if sparse and divergence == "forward_kl":
         return sparse_forward_kl_chunk(student, teacher.indices.long(), teacher.values, teacher.tail_lse, temperature,
                                        want_grad)

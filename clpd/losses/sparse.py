@@ -122,11 +122,12 @@ def sparse_forward_kl_chunk(student: torch.Tensor, indices: torch.Tensor, values
         return value, None
     w = t_logp.exp().masked_fill_(s_buckets < LOG_PROB_FLOOR, 0.0)
     total = w.sum(-1, keepdim=True)
-    q = s_full.exp()
-    grad = q * total
-    if tail:
-        grad.sub_(s_full.sub(s_tail).exp_().mul_(w[:, k:]))
-    grad.scatter_(-1, indices, q.gather(-1, indices).mul_(total).sub_(w[:, :k]))
+    top = s_buckets[:, :k].exp().mul_(total).sub_(w[:, :k])  # the teacher rows' gradient
+    grad = s_full.exp().mul_(total)
+    if tail:  # s_full is not needed after this: turned in place into q_j / Q_tail
+        grad.sub_(s_full.sub_(s_tail).exp_().mul_(w[:, k:]))
+    del s_full
+    grad.scatter_(-1, indices, top)
     return value, grad.mul_(temperature)  # d/d(student) = d/d(student / T) / T, times T ** 2
 
 
