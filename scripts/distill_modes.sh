@@ -37,10 +37,11 @@ for mode in ${MODES//,/ }; do overrides "$mode" > /dev/null || exit 2; done
 # The ladder with its stores on the gold solutions, then the solutions every rung writes and the
 # stores on those it got right.
 run clpd train +experiment=arith_methods teachers.build_only=true distill.teacher_outputs=stored \
-    "hydra.run.dir=$OUT/teachers/gold" "$@" || exit 1
+    "hydra.run.dir=$OUT/teachers/gold" trainer.resume=auto "$@" || exit 1
 if [[ ",$MODES," == *,seqkd,* ]]; then
+    # shellcheck disable=SC2046  # the mode's overrides are separate words
     run clpd train +experiment=arith_methods teachers.build_only=true $(overrides seqkd) \
-        "hydra.run.dir=$OUT/teachers/written" "$@" || exit 1
+        "hydra.run.dir=$OUT/teachers/written" trainer.resume=auto "$@" || exit 1
 fi
 for mode in ${MODES//,/ }; do
     # shellcheck disable=SC2046  # the mode's overrides are separate words

@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import inspect
 import shutil
 import statistics
 import tempfile
+from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -59,6 +61,8 @@ class Arm:
     micro_batch_tokens: bool = False  # clpd: cut micro-batches by --micro-batch-tokens
     layout: str = "sorted"  # trl: "sorted" (sequential, step batch sorted by length) | "rebalance"
     on_policy: bool = False  # the student answers every example itself (clpd.bench.gkd_arms)
+    stored: bool = False  # clpd: the teacher's stored top-32 outputs, built before the timed steps
+    fused: Optional[bool] = None  # clpd: trainer.fused_loss (None: as the loop decides, where the checkout has it)
     what: str = ""
 
 
@@ -69,6 +73,10 @@ ARMS = [
     Arm("clpd_packed_ga1", "clpd", 1, packed=True, what="clpd loop, packing=true, grad_accum=1: one packed row of 32 examples"),
     Arm("clpd_packed_tok", "clpd", 1, packed=True, micro_batch_tokens=True,
         what="clpd loop, packing=true, micro_batch_tokens=N: packed rows of at most N tokens"),
+    Arm("clpd_unfused_ga4", "clpd", 4, fused=False,
+        what="clpd loop, grad_accum=4, trainer.fused_loss=false: output layers apart from the loss"),
+    Arm("clpd_stored_ga4", "clpd", 4, stored=True,
+        what="clpd loop, grad_accum=4, distill.teacher_outputs=stored (top 32, built before the timed steps)"),
     Arm("trl_ga1", "trl", 1, what="TRL GKDTrainer, 32 x 1: one padded batch of 32"),
     Arm("trl_ga4_sorted", "trl", 4, what="TRL GKDTrainer, 8 x 4, step batch sorted by length: clpd_ga4's micro-batches"),
     Arm("trl_ga4_rebalance", "trl", 4, layout="rebalance",
@@ -259,12 +267,42 @@ def run_clpd(work: Work, arm: Arm) -> dict:
     batches = TimedBatches(work.examples, StepSampler(work),
                            work.pad_id, **layout)
     loss_fn = functools.partial(distill_loss, loss="forward_kl", alpha=0.0, vocab_size=work.vocab)
-    teachers = TeacherPool([teacher_spec], tokenizer, device=torch.device("cpu"), dtype=torch.float32)
-    result = train(student, batches, trainer_config(work, arm), Supervision(loss_fn, teachers, schedule=lambda step: 0),
+    teachers = (stored_pool(work, teacher_spec, tokenizer) if arm.stored else
+                TeacherPool([teacher_spec], tokenizer, device=torch.device("cpu"), dtype=torch.float32,
+                            **fused_setting(arm, student, "fused" in inspect.signature(TeacherPool).parameters)))
+    supervision = Supervision(loss_fn, teachers, schedule=lambda step: 0,
+                              **fused_setting(arm, student, "fused" in field_names(Supervision)))
+    result = train(student, batches, trainer_config(work, arm), supervision,
                    Outputs(None, Console(quiet=True)), device=torch.device("cpu"))
     seen["bounds"].append(clock())  # step k ends where step k+1 starts; the last one when train() returns
-    teacher, _ = teachers.get(0)
-    return {**seen, "final_loss": result.final_loss, "probe_kd": probe_kd(student, teacher.model, work)}
+    from clpd.models.load import load_model
+
+    teacher = load_model(teacher_spec, tokenizer).eval()
+    return {**seen, "final_loss": result.final_loss, "probe_kd": probe_kd(student, teacher, work),
+            "fused": supervision.fused if hasattr(supervision, "fused") else None}
+
+
+def fused_setting(arm: Arm, student: torch.nn.Module, supported: bool) -> dict:
+    """``fused=`` as the training run decides it (trainer.fused_loss, the arm's or null), where this
+    checkout has the setting."""
+    if not supported:
+        return {}
+    from clpd.training.head import why_not_fused
+
+    return {"fused": arm.fused if arm.fused is not None else why_not_fused(student) is None}
+
+
+def stored_pool(work: Work, teacher_spec: ModelConfig, tokenizer):
+    """The teacher's stored top-32 outputs over the work's examples, built now (untimed) into the
+    work's folder, as a run's StorePool."""
+    from rich.console import Console
+
+    from clpd.teachers.store import StorePool, prepare_stores
+
+    stores = prepare_stores([teacher_spec], [0], work.examples, cache_dir=str(Path(work.student_dir).parent / "stores"),
+                            top_k=32, max_length=512, tokenizer=tokenizer, batch_size=16, device=torch.device("cpu"),
+                            dtype=torch.float32, autocast_dtype=None, console=Console(quiet=True))
+    return StorePool([teacher_spec], stores)
 
 
 # --- TRL -------------------------------------------------------------------------------------------
