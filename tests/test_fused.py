@@ -201,10 +201,31 @@ def test_a_fused_run_follows_the_unfused_run(tmp_path, extra):
     from clpd.commands.run_train import run_train
     from tests.test_teacher_store import kd_cfg
 
-    for name, setting in (("fused", "null"), ("unfused", "false")):
+    for name, setting in (("fused", "true"), ("unfused", "false")):
         run_train(kd_cfg(tmp_path, *extra, "trainer.max_steps=6", f"trainer.fused_loss={setting}"), tmp_path / name,
                   Console(quiet=True))
     losses = [[json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
                if "loss" in json.loads(line)] for name in ("fused", "unfused")]
     assert len(losses[0]) == 6
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-5, atol=0)
+
+
+def test_fused_is_the_default_from_a_real_vocabulary_on_and_refused_where_the_model_does_not_allow_it():
+    from types import SimpleNamespace
+
+    from clpd.commands.run_train import choose_fused
+    from clpd.errors import ClpdError
+    from clpd.training.head import FUSED_MIN_ROWS
+
+    def run(setting):
+        return SimpleNamespace(tc=SimpleNamespace(trainer=SimpleNamespace(fused_loss=setting)))
+
+    small, real = tiny_llama(0, tied=True, vocab=100), tiny_llama(0, tied=True, vocab=FUSED_MIN_ROWS)
+    assert [choose_fused(run(None), small), choose_fused(run(None), real)] == [False, True]
+    assert choose_fused(run(True), small) and not choose_fused(run(False), real)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=FUSED_MIN_ROWS))
+    assert not choose_fused(run(None), gpt2)
+    with pytest.raises(ClpdError, match="trainer.fused_loss=true: the student's logits cannot be fused"):
+        choose_fused(run(True), gpt2)

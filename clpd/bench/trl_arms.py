@@ -287,9 +287,10 @@ def fused_setting(arm: Arm, student: torch.nn.Module, supported: bool) -> dict:
     checkout has the setting."""
     if not supported:
         return {}
-    from clpd.training.head import why_not_fused
+    from clpd.training.head import FUSED_MIN_ROWS, output_rows, why_not_fused
 
-    return {"fused": arm.fused if arm.fused is not None else why_not_fused(student) is None}
+    default = why_not_fused(student) is None and output_rows(student) >= FUSED_MIN_ROWS  # trainer.fused_loss=null
+    return {"fused": arm.fused if arm.fused is not None else default}
 
 
 def stored_pool(work: Work, teacher_spec: ModelConfig, tokenizer):

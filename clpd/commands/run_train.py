@@ -38,7 +38,7 @@ from clpd.teachers.ladder import Ladder, build_ladder, ladder_needed, ladder_tab
 from clpd.training.batches import Batches
 from clpd.training.log import Outputs
 from clpd.training.state import TrainResult, TrainState
-from clpd.training.head import why_not_fused
+from clpd.training.head import FUSED_MIN_ROWS, output_rows, why_not_fused
 from clpd.training.loop import train
 from clpd.models.load import apply_lora, count_parameters, load_model, load_tokenizer, resolve_device, resolve_precision
 from clpd.preflight import check_train
@@ -148,10 +148,10 @@ def choose_layout(run: Run, model: torch.nn.Module) -> bool:
 
 
 def choose_fused(run: Run, model: torch.nn.Module) -> bool:
-    """The output layer fused with the loss where the student allows it (``trainer.fused_loss=null``
-    or true); a run that asks for it on a student that does not is refused."""
+    """The output layer fused with the loss where the student allows it (true, or null with a real
+    vocabulary: ``FUSED_MIN_ROWS``); a run that asks for it on a student that does not is refused."""
     setting = run.tc.trainer.fused_loss
-    if setting is False:
+    if setting is False or (setting is None and output_rows(model) < FUSED_MIN_ROWS):
         return False
     why = why_not_fused(model)
     if why is not None and setting:

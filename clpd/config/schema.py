@@ -220,7 +220,8 @@ class TrainerConfig:
     # examples cost what they contain. None: grad_accum micro-batches of equal example counts.
     micro_batch_tokens: Optional[int] = None
     # The output layer fused with the loss (clpd.losses.fused): no [answer positions, V] logits or
-    # gradient is held, the student's and a live teacher's. None: on wherever the model allows it.
+    # gradient is held, the student's and a live teacher's. None: on where the model allows it and
+    # its output layer has a real vocabulary (>= 4,096 rows: clpd.training.head.FUSED_MIN_ROWS).
     fused_loss: Optional[bool] = None
     lr: float = 5e-3
     min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio

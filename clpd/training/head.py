@@ -24,6 +24,13 @@ from clpd.losses.fused import HeadRows
 # Causal LMs whose forward ends in ``logits = lm_head(hidden_states)``, nothing after it.
 PLAIN_HEADS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 
+# trainer.fused_loss=null fuses from this many output rows on: a real vocabulary (SmolLM2's 49,152,
+# Qwen's 151,936), where the [rows, V] logits are most of a step's activation memory. Below it (the
+# from-scratch models' 100-row character vocabulary) there is nothing to save, and a fused step
+# measured the same time as an unfused one (python -m clpd.bench.store step), so those runs keep the
+# unfused path and its numbers.
+FUSED_MIN_ROWS = 4096
+
 
 def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside DDP and PEFT wrappers."""
@@ -45,6 +52,10 @@ def why_not_fused(model: torch.nn.Module) -> Optional[str]:
         if dropout or any(getattr(head, "use_dora", {}).values()) or getattr(head, "merged", False):
             return "LoRA on its output layer has dropout, DoRA or merged weights"
     return None
+
+
+def output_rows(model: torch.nn.Module) -> int:
+    return _causal_lm(model).get_output_embeddings().weight.shape[0]
 
 
 def output_matrix(model: torch.nn.Module) -> torch.Tensor:
