@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
-import inspect
 import shutil
 import statistics
 import tempfile
-from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -238,74 +235,6 @@ def trainer_config(work: Work, arm: Arm) -> TrainerConfig:
                          precision=Precision.fp32, device=Device.cpu, num_threads=a.threads, **extra)
 
 
-def run_clpd(work: Work, arm: Arm) -> dict:
-    """Child: clpd's loop, called directly, on the step batches of ``work``."""
-    from rich.console import Console
-
-    from clpd.teachers.live import TeacherPool
-    from clpd.training.batches import Batches
-    from clpd.training.log import Outputs
-    from clpd.training.loop import train
-    from clpd.training.step import Supervision
-
-    tokenizer, student, teacher_spec = load_pair(work)
-    seen = {"bounds": [], "positions": [], "clpd_tokens": [], "micro_batches": []}  # per step
-
-    class TimedBatches(Batches):
-        def step(self, *args, **kwargs):
-            seen["bounds"].append(clock())  # the start of each step, then (below) the end of the last
-            out = super().step(*args, **kwargs)
-            seen["positions"].append(sum(int(mb["input_ids"].numel()) for mb in out.micro_batches))
-            seen["clpd_tokens"].append(int(out.tokens))
-            seen["micro_batches"].append(len(out.micro_batches))
-            return out
-
-    names = field_names(Batches)
-    layout = {"packed": arm.packed} if "packed" in names else {}
-    if "micro_batch_tokens" in names and arm.micro_batch_tokens:
-        layout["micro_batch_tokens"] = work.args.micro_batch_tokens
-    batches = TimedBatches(work.examples, StepSampler(work),
-                           work.pad_id, **layout)
-    loss_fn = functools.partial(distill_loss, loss="forward_kl", alpha=0.0, vocab_size=work.vocab)
-    teachers = (stored_pool(work, teacher_spec, tokenizer) if arm.stored else
-                TeacherPool([teacher_spec], tokenizer, device=torch.device("cpu"), dtype=torch.float32,
-                            **fused_setting(arm, student, "fused" in inspect.signature(TeacherPool).parameters)))
-    supervision = Supervision(loss_fn, teachers, schedule=lambda step: 0,
-                              **fused_setting(arm, student, "fused" in field_names(Supervision)))
-    result = train(student, batches, trainer_config(work, arm), supervision,
-                   Outputs(None, Console(quiet=True)), device=torch.device("cpu"))
-    seen["bounds"].append(clock())  # step k ends where step k+1 starts; the last one when train() returns
-    from clpd.models.load import load_model
-
-    teacher = load_model(teacher_spec, tokenizer).eval()
-    return {**seen, "final_loss": result.final_loss, "probe_kd": probe_kd(student, teacher, work),
-            "fused": supervision.fused if hasattr(supervision, "fused") else None}
-
-
-def fused_setting(arm: Arm, student: torch.nn.Module, supported: bool) -> dict:
-    """``fused=`` as the training run decides it (trainer.fused_loss, the arm's or null), where this
-    checkout has the setting."""
-    if not supported:
-        return {}
-    from clpd.training.head import FUSED_MIN_ROWS, output_rows, why_not_fused
-
-    default = why_not_fused(student) is None and output_rows(student) >= FUSED_MIN_ROWS  # trainer.fused_loss=null
-    return {"fused": arm.fused if arm.fused is not None else default}
-
-
-def stored_pool(work: Work, teacher_spec: ModelConfig, tokenizer):
-    """The teacher's stored top-32 outputs over the work's examples, built now (untimed) into the
-    work's folder, as a run's StorePool."""
-    from rich.console import Console
-
-    from clpd.teachers.store import StorePool, prepare_stores
-
-    stores = prepare_stores([teacher_spec], [0], work.examples, cache_dir=str(Path(work.student_dir).parent / "stores"),
-                            top_k=32, max_length=512, tokenizer=tokenizer, batch_size=16, device=torch.device("cpu"),
-                            dtype=torch.float32, autocast_dtype=None, console=Console(quiet=True))
-    return StorePool([teacher_spec], stores)
-
-
 # --- TRL -------------------------------------------------------------------------------------------
 
 def trl_collator(pad_id: int, positions: List[int]) -> Callable[[List[dict]], Dict[str, torch.Tensor]]:
@@ -408,6 +337,15 @@ def run_trl(work: Work, arm: Arm) -> dict:
             "probe_kd": probe_kd(trainer.model, teacher, work), "trl": trl_info(trainer, config)}
 
 
+def default_run(arm: Arm) -> Callable[[Work, Arm], dict]:
+    """The off-policy run of the arm's kind (clpd's lives in clpd.bench.clpd_arm, which imports this module)."""
+    if arm.kind == "clpd":
+        from clpd.bench.clpd_arm import run_clpd
+
+        return run_clpd
+    return run_trl
+
+
 def run_arm(work: Work, arm: Arm, run: Optional[Callable[[Work, Arm], dict]] = None) -> dict:
     """Child: one arm's run (``run``, by default the off-policy arm of its kind), its timed steps
     read from the step boundaries it recorded, its real tokens those of the step batches unless
@@ -419,7 +357,7 @@ def run_arm(work: Work, arm: Arm, run: Optional[Callable[[Work, Arm], dict]] = N
     reset = reset_peak_rss()
     rss_start = peak_rss_mib("VmRSS")  # inherited from the parent (imports, data): the same in every arm
     load_before = loadavg()
-    out = (run or (run_clpd if arm.kind == "clpd" else run_trl))(work, arm)
+    out = (run or default_run(arm))(work, arm)
     w = work.args.warmup
     bounds = out.pop("bounds")  # len = steps + 1: the start of every step, then the end of the last
     assert len(bounds) == len(work.step_batches) + 1, (len(bounds), len(work.step_batches))
