@@ -53,8 +53,9 @@ import torch
 
 from clpd.bench.common import in_child, provenance, rounds, versions, wait_quiet, write_report
 from clpd.bench.gkd_arms import ON_POLICY_ARMS, on_policy_table, run_on_policy_arm, summarize_on_policy
+from clpd.bench.clpd_arm import run_clpd
 from clpd.bench.trl_arms import (ARMS as OFF_POLICY_ARMS, OPT_IN, SHAPES, Arm, Work, build_models, packing_support,
-                                 preimport, run_arm, trl_version, unavailable_reason)
+                                 preimport, run_arm, run_trl, trl_version, unavailable_reason)
 from clpd.config.schema import BenchmarkConfig
 from clpd.curriculum.sampler import Sampler
 from clpd.data import load_problems
@@ -257,7 +258,8 @@ def quietest_run(args: argparse.Namespace, work: Work, arm: Arm, r: int) -> dict
         if waited >= 5:
             print(f"round {r + 1} {arm.name:<18} waited {waited:.0f}s for a quiet machine (others now "
                   f"{before:.2f} cores)", flush=True)
-        out = in_child(lambda: run_on_policy_arm(work, arm) if arm.on_policy else run_arm(work, arm))
+        out = in_child(lambda: run_on_policy_arm(work, arm) if arm.on_policy else
+                       run_arm(work, arm, run_clpd if arm.kind == "clpd" else run_trl))
         out.update(waited_s=waited, others_before=before)
         attempts.append(out)
         if "error" in out or out["others_cores"] <= args.max_others or attempt == args.retries:

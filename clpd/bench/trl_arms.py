@@ -337,17 +337,9 @@ def run_trl(work: Work, arm: Arm) -> dict:
             "probe_kd": probe_kd(trainer.model, teacher, work), "trl": trl_info(trainer, config)}
 
 
-def default_run(arm: Arm) -> Callable[[Work, Arm], dict]:
-    """The off-policy run of the arm's kind (clpd's lives in clpd.bench.clpd_arm, which imports this module)."""
-    if arm.kind == "clpd":
-        from clpd.bench.clpd_arm import run_clpd
-
-        return run_clpd
-    return run_trl
-
-
-def run_arm(work: Work, arm: Arm, run: Optional[Callable[[Work, Arm], dict]] = None) -> dict:
-    """Child: one arm's run (``run``, by default the off-policy arm of its kind), its timed steps
+def run_arm(work: Work, arm: Arm, run: Callable[[Work, Arm], dict]) -> dict:
+    """Child: one arm's run (``run``: clpd.bench.clpd_arm.run_clpd, :func:`run_trl`, or an
+    on-policy arm's), its timed steps
     read from the step boundaries it recorded, its real tokens those of the step batches unless
     the run counted its own (``step_real_tokens``: the samples of on-policy arms)."""
     from transformers.utils import logging as hf_logging
@@ -357,7 +349,7 @@ def run_arm(work: Work, arm: Arm, run: Optional[Callable[[Work, Arm], dict]] = N
     reset = reset_peak_rss()
     rss_start = peak_rss_mib("VmRSS")  # inherited from the parent (imports, data): the same in every arm
     load_before = loadavg()
-    out = (run or default_run(arm))(work, arm)
+    out = run(work, arm)
     w = work.args.warmup
     bounds = out.pop("bounds")  # len = steps + 1: the start of every step, then the end of the last
     assert len(bounds) == len(work.step_batches) + 1, (len(bounds), len(work.step_batches))
