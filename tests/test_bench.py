@@ -110,13 +110,14 @@ def test_the_loss_memory_of_each_variant_is_measured_in_its_own_process(tmp_path
     bench("store", "memory", "--vocab", "2000", "--tokens", "256", "--threads", "1",
           "--json", str(tmp_path / "memory.json"))
     variants = json.loads((tmp_path / "memory.json").read_text())["variants"]
-    assert sorted(variants) == ["clpd_live", "clpd_stored", "fused_live", "fused_stored", "naive"]
+    assert sorted(variants) == ["clpd_live", "clpd_sft", "clpd_stored", "fused_live", "fused_sft", "fused_stored", "naive"]
     assert all(v["peak_mib"] > 0 and v["threads"] == 1 for v in variants.values())
     assert variants["naive"]["ratio_to_naive"] == 1.0
     # the same inputs: live KD is the naive loss, computed on the answer rows only; fused, the same loss
     assert variants["clpd_live"]["loss"] == pytest.approx(variants["naive"]["loss"], rel=1e-4)
     assert variants["fused_live"]["loss"] == pytest.approx(variants["clpd_live"]["loss"], rel=1e-5)
     assert variants["fused_stored"]["loss"] == pytest.approx(variants["clpd_stored"]["loss"], rel=1e-5)
+    assert variants["fused_sft"]["loss"] == pytest.approx(variants["clpd_sft"]["loss"], rel=1e-5)
 
 
 @pytest.mark.slow

@@ -1,8 +1,8 @@
 """``python -m clpd.bench.store memory``: peak memory of the logits and the KD loss alone, naive vs
-clpd with a live teacher vs clpd with a stored top-k, each unfused (the output layer, then the loss)
-and fused (``fused_*``: the output layer inside the loss, clpd.losses.fused), each variant in its own
-fresh process (this command again, ``memory --variant X``); the peak RSS over the RSS right before
-the variant ran."""
+clpd with a live teacher vs clpd with a stored top-k (and clpd's SFT step, ``*_sft``), each unfused
+(the output layer, then the loss) and fused (``fused_*``: the output layer inside the loss,
+clpd.losses.fused), each variant in its own fresh process (this command again, ``memory --variant
+X``); the peak RSS over the RSS right before the variant ran."""
 
 from __future__ import annotations
 
@@ -25,11 +25,12 @@ from clpd.losses.sparse import TopK, top_k_outputs
 from clpd.losses.distill import distill_loss
 from clpd.losses.fused import HeadRows
 
-VARIANTS = ("naive", "clpd_live", "clpd_stored", "fused_live", "fused_stored")
+VARIANTS = ("naive", "clpd_live", "clpd_stored", "fused_live", "fused_stored", "clpd_sft", "fused_sft")
 
 # Peak over the RSS before, in fp32 [rows, V] matrices (rows: every position for naive, the answer
 # positions for clpd), as measured at small sizes (V=20,000, 1,024 positions: 7.2, 10.4, 6.1), rounded up.
-PEAK_MATRICES = {"naive": 8, "clpd_live": 11, "clpd_stored": 7, "fused_live": 2, "fused_stored": 2}
+PEAK_MATRICES = {"naive": 8, "clpd_live": 11, "clpd_stored": 7, "fused_live": 2, "fused_stored": 2, "clpd_sft": 5,
+                 "fused_sft": 2}
 
 
 def memory_inputs(tokens: int, answer_fraction: float, vocab: int, hidden: int, top_k: Optional[int], seed: int,
@@ -68,35 +69,35 @@ def naive_kd(h_s, h_t, w_s, w_t, targets, **_) -> torch.Tensor:
     return loss.detach()
 
 
-def clpd_kd(h_s, h_t, w_s, w_t, targets, *, top_k=None, chunk_size: int, **_) -> torch.Tensor:
+def clpd_kd(h_s, h_t, w_s, w_t, targets, *, top_k=None, chunk_size: int, sft: bool = False, **_) -> torch.Tensor:
     """clpd's loop: logits at answer rows only (``logits_to_keep``), the teacher's under
-    ``no_grad`` (or its stored TopK), chunked ``distill_loss``, logits freed before backward."""
+    ``no_grad`` (or its stored TopK), chunked ``distill_loss``, logits freed before backward;
+    ``sft``: cross-entropy on the gold tokens, no teacher."""
     keep = targets != IGNORE_INDEX
-    n = int(keep.sum())
-    if top_k is None:
+    if sft:
+        teacher = None
+    elif top_k is None:
         with torch.no_grad():  # as the loop runs its teacher
             teacher = h_t[keep] @ w_t.T
     else:
         teacher = top_k
-    student = h_s[keep] @ w_s.T
-    parts = distill_loss(student, teacher, targets[keep], loss="forward_kl", alpha=0.0, chunk_size=chunk_size,
-                         vocab_size=w_s.size(0))
-    loss = parts.total / n
-    del student, teacher, parts
-    loss.backward()
-    return loss.detach()
+    return _backward(h_s[keep] @ w_s.T, teacher, targets[keep], sft, chunk_size, w_s.size(0))
 
 
-def fused_kd(h_s, h_t, w_s, w_t, targets, *, top_k=None, chunk_size: int, **_) -> torch.Tensor:
+def fused_kd(h_s, h_t, w_s, w_t, targets, *, top_k=None, chunk_size: int, sft: bool = False, **_) -> torch.Tensor:
     """:func:`clpd_kd` with the output layers inside the loss (``trainer.fused_loss``): the answer
     rows' hidden states and the output matrices go in, chunks of logits are made and dropped."""
     keep = targets != IGNORE_INDEX
-    n = int(keep.sum())
-    teacher = HeadRows(h_t[keep], w_t) if top_k is None else top_k
-    parts = distill_loss(HeadRows(h_s[keep], w_s), teacher, targets[keep], loss="forward_kl", alpha=0.0,
-                         chunk_size=chunk_size, vocab_size=w_s.size(0))
-    loss = parts.total / n
-    del teacher, parts
+    teacher = None if sft else HeadRows(h_t[keep], w_t) if top_k is None else top_k
+    return _backward(HeadRows(h_s[keep], w_s), teacher, targets[keep], sft, chunk_size, w_s.size(0))
+
+
+def _backward(student, teacher, targets, sft: bool, chunk_size: int, width: int) -> torch.Tensor:
+    """Forward KL (or CE) per answer token, its backward; the student's outputs freed first."""
+    knobs = dict(loss="sft", alpha=1.0) if sft else dict(loss="forward_kl", alpha=0.0)
+    parts = distill_loss(student, teacher, targets, chunk_size=chunk_size, vocab_size=width, **knobs)
+    loss = parts.total / targets.numel()
+    del student, teacher, parts
     loss.backward()
     return loss.detach()
 
@@ -111,7 +112,8 @@ def memory_variant(args: argparse.Namespace) -> dict:
     """Child: one variant, measured alone in this process."""
     threads = set_threads(args.threads)
     kd = {"naive": naive_kd, "clpd": clpd_kd, "fused": fused_kd}[args.variant.split("_")[0]]
-    fn = kd if args.variant == "naive" else functools.partial(kd, chunk_size=args.chunk_size)
+    fn = kd if args.variant == "naive" else functools.partial(kd, chunk_size=args.chunk_size,
+                                                                sft=args.variant.endswith("_sft"))
     stored = args.variant.endswith("_stored")
     # The same code once on tiny inputs first: what a first call costs once per process (lazy imports
     # such as the checkpoint's, kernel and thread-pool setup: ~80 MiB) is not the loss's memory.
