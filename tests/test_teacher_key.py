@@ -162,7 +162,7 @@ RETRAIN = [
     ("benchmark", "chat_template"), ("trainer", "weight_decay"), ("trainer", "grad_clip"), ("trainer", "lr_schedule"),
     ("trainer", "min_lr_ratio"), ("trainer", "adam_beta1"), ("trainer", "adam_beta2"), ("trainer", "max_length"),
     ("trainer", "overlong"), ("trainer", "precision"), ("trainer", "device"), ("trainer", "packing"),
-    ("trainer", "micro_batch_tokens"),
+    ("trainer", "micro_batch_tokens"), ("trainer", "fused_loss"),
 ]
 
 

@@ -93,6 +93,7 @@ TRAINER_TRAINING_FIELDS = (
     "lr_schedule", "min_lr_ratio", "weight_decay", "adam_beta1", "adam_beta2", "grad_clip",
     "max_length", "overlong",  # which examples it trains on, and how much of their prompts
     "packing", "micro_batch_tokens",  # the layout of micro-batches: same update in exact arithmetic, other rounding
+    "fused_loss",  # the output layer inside the loss or not: the same, summed in another order
     "precision", "device",  # autocast dtype; the device also decides precision=auto and packing=null
     "skip_nonfinite",  # a teacher built with skipped steps is one a run without them never yields
 )
@@ -125,11 +126,16 @@ BUILD_EVAL_ONLY_FIELDS = ("eval",)
 FILE_BENCHMARK_FIELDS = ("path", "train_path", "fields", "eval_path", "task")
 
 
+# Trainer settings added after keys were in use: in the key only when set, so that the keys of the
+# teachers built before (all with their default, null) did not change.
+TRAINER_KEYED_WHEN_SET = ("fused_loss",)
+
+
 def _pick(config: object, names: Sequence[str]) -> dict:
     plain = plain_json(config)
     if isinstance(config, BenchmarkConfig) and config.name != BenchmarkName.jsonl:
         names = [n for n in names if n not in FILE_BENCHMARK_FIELDS]
-    return {name: plain[name] for name in names}
+    return {name: plain[name] for name in names if not (name in TRAINER_KEYED_WHEN_SET and plain[name] is None)}
 
 
 def teacher_key(spec: ModelConfig, tc: TrainConfig) -> str:
