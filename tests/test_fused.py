@@ -192,8 +192,7 @@ def test_a_model_whose_logits_are_not_its_output_layer_alone_is_not_fused():
 
 # --- a run ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("extra", [(), ("distill.teacher_outputs=stored", "distill.top_k=4")], ids=["live", "stored"])
-def test_a_fused_run_follows_the_unfused_run(tmp_path, extra):
+def test_a_fused_run_follows_the_unfused_run_with_a_live_teacher_and_with_stored_outputs(tmp_path):
     import json
 
     from rich.console import Console
@@ -201,13 +200,14 @@ def test_a_fused_run_follows_the_unfused_run(tmp_path, extra):
     from clpd.commands.run_train import run_train
     from tests.test_teacher_store import kd_cfg
 
-    for name, setting in (("fused", "true"), ("unfused", "false")):
-        run_train(kd_cfg(tmp_path, *extra, "trainer.max_steps=6", f"trainer.fused_loss={setting}"), tmp_path / name,
-                  Console(quiet=True))
-    losses = [[json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
-               if "loss" in json.loads(line)] for name in ("fused", "unfused")]
-    assert len(losses[0]) == 6
-    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-5, atol=0)
+    for source, extra in (("live", ()), ("stored", ("distill.teacher_outputs=stored", "distill.top_k=4"))):
+        for name, setting in (("fused", "true"), ("unfused", "false")):  # one ladder, in tmp_path's cache
+            run_train(kd_cfg(tmp_path, *extra, "trainer.max_steps=6", f"trainer.fused_loss={setting}"),
+                      tmp_path / source / name, Console(quiet=True))
+        losses = [[json.loads(line)["loss"] for line in (tmp_path / source / name / "metrics.jsonl").read_text().splitlines()
+                   if "loss" in json.loads(line)] for name in ("fused", "unfused")]
+        assert len(losses[0]) == 6
+        torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-5, atol=0, msg=source)
 
 
 def test_fused_is_the_default_from_a_real_vocabulary_on_and_refused_where_the_model_does_not_allow_it():
