@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from clpd.teachers.compact import Layout
 from tests.conftest import REPO
 from tests.test_architecture import functions
 
@@ -100,8 +101,9 @@ def test_bench_store_times_every_arm_and_sizes_stores_from_their_files(tmp_path)
     size = json.loads((tmp_path / "size.json").read_text())
     assert [s["k"] for s in size["stores"]] == [8, 32]
     for s in size["stores"]:
-        assert s["rows"] == size["rows"] > 0 and s["formula_bytes_per_token"] == 8 * s["k"] + 4
+        assert s["rows"] == size["rows"] > 0 and s["formula_bytes_per_token"] == Layout(s["k"], 1000).row_bits / 8
         assert s["bytes_per_token"] > s["formula_bytes_per_token"] and s["formula_matches_files"]
+        assert s["bytes_per_token"] < s["format_1_bytes_per_token"] == 8 * s["k"] + 4
         assert s["fp16_bytes_per_token"] == 2000 and s["fp16_over_store"] > 1
 
 

@@ -54,6 +54,25 @@ def build(tmp_path: Path, examples: list, top_k, batch_size: int = 5):
     return spec, tokenizer, key, folder
 
 
+def as_stored(top):
+    """A TopK as a compact store gives it back: each row's ids ascending, its logits and tail less
+    the row's largest logit (the same divergences: a shift per row)."""
+    indices, order = top.indices.sort(dim=1)
+    largest = top.values.max(dim=1, keepdim=True).values
+    return indices, top.values.gather(1, order) - largest, top.tail_lse - largest[:, 0]
+
+
+def assert_stored(got, expected) -> None:
+    """``got`` holds ``expected``'s ids, and its logits and tail up to the compact rows' rounding:
+    half a 10-bit mu-law step at the row's scale (at most 1.2e-3 of its largest gap), half of 2^-14
+    for the tail."""
+    indices, values, tail_lse = as_stored(expected)
+    assert torch.equal(got.indices, indices)
+    gap = -values.min(dim=1, keepdim=True).values
+    assert ((got.values - values).abs() <= 1.2e-3 * gap + 1e-6).all()
+    torch.testing.assert_close(got.tail_lse, tail_lse, rtol=0, atol=4e-5)
+
+
 def test_a_store_holds_the_teachers_top_k_at_every_answer_position_whatever_the_batch_layout(tmp_path):
     examples = encoded()
     spec, tokenizer, key, folder = build(tmp_path, examples, top_k=4)
@@ -66,11 +85,7 @@ def test_a_store_holds_the_teachers_top_k_at_every_answer_position_whatever_the_
         keep = answer_mask(targets)
         with torch.inference_mode():
             live = model(**layout, logits_to_keep=keep, use_cache=False).logits
-        expected = top_k_outputs(live, 4, width)
-        got = store.rows(micro, torch.device("cpu"))
-        assert torch.equal(got.indices, expected.indices)
-        torch.testing.assert_close(got.values, expected.values, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(got.tail_lse, expected.tail_lse, rtol=1e-5, atol=1e-5)
+        assert_stored(store.rows(micro, torch.device("cpu")), top_k_outputs(live, 4, width))
     assert store.marker["rows"] == sum(int((torch.tensor(e["labels"][1:]) != -100).sum()) for e in examples)
 
 
@@ -78,8 +93,15 @@ def test_the_batch_size_of_the_build_does_not_change_the_store(tmp_path):
     examples = encoded()
     *_, key1, one = build(tmp_path / "a", examples, top_k=3, batch_size=1)
     *_, key2, many = build(tmp_path / "b", examples, top_k=3, batch_size=12)
-    for name in ("indices", "values", "tail_lse", "offsets"):
-        np.testing.assert_allclose(np.load(one / f"{name}.npy"), np.load(many / f"{name}.npy"), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.load(one / "offsets.npy"), np.load(many / "offsets.npy"))
+    # The logits of two batch layouts differ in their last bits, which may tip a value's code: the
+    # rows are compared decoded, to within one code step of the row's largest gap.
+    a, b = (TeacherStore(folder, key).rows(range(len(examples)), torch.device("cpu"))
+            for folder, key in ((one, key1), (many, key2)))
+    assert torch.equal(a.indices, b.indices)
+    gap = -a.values.min(dim=1, keepdim=True).values
+    assert ((a.values - b.values).abs() <= 2.4e-3 * gap + 1e-5).all()
+    torch.testing.assert_close(a.tail_lse, b.tail_lse, rtol=0, atol=1e-4)
 
 
 def test_the_key_covers_k_the_data_and_the_teacher(tmp_path):
@@ -105,9 +127,9 @@ def test_a_store_for_another_teacher_or_a_damaged_file_is_refused_in_one_line(tm
     with pytest.raises(ClpdError, match="built for another teacher"):
         TeacherStore(folder, key)
     spec2, _, key2, folder2 = build(tmp_path / "again", examples, top_k=4)
-    data = (folder2 / "values.npy").read_bytes()
-    (folder2 / "values.npy").write_bytes(data[: len(data) // 2])  # truncated
-    with pytest.raises(ClpdError, match=r"damaged \(values.npy"):
+    data = (folder2 / "rows.npy").read_bytes()
+    (folder2 / "rows.npy").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(ClpdError, match=r"damaged \(rows.npy"):
         TeacherStore(folder2, key2)
 
 
@@ -171,9 +193,9 @@ def test_bad_stored_settings_are_refused_before_any_teacher_is_trained(tmp_path,
 def test_a_truncated_store_stops_the_run_before_its_first_step(tmp_path):
     run_train(kd_cfg(tmp_path, "distill.teacher_outputs=stored", "distill.top_k=4"), tmp_path / "one", QUIET)
     [folder] = (tmp_path / "cache" / "outputs").glob("c-k4-*")
-    data = (folder / "indices.npy").read_bytes()
-    (folder / "indices.npy").write_bytes(data[:-8])
-    with pytest.raises(ClpdError, match=r"damaged \(indices.npy"):
+    data = (folder / "rows.npy").read_bytes()
+    (folder / "rows.npy").write_bytes(data[:-8])
+    with pytest.raises(ClpdError, match=r"damaged \(rows.npy"):
         run_train(kd_cfg(tmp_path, "distill.teacher_outputs=stored", "distill.top_k=4"), tmp_path / "two", QUIET)
     assert not (tmp_path / "two" / "checkpoints").exists()
 

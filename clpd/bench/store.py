@@ -8,8 +8,9 @@ Four subcommands; each prints a table, and with ``--json PATH`` writes the numbe
   of the machine used (above 0: a busy machine). ``--preset arith``: micro student, arith_plateau's large
   teacher, 32 arith problems; ``qwen``: Qwen2.5-shaped random models, random tokens. ``--device cuda``
   adds the peak allocated memory; ``--precision bf16`` is how clpd trains there.
-* ``size``: bytes per answer token of real stores for k in ``--ks`` against full fp16 logits, and
-  the formula k * 8 + 4 per row (plus the offsets and the .npy headers).
+* ``size``: bytes per answer token of real stores for k in ``--ks`` against full fp16 logits, the
+  compact row's bits / 8 (clpd.teachers.compact; plus the offsets and the .npy headers) and format
+  1's k * 8 + 4.
 * ``build``: the time to write a store (examples/s, answer positions/s) and to open (verify) it.
 * ``memory``: peak RSS of the logits, the KD loss and its backward alone, naive vs clpd live vs clpd
   stored, each in its own process: RSS on the CPU, not GPU memory (glibc keeps some freed memory).

@@ -106,9 +106,11 @@ def write_bench_store(folder: Path, teacher, examples, key, *, pad_id: int, batc
 
 # --- size ------------------------------------------------------------------------------------------
 
-def formula_bytes(k: int) -> int:
-    """Bytes per answer row: k int32 indices, k fp32 logits, one fp32 tail logsumexp."""
-    return k * (4 + 4) + 4
+def formula_bytes(k: int, width: int) -> float:
+    """Bytes per answer row of the compact format (clpd.teachers.compact): its bits over 8."""
+    from clpd.teachers.compact import Layout
+
+    return Layout(k, width).row_bits / 8
 
 
 def npy_header_bytes(path: Path) -> int:
@@ -120,7 +122,8 @@ def npy_header_bytes(path: Path) -> int:
 
 def size_of_store(folder: Path, k: int, model, examples: List[dict], args: argparse.Namespace, shape: Shape) -> dict:
     """One store of the top ``k``, written and measured against the formula and full fp16 logits."""
-    from clpd.teachers.store import ARRAYS, store_bytes
+    from clpd.teachers.compact import Layout
+    from clpd.teachers.store import store_bytes
 
     key = bench_key({"size": shape.describe(), "seed": args.seed}, k, args.vocab, args.seq_len)
     start = time.perf_counter()
@@ -128,13 +131,17 @@ def size_of_store(folder: Path, k: int, model, examples: List[dict], args: argpa
                                where=Placement.of(torch.device("cpu"), "fp32"), name="size")
     built = time.perf_counter() - start
     total = store_bytes(folder)
-    file_bytes = {a: (folder / f"{a}.npy").stat().st_size for a in ARRAYS}
-    headers = sum(npy_header_bytes(folder / f"{a}.npy") for a in ARRAYS)
-    exact = formula_bytes(k) * marker["rows"] + 8 * (len(examples) + 1) + headers
-    per_token = total / marker["rows"]
+    file_bytes = {f: (folder / f).stat().st_size for f in marker["files"]}
+    headers = sum(npy_header_bytes(folder / f) for f in marker["files"])
+    rows = marker["rows"]
+    # k == vocab keeps every logit in fp32 (exact): 4 bytes per vocabulary row
+    data = 4 * args.vocab * rows if k == args.vocab else Layout(k, args.vocab).stream_bytes(rows)
+    exact = data + 8 * (len(examples) + 1) + headers
+    per_token = total / rows
     fp16 = 2 * args.vocab
-    return {"k": k, "rows": marker["rows"], "bytes": total, "files": file_bytes, "bytes_per_token": per_token,
-            "formula_bytes_per_token": formula_bytes(k), "formula_with_offsets_and_headers": exact,
+    return {"k": k, "rows": rows, "bytes": total, "files": file_bytes, "bytes_per_token": per_token,
+            "formula_bytes_per_token": 4 * args.vocab if k == args.vocab else formula_bytes(k, args.vocab),
+            "format_1_bytes_per_token": 8 * k + 4, "formula_with_offsets_and_headers": exact,
             "formula_matches_files": exact == total, "fp16_bytes_per_token": fp16, "fp16_over_store": fp16 / per_token,
             "build_s": built}
 
@@ -156,15 +163,17 @@ def cmd_size(args: argparse.Namespace) -> int:
         results = [size_of_store(tmp / f"k{k}", k, model, examples, args, shape) for k in ks]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    head = (f"{'k':>5} {'store bytes':>12} {'bytes/token':>12} {'formula k*8+4':>14} {'+offsets,headers':>17} "
-            f"{'fp16 logits':>12} {'fp16/store':>11}")
+    head = (f"{'k':>5} {'store bytes':>12} {'bytes/token':>12} {'formula':>9} {'+offsets,headers':>17} "
+            f"{'format 1':>9} {'fp16 logits':>12} {'fp16/store':>11}")
     print(head + "\n" + "-" * len(head))
     for r in results:
-        print(f"{r['k']:>5} {r['bytes']:>12,} {r['bytes_per_token']:>12.2f} {r['formula_bytes_per_token']:>14,} "
-              f"{r['formula_with_offsets_and_headers']:>17,} {r['fp16_bytes_per_token']:>12,} "
-              f"{r['fp16_over_store']:>10.0f}x")
-    print("'+offsets,headers': the formula's bytes for the whole store (rows * (k*8+4) + 8 * (examples + 1) + the "
-          f".npy headers); equal to the files: {all(r['formula_matches_files'] for r in results)}")
+        print(f"{r['k']:>5} {r['bytes']:>12,} {r['bytes_per_token']:>12.2f} {r['formula_bytes_per_token']:>9,.2f} "
+              f"{r['formula_with_offsets_and_headers']:>17,} {r['format_1_bytes_per_token']:>9,} "
+              f"{r['fp16_bytes_per_token']:>12,} {r['fp16_over_store']:>10.0f}x")
+    print("formula: a compact row's bits / 8 (clpd.teachers.compact.Layout); '+offsets,headers': the whole store "
+          "(the rows' bit stream + 8 * (examples + 1) + the .npy headers), equal to the files: "
+          f"{all(r['formula_matches_files'] for r in results)}; format 1: the int32 ids and fp32 logits before, "
+          "k * 8 + 4")
     write_report(args.json, {"subcommand": "size", "command": sys.argv, "environment": machine(),
                              "args": report_args(args), "vocab": args.vocab, "examples": len(examples), "rows": rows,
                              "model": asdict(shape), "stores": results})

@@ -2,29 +2,39 @@
 example, computed once and read by every run that needs them (``distill.teacher_outputs=stored``).
 
 A sweep asks the same teacher about the same problems again in every KD run and every seed; a
-store asks it once. What is kept per answer position (a target the loss is taken on):
+store asks it once. What is kept per answer position (a target the loss is taken on) is a
+:class:`~clpd.losses.sparse.TopK` row: the teacher's k largest logits' vocabulary rows and values at
+temperature 1, and the logsumexp of the other rows' logits (the tail bucket of the sparse
+divergences: the tail's mass, exactly, at T = 1). Files (format 2, ``"format"`` in ``store.json``):
 
-    indices   int32 [R, k]   the teacher's k largest logits' vocabulary rows, at temperature 1
-    values    fp32  [R, k]   those logits
-    tail_lse  fp32  [R]      logsumexp of the logits of the other rows (what the tail bucket of the
-                             sparse divergences needs: the tail's mass, exactly, at T = 1)
-    offsets   int64 [E + 1]  example e's rows are offsets[e]:offsets[e + 1], in position order
+    offsets.npy  int64 [E + 1]  example e's rows are offsets[e]:offsets[e + 1], in position order
+    rows.npy     uint8          k < width: the rows in :mod:`clpd.teachers.compact`'s bits, back to
+                                back: ids Elias-Fano coded (sorted; the loss reads them as a set),
+                                values as 10-bit mu-law gaps below the row's largest logit, the tail
+                                in 20-bit fixed point: 99.25 bytes a row at k = 32 of 151,936
+                                vocabulary rows where format 1 (int32 ids, fp32 logits) took 260
+    logits.npy   fp32 [R, width]  k == width (``distill.top_k=null``): every logit, exact, in
+                                vocabulary order (the ids are implied); the loss is the live one
+
+The compact values lose what the loss barely sees: against fp32 the summed divergences move by
+less than 1e-3 relative on 16-row micro-batches of a trained teacher, and by about 1e-4 on batches
+of 256 rows (the measurement is in :mod:`clpd.teachers.compact`). A row comes back with its ids
+ascending and its logits less the row's largest (a shift no divergence sees).
 
 Rows are indexed by example and answer position, never by how a step lays out its micro-batches,
-so one store serves padded and packed batches, any batch size and any curriculum order.
-
-Format: one ``.npy`` file per array, read through ``numpy`` memory maps. Chosen over safetensors
-and Arrow because the builder writes rows into the maps as the teacher produces them (memory stays
-one batch, however large the store), a step reads its rows by slicing (no decoding, no copy of the
-store), and the parallel jobs of a sweep share one copy of the file in the OS page cache; the
-``.npy`` header holds each array's dtype and shape, so a truncated file cannot pass for a whole one.
+so one store serves padded and packed batches, any batch size and any curriculum order. The rows of
+a micro-batch's examples are decoded from their own bytes of the memory map (a row is a fixed number
+of bits), so a step reads no more of the store than its rows; the builder writes rows into the maps
+as the teacher produces them (memory stays one batch, however large the store), and the parallel
+jobs of a sweep share one copy of the file in the OS page cache; the ``.npy`` header holds each
+array's dtype and shape, so a truncated file cannot pass for a whole one.
 
 Keys and safety are those of the teacher cache (:mod:`clpd.cache`): a store lives in
 ``<teachers.cache_dir>/outputs/<teacher>-k<k>-<key>``, where the key covers the teacher's weights,
 the encoded training data, k, ``trainer.max_length``, the vocabulary rows compared and the dtype the
 teacher ran in; it is built into a temporary folder under a file lock and renamed when complete,
-``store.json`` (the key's fields and each file's sha256) written last. A store whose files or key
-do not match is refused in one line before training.
+``store.json`` (the format, the key's fields and each file's sha256) written last. A store whose
+files, key or format do not match is refused in one line before training.
 """
 
 from __future__ import annotations
@@ -50,11 +60,12 @@ from clpd.files import digest, fingerprint, plain_json, write_json
 from clpd.losses.sparse import TopK, top_k_outputs
 from clpd.models.load import load_model
 from clpd.progress import plain_lines, progress_bar
+from clpd.teachers.compact import Layout, decode, encode, read_rows, write_rows
 from clpd.training.checkpoint import sha256_file, weights_fingerprint
 
 log = logging.getLogger("clpd.teachers.store")
 
-ARRAYS = ("offsets", "indices", "values", "tail_lse")
+FORMAT = 2  # 1 (no "format" in store.json): int32 ids and fp32 logits, 8k + 4 bytes a row
 MARKER = "store.json"  # written last: a folder without it is not a store
 
 
@@ -100,6 +111,35 @@ def _progress(console: Console) -> Progress:
                         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
 
 
+def _open_maps(folder: Path, rows: int, key: StoreKey) -> Dict[str, np.ndarray]:
+    """The store's arrays, created empty (zeros) at their full size: compact rows (k < width), or
+    every row's logits in vocabulary order (k == width: exact, and no ids to keep)."""
+    if key.top_k == key.width:
+        return {"logits": np.lib.format.open_memmap(folder / "logits.npy", mode="w+", dtype=np.float32,
+                                                    shape=(rows, key.width))}
+    size = Layout(key.top_k, key.width).stream_bytes(rows)
+    return {"rows": np.lib.format.open_memmap(folder / "rows.npy", mode="w+", dtype=np.uint8, shape=(size,))}
+
+
+def _write_rows(maps: Dict[str, np.ndarray], top: TopK, spans: Sequence[tuple], key: StoreKey) -> None:
+    """A batch's rows (``top``, its examples' rows one after another) into the store at ``spans``:
+    (first row in the store, rows) of each of its examples, in batch order."""
+    indices, values, tail_lse = (t.cpu().numpy() for t in top)
+    if "logits" in maps:
+        dense = np.empty_like(values)
+        np.put_along_axis(dense, indices, values, axis=1)
+    else:
+        layout = Layout(key.top_k, key.width)
+        bits = encode(indices, values, tail_lse, layout)
+    at = 0
+    for first, n in spans:
+        if "logits" in maps:
+            maps["logits"][first:first + n] = dense[at:at + n]
+        else:
+            write_rows(maps["rows"], first, bits[at:at + n], layout)
+        at += n
+
+
 def write_store(folder: Path, model: torch.nn.Module, examples: Sequence[dict], key: StoreKey, *, pad_id: int,
                 batch_size: int, device: torch.device, autocast_dtype: Optional[torch.dtype], console: Console,
                 name: str) -> dict:
@@ -112,9 +152,7 @@ def write_store(folder: Path, model: torch.nn.Module, examples: Sequence[dict], 
     np.cumsum(counts, out=offsets[1:])
     rows, k = int(offsets[-1]), key.top_k
     np.save(folder / "offsets.npy", offsets)
-    maps = {"indices": np.lib.format.open_memmap(folder / "indices.npy", mode="w+", dtype=np.int32, shape=(rows, k)),
-            "values": np.lib.format.open_memmap(folder / "values.npy", mode="w+", dtype=np.float32, shape=(rows, k)),
-            "tail_lse": np.lib.format.open_memmap(folder / "tail_lse.npy", mode="w+", dtype=np.float32, shape=(rows,))}
+    maps = _open_maps(folder, rows, key)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else torch.autocast(device.type, enabled=False)
     started = time.perf_counter()
@@ -126,15 +164,7 @@ def write_store(folder: Path, model: torch.nn.Module, examples: Sequence[dict], 
             keep = answer_mask(batch.pop("targets"))
             with autocast:
                 logits = model(**batch, logits_to_keep=keep, use_cache=False).logits  # [answer rows, V], row-major
-            top = top_k_outputs(logits, k, key.width)
-            at = 0  # the rows of the batch's examples, in batch order, each in position order
-            for i in part:
-                n = counts[i]
-                lo = int(offsets[i])
-                maps["indices"][lo:lo + n] = top.indices[at:at + n].cpu().numpy()
-                maps["values"][lo:lo + n] = top.values[at:at + n].cpu().numpy()
-                maps["tail_lse"][lo:lo + n] = top.tail_lse[at:at + n].cpu().numpy()
-                at += n
+            _write_rows(maps, top_k_outputs(logits, k, key.width), [(int(offsets[i]), counts[i]) for i in part], key)
             done = min(start + batch_size, len(order))
             rate = done / max(time.perf_counter() - started, 1e-9)
             progress.update(bar, completed=done, rate=f"{rate:,.1f} examples/s")
@@ -144,10 +174,11 @@ def write_store(folder: Path, model: torch.nn.Module, examples: Sequence[dict], 
                               f"{time.perf_counter() - started:.0f}s", soft_wrap=True)
     for array in maps.values():
         array.flush()
+    files = ["offsets.npy", *(f"{a}.npy" for a in maps)]
     del maps
-    marker = {"key": asdict(key), "rows": rows, "examples": len(examples), "teacher": name,
+    marker = {"format": FORMAT, "key": asdict(key), "rows": rows, "examples": len(examples), "teacher": name,
               "build_s": round(time.perf_counter() - started, 2),
-              "files": {f"{a}.npy": sha256_file(folder / f"{a}.npy") for a in ARRAYS}}
+              "files": {f: sha256_file(folder / f) for f in files}}
     write_json(folder / MARKER, marker)  # last: the folder is a store from here on
     return marker
 
@@ -178,8 +209,13 @@ def build_store(spec: ModelConfig, examples: Sequence[dict], key: StoreKey, fold
     return build_once(folder, build, what=f"teacher {spec.name}'s stored outputs", complete=_complete)
 
 
+def store_files(key: StoreKey) -> List[str]:
+    """The files of a store of ``key`` besides its marker."""
+    return ["offsets.npy", "logits.npy" if key.top_k == key.width else "rows.npy"]
+
+
 def store_bytes(folder: Path) -> int:
-    return sum((folder / f"{a}.npy").stat().st_size for a in ARRAYS)
+    return sum(path.stat().st_size for path in folder.glob("*.npy"))
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -190,15 +226,27 @@ class TeacherStore:
     def __init__(self, folder: Path, key: StoreKey) -> None:
         self.folder = folder
         self.marker = verify_store(folder, key)
-        self.arrays = {a: np.load(folder / f"{a}.npy", mmap_mode="r") for a in ARRAYS}
-        self.offsets = np.asarray(self.arrays["offsets"])
+        self.width = key.width
+        self.layout = None if key.top_k == key.width else Layout(key.top_k, key.width)
+        self.data = np.load(folder / store_files(key)[1], mmap_mode="r")
+        self.offsets = np.asarray(np.load(folder / "offsets.npy", mmap_mode="r"))
 
     def rows(self, examples: Sequence[int], device: torch.device) -> TopK:
         """The stored rows of ``examples`` (indices into the training set), concatenated in that
-        order: the answer positions of a micro-batch in the order its loss reads them."""
+        order: the answer positions of a micro-batch in the order its loss reads them. Compact rows
+        come back with each row's ids ascending, its largest logit 0 and the others and the tail
+        relative to it (the divergences do not see the shift); a store of every row gives the
+        logits as they were computed."""
         spans = [(int(self.offsets[e]), int(self.offsets[e + 1])) for e in examples] or [(0, 0)]
-        part = lambda name: torch.from_numpy(np.concatenate([self.arrays[name][a:b] for a, b in spans]))  # noqa: E731
-        return TopK(part("indices").to(device, torch.long), part("values").to(device), part("tail_lse").to(device))
+        if self.layout is None:
+            values = np.concatenate([self.data[a:b] for a, b in spans])
+            indices = np.broadcast_to(np.arange(self.width), values.shape)
+            tail_lse = np.full(values.shape[0], -np.inf, dtype=np.float32)
+        else:
+            bits = np.concatenate([read_rows(self.data, a, b - a, self.layout) for a, b in spans])
+            indices, values, tail_lse = decode(bits, self.layout)
+        as_tensor = lambda array: torch.from_numpy(np.ascontiguousarray(array)).to(device)  # noqa: E731
+        return TopK(as_tensor(indices).long(), as_tensor(values), as_tensor(tail_lse))
 
     def logits(self, batch: Dict[str, torch.Tensor], examples: torch.Tensor, autocast) -> TopK:
         """A micro-batch's teacher outputs (the step's :class:`~clpd.training.step.Teacher`): the
@@ -213,6 +261,11 @@ def verify_store(folder: Path, key: StoreKey) -> dict:
     except (OSError, ValueError) as exc:
         raise ClpdError(f"stored teacher outputs {folder} are incomplete or damaged ({MARKER}: {exc}); delete the "
                         f"folder and they are built again") from None
+    if marker.get("format") != FORMAT:
+        raise ClpdError(f"stored teacher outputs {folder} were written in store format "
+                        f"{marker.get('format', 1)} and this clpd reads format {FORMAT}: delete the folder and the next run with "
+                        f"distill.teacher_outputs=stored builds it again (or ahead of a sweep: clpd train "
+                        f"teachers.build_only=true distill.teacher_outputs=stored)")
     expected = asdict(key)
     for field, value in expected.items():
         if marker.get("key", {}).get(field) != value:
@@ -227,7 +280,7 @@ def verify_store(folder: Path, key: StoreKey) -> dict:
             raise ClpdError(f"stored teacher outputs {folder} are damaged ({name} is "
                             f"{'missing' if not path.is_file() else 'not the file that was written'}); delete the "
                             f"folder and they are built again")
-    if sorted(marker.get("files", {})) != sorted(f"{a}.npy" for a in ARRAYS):
+    if sorted(marker.get("files", {})) != sorted(store_files(key)):
         raise ClpdError(f"stored teacher outputs {folder}: {MARKER} lists {sorted(marker.get('files', {}))}, not the "
                         f"store's files; delete the folder and they are built again")
     return marker
