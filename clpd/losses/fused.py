@@ -79,7 +79,7 @@ class _FusedOutputLoss(torch.autograd.Function):
                 tracked: bool) -> torch.Tensor:
         want_h, want_w = tracked and ctx.needs_input_grad[0], tracked and ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if want_h else None
-        grad_w = torch.zeros_like(weight) if want_w else None
+        grad_w = None  # the first chunk's product, then the others added to it (no zero-filled [V, H] first)
         total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         for start in range(0, hidden.size(0), rows):
             h = hidden[start:start + rows]
@@ -95,15 +95,16 @@ class _FusedOutputLoss(torch.autograd.Function):
                 if want_h:
                     grad_h[start:start + h.size(0)] = grad @ weight
                 if want_w:
-                    grad_w += (grad.T @ h).to(grad_w.dtype)
+                    part = (grad.T @ h).to(weight.dtype)
+                    grad_w = part if grad_w is None else grad_w.add_(part)
         ctx.save_for_backward(grad_h, grad_w)
         return total
 
     @staticmethod
     def backward(ctx, d_total: torch.Tensor):
-        grad_h, grad_w = ctx.saved_tensors
-        return (None if grad_h is None else grad_h * d_total.to(grad_h.dtype),
-                None if grad_w is None else grad_w * d_total.to(grad_w.dtype), None, None, None, None)
+        grad_h, grad_w = ctx.saved_tensors  # used once: scaled in place, no second [V, H] copy
+        return (None if grad_h is None else grad_h.mul_(d_total.to(grad_h.dtype)),
+                None if grad_w is None else grad_w.mul_(d_total.to(grad_w.dtype)), None, None, None, None)
 
 
 def _chunk_terms(logits: torch.Tensor, start: int, end: int, *, targets: torch.Tensor, teacher: Optional[Teacher],
