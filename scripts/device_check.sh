@@ -4,15 +4,15 @@
 #
 #   bash scripts/device_check.sh          # writes under ${OUT:-/tmp/clpd_device_check}
 #
-# Parts: environment, imports, the gpu-marked tests, two distillation benchmarks on random
-# weights (0.5B student with the 1.5B and the 7B teacher shapes), and two of stored teacher
-# outputs (clpd.bench.store, bf16): building a store with the 7B teacher shape (512 examples
-# of 512 tokens), and one optimizer step SFT vs live KD vs stored KD, 0.5B student <- 7B teacher
-# (8 x 512 tokens). Every part runs even if an earlier one failed; a summary table comes last,
-# and the exit status is non-zero if any part failed. Budget: about 6 minutes at most, well under
-# 8 with the machine's start-up (the tests are capped at 80 s, the distillation benchmarks at 75 s,
-# the store benchmarks at 90 s, and all parts together at BUDGET_S=360 s; estimated from FLOPs,
-# each store benchmark takes ~30-50 s on an H200, most of it imports and building the models).
+# Parts: environment, imports, the gpu-marked tests (fused loss on CUDA included), then on random
+# weights in bf16 (clpd.bench.store): one optimizer step SFT / live KD / stored KD, each fused and
+# unfused, 0.5B student <- 1.5B and <- 7B teacher shapes (8 x 512 tokens; peak memory, tokens/s);
+# on-policy steps 0.5B <- 1.5B (32 prompts, 128 new tokens; samples/s and the step's split); and
+# the largest micro-batch of 512-token examples each arm fits, <- 7B and <- 1.5B. Every part runs
+# even if an earlier one failed, and prints as it goes; a summary table comes last, and the exit
+# status is non-zero if any part failed. Budget: BUDGET_S=480 s for all parts (each capped too),
+# about 10 minutes of device time with the machine's start-up; the ordering puts the step and
+# on-policy measurements before the memory searches.
 #
 # The image of the lent H100/H200 machines has torch, transformers, peft and rich but not hydra-core,
 # omegaconf and antlr4 (clpd.config and tests/conftest.py import them): carry them as wheels in .whl/
@@ -34,7 +34,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PIP_NO_INDE
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
 START=$SECONDS
-BUDGET_S=${BUDGET_S:-360}  # the whole check stays under 6 minutes, hung parts included
+BUDGET_S=${BUDGET_S:-480}  # the whole check stays under 8 minutes, hung parts included
 NAMES=()
 CODES=()
 TIMES=()
@@ -124,19 +124,24 @@ rc=$?
 cat "$OUT/imports.txt"
 NAMES+=("imports"); CODES+=("$rc"); TIMES+=($((SECONDS - t0)))
 echo "-- imports: exit $rc in $((SECONDS - t0))s"
-part "gpu tests" test_gpu.txt timeout "$(limit 80)" "$PY" -m pytest -q -m gpu tests/test_gpu.py
-part "bench 0.5b <- 1.5b" bench_0.5b_1.5b.txt timeout "$(limit 75)" "$PY" -m clpd.bench.distill \
-    --student qwen2.5-0.5b --teacher qwen2.5-1.5b --batch 8 --seq-len 512 --steps 10 --precision bf16 \
-    --json "$OUT/bench_0.5b_1.5b.json"
-part "bench 0.5b <- 7b" bench_0.5b_7b.txt timeout "$(limit 75)" "$PY" -m clpd.bench.distill \
-    --student qwen2.5-0.5b --teacher qwen2.5-7b --batch 8 --seq-len 512 --steps 10 --precision bf16 \
-    --json "$OUT/bench_0.5b_7b.json"
-part "store build 7b" store_build_7b.txt timeout "$(limit 90)" "$PY" -m clpd.bench.store build \
-    --preset qwen --teacher qwen2.5-7b --examples 512 --seq-len 512 --batch-size 16 --device cuda --precision bf16 \
-    --json "$OUT/store_build_7b.json"
-part "stored step 0.5b <- 7b" store_step_0.5b_7b.txt timeout "$(limit 90)" "$PY" -m clpd.bench.store step \
-    --preset qwen --student qwen2.5-0.5b --teacher qwen2.5-7b --batch-size 8 --seq-len 512 --rounds 3 --steps 5 \
-    --device cuda --precision bf16 --json "$OUT/store_step_0.5b_7b.json"
+part "gpu tests" test_gpu.txt timeout "$(limit 70)" "$PY" -m pytest -q -m gpu tests/test_gpu.py
+STEP="$PY -m clpd.bench.store step --preset qwen --student qwen2.5-0.5b --batch-size 8 --seq-len 512 --rounds 2 --steps 3 --device cuda --precision bf16"
+# shellcheck disable=SC2086
+part "step 0.5b <- 1.5b" step_0.5b_1.5b.txt timeout "$(limit 75)" $STEP --teacher qwen2.5-1.5b \
+    --json "$OUT/step_0.5b_1.5b.json"
+part "on-policy 0.5b <- 1.5b" onpolicy_0.5b_1.5b.txt timeout "$(limit 60)" "$PY" -m clpd.bench.store onpolicy \
+    --student qwen2.5-0.5b --teacher qwen2.5-1.5b --batch-size 32 --grad-accum 4 --seq-len 256 --max-new-tokens 128 \
+    --rounds 2 --steps 2 --device cuda --precision bf16 --json "$OUT/onpolicy_0.5b_1.5b.json"
+# shellcheck disable=SC2086
+part "step 0.5b <- 7b" step_0.5b_7b.txt timeout "$(limit 90)" $STEP --teacher qwen2.5-7b \
+    --json "$OUT/step_0.5b_7b.json"
+LARGEST="$PY -m clpd.bench.store largest --student qwen2.5-0.5b --seq-len 512 --start 16 --max-batch 256 --refine 2 --device cuda --precision bf16"
+# shellcheck disable=SC2086
+part "largest 0.5b <- 7b" largest_0.5b_7b.txt timeout "$(limit 110)" $LARGEST --teacher qwen2.5-7b \
+    --arms live,live_fused,stored,stored_fused,sft,sft_fused --json "$OUT/largest_0.5b_7b.json"
+# shellcheck disable=SC2086
+part "largest 0.5b <- 1.5b" largest_0.5b_1.5b.txt timeout "$(limit 90)" $LARGEST --teacher qwen2.5-1.5b \
+    --arms live,live_fused,stored,stored_fused --json "$OUT/largest_0.5b_1.5b.json"
 
 header "summary ($((SECONDS - START))s in all)"
 failed=0

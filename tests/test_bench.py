@@ -63,6 +63,7 @@ def test_rounds_rotate_the_arms_by_one_each_round():
 
 
 @pytest.mark.parametrize("argv", [["store", "step"], ["store", "size"], ["store", "build"], ["store", "memory"],
+                                  ["store", "largest"], ["store", "onpolicy"],
                                   ["trl"], ["distill"], ["overhead"], ["checkpoint"]])
 def test_every_benchmark_answers_help(argv, capsys):
     import importlib
@@ -73,6 +74,42 @@ def test_every_benchmark_answers_help(argv, capsys):
         main([*argv[1:], "--help"])
     assert done.value.code == 0
     assert f"python -m clpd.bench.{argv[0]}" in capsys.readouterr().out
+
+
+def test_the_largest_micro_batch_is_found_by_doubling_then_halving_the_gap(monkeypatch, capsys):
+    import argparse
+
+    import clpd.bench.store_largest as largest
+
+    tried = []
+
+    def trial(work, arm, store, initial, size, args):  # a GPU on which 45 examples fit and 46 do not
+        tried.append(size)
+        return None if size > 45 else {"step_s": 1.0, "tokens_per_s": 512.0 * size, "peak_allocated_gib": size / 10}
+
+    monkeypatch.setattr(largest, "trial", trial)
+    found = largest.largest(None, "live", None, None, argparse.Namespace(start=8, max_batch=256, refine=2))
+    assert tried == [8, 16, 32, 64, 48, 40]
+    assert (found["largest"], found["smallest_failed"]) == (40, 48) and found["at_largest"]["peak_allocated_gib"] == 4.0
+    everything_fits = largest.largest(None, "sft", None, None, argparse.Namespace(start=8, max_batch=32, refine=2))
+    assert (everything_fits["largest"], everything_fits["smallest_failed"]) == (32, None)
+    assert "out of memory" in capsys.readouterr().out
+
+
+def test_the_on_policy_benchmark_splits_each_step_into_generation_teacher_and_the_rest(tmp_path):
+    from clpd.bench.store import main
+
+    main(["onpolicy", "--student", "32,1,2,1,64,300", "--teacher", "48,1,2,1,96,300", "--seq-len", "16",
+          "--max-new-tokens", "6", "--batch-size", "4", "--grad-accum", "2", "--rounds", "1", "--steps", "2",
+          "--threads", "1", "--json", str(tmp_path / "onpolicy.json")])
+    report = json.loads((tmp_path / "onpolicy.json").read_text())
+    assert sorted(report["summary"]) == ["onpolicy", "onpolicy_fused"]
+    for (run,) in report["runs"].values():
+        assert [s["samples"] for s in run["steps"]] == [4, 4]  # every prompt of every timed step answered
+        assert all(0 < s["sampled_tokens"] <= 4 * 6 for s in run["steps"])
+        assert all(s["generate_s"] > 0 and s["teacher_s"] > 0 for s in run["steps"])
+        assert sum(run["split"].values()) == pytest.approx(1.0) and run["split"]["rest"] > 0
+        assert run["samples_per_s"] == pytest.approx(8 / sum(s["step_s"] for s in run["steps"]))
 
 
 @pytest.mark.slow

@@ -146,3 +146,28 @@ def test_the_training_command_distils_on_cuda_in_bf16_with_a_progressive_ladder_
     with_b = [r["loss"] for r in records if r["teacher"] == "b"]
     assert sum(with_b[-4:]) < sum(with_b[:4])
     assert (tmp_path / "run" / "checkpoints" / "final" / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize("loss", ["forward_kl", "reverse_kl", "jsd"])
+def test_the_fused_output_layer_and_loss_on_cuda_equals_the_unfused_one(loss, monkeypatch):
+    """On the GPU in fp32, chunked over rows: the fused loss and its gradients w.r.t. the hidden
+    states and the output matrix are those of full logits (as on the CPU)."""
+    import clpd.losses.fused as fused
+    from clpd.losses.fused import HeadRows
+
+    monkeypatch.setattr(fused, "RECOMPUTE_ABOVE", 0)  # chunks of 64 rows, each recomputed in backward
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, h, v = 300, 32, 5000
+    hidden, weight = torch.randn(n, h, device="cuda", generator=g), torch.randn(v, h, device="cuda", generator=g) * 0.5
+    teacher = torch.randn(n, v, device="cuda", generator=g) * 2
+    targets = torch.randint(0, v, (n,), device="cuda", generator=g)
+    results = []
+    for fuse in (True, False):
+        hh, ww = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        student = HeadRows(hh, ww) if fuse else hh @ ww.T
+        terms = distill_loss(student, teacher, targets, loss=loss, alpha=0.3, temperature=2.0, chunk_size=64)
+        terms.total.backward()
+        results.append((terms.total.detach(), hh.grad, ww.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))

@@ -1,6 +1,6 @@
 """What stored teacher outputs (``distill.teacher_outputs=stored``, clpd.teachers.store) cost and save.
 
-Four subcommands; each prints a table, and with ``--json PATH`` writes the numbers:
+Six subcommands; each prints a table, and with ``--json PATH`` writes the numbers:
 
 * ``step``: one optimizer step, SFT vs live KD vs stored KD (the teacher's top ``--top-k``) through
   clpd's ``optimizer_step`` on the loop's micro-batches, in rounds (every arm once, order rotated).
@@ -14,10 +14,13 @@ Four subcommands; each prints a table, and with ``--json PATH`` writes the numbe
 * ``build``: the time to write a store (examples/s, answer positions/s) and to open (verify) it.
 * ``memory``: peak RSS of the logits, the KD loss and its backward alone, naive vs clpd live vs clpd
   stored, each in its own process: RSS on the CPU, not GPU memory (glibc keeps some freed memory).
+* ``largest`` (a GPU): the largest micro-batch each ``step`` arm fits in memory, its peak and tokens/s.
+* ``onpolicy``: on-policy steps (the student samples, the teacher scores, the student trains):
+  samples/s and how a step's time splits into generation, teacher and the rest.
 
 Run each measurement alone on the machine; beside other work use ``--threads 1`` (two threads on
 two cores, one busy, wait for each other: steps 30-50x slower). scripts/device_check.sh runs
-``build`` and ``step`` on a GPU (qwen2.5-7b teacher shape, bf16)::
+``step``, ``onpolicy`` and ``largest`` on a GPU (Qwen2.5 0.5B <- 1.5B and <- 7B shapes, bf16)::
 
     python -m clpd.bench.store step --preset arith --json /tmp/bench_store_step_arith.json  # ~2 min
     python -m clpd.bench.store step --preset qwen --json /tmp/bench_store_step_qwen.json    # ~5-8 min, ~17 GB RSS
@@ -34,7 +37,9 @@ from pathlib import Path
 from typing import List, Optional
 
 from clpd.bench.common import QWEN_HIDDEN, QWEN_TOKENIZER, QWEN_VOCAB, parse_shape
+from clpd.bench.on_policy_step import ON_POLICY_ARMS, cmd_on_policy
 from clpd.bench.store_build import BUILD_BATCH, cmd_build, cmd_size
+from clpd.bench.store_largest import cmd_largest
 from clpd.bench.store_memory import VARIANTS, cmd_memory
 from clpd.bench.store_step import ARMS, STEP_DEFAULTS, cmd_step
 from clpd.config.schema import DistillConfig
@@ -132,11 +137,46 @@ def add_memory(sub) -> None:
     m.set_defaults(func=cmd_memory)
 
 
+def add_largest(sub) -> None:
+    g = sub.add_parser("largest", help="GPU: the largest micro-batch each arm's step fits, its peak and tokens/s",
+                       formatter_class=DEFAULTS)
+    g.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms (*_fused: trainer.fused_loss)")
+    g.add_argument("--start", type=int, default=8, help="the first micro-batch tried (examples)")
+    g.add_argument("--max-batch", type=int, default=256, help="the largest tried; the store covers this many examples")
+    g.add_argument("--refine", type=int, default=2, help="halvings of the gap between fit and out of memory")
+    g.add_argument("--lr", type=float, default=1e-5)
+    g.add_argument("--top-k", type=int, default=32)
+    g.add_argument("--store-batch-size", type=int, default=16)
+    g.add_argument("--student", type=parse_shape, default=None, metavar=SHAPE, help="default qwen2.5-0.5b")
+    qwen_examples(g, seq_len=512)
+    placed(g)
+    common(g)
+    g.set_defaults(func=cmd_largest)
+
+
+def add_on_policy(sub) -> None:
+    o = sub.add_parser("onpolicy", help="on-policy steps (sample, teacher, train): samples/s and the step's split",
+                       formatter_class=DEFAULTS)
+    o.add_argument("--arms", default=",".join(ON_POLICY_ARMS), help="comma-separated arms (*_fused: trainer.fused_loss)")
+    o.add_argument("--rounds", type=int, default=2)
+    o.add_argument("--steps", type=int, default=2, help="timed steps per arm and round")
+    o.add_argument("--warmup", type=int, default=1)
+    o.add_argument("--batch-size", type=int, default=32, help="prompts per step, each answered by the student")
+    o.add_argument("--grad-accum", type=int, default=4, help="micro-batches of samples per step")
+    o.add_argument("--max-new-tokens", type=int, default=128, help="the sampling budget (distill.generation)")
+    o.add_argument("--lr", type=float, default=1e-5)
+    o.add_argument("--student", type=parse_shape, default=None, metavar=SHAPE, help="default qwen2.5-0.5b")
+    qwen_examples(o, seq_len=256)
+    placed(o)
+    common(o)
+    o.set_defaults(func=cmd_on_policy)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m clpd.bench.store", description=__doc__.split("\n\n")[0],
                                 formatter_class=DEFAULTS)
     sub = p.add_subparsers(dest="subcommand", required=True)
-    for add in (add_step, add_size, add_build, add_memory):
+    for add in (add_step, add_size, add_build, add_memory, add_largest, add_on_policy):
         add(sub)
     return p
 
