@@ -4,8 +4,10 @@ fused with the loss or not (:class:`~clpd.bench.trl_arms.Arm`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +28,8 @@ def run_clpd(work: Work, arm: Arm) -> dict:
     from clpd.training.loop import train
     from clpd.training.step import Supervision
 
+    if arm.stored:
+        work = steps_only(work)
     tokenizer, student, teacher_spec = load_pair(work)
     seen = {"bounds": [], "positions": [], "clpd_tokens": [], "micro_batches": []}  # per step
 
@@ -45,9 +49,11 @@ def run_clpd(work: Work, arm: Arm) -> dict:
     batches = TimedBatches(work.examples, StepSampler(work),
                            work.pad_id, **layout)
     loss_fn = functools.partial(distill_loss, loss="forward_kl", alpha=0.0, vocab_size=work.vocab)
+    built = time.perf_counter()
     teachers = (stored_pool(work, teacher_spec, tokenizer) if arm.stored else
                 TeacherPool([teacher_spec], tokenizer, device=torch.device("cpu"), dtype=torch.float32,
                             **fused_setting(arm, student, "fused" in inspect.signature(TeacherPool).parameters)))
+    store_s = time.perf_counter() - built if arm.stored else None
     supervision = Supervision(loss_fn, teachers, schedule=lambda step: 0,
                               **fused_setting(arm, student, "fused" in field_names(Supervision)))
     result = train(student, batches, trainer_config(work, arm), supervision,
@@ -57,7 +63,19 @@ def run_clpd(work: Work, arm: Arm) -> dict:
 
     teacher = load_model(teacher_spec, tokenizer).eval()
     return {**seen, "final_loss": result.final_loss, "probe_kd": probe_kd(student, teacher, work),
-            "fused": supervision.fused if hasattr(supervision, "fused") else None}
+            "fused": supervision.fused if hasattr(supervision, "fused") else None,
+            "store_build_s": store_s, "store_examples": len(work.examples) if arm.stored else None}
+
+
+def steps_only(work: Work) -> Work:
+    """``work`` cut to the examples its steps and its probe read, renumbered: the same batches in the
+    same order, and a store built over these alone, as a run's store covers its own training set
+    (not the benchmark's whole pool of problems)."""
+    used = sorted({i for batch in work.step_batches for i in batch} | set(work.probe))
+    at = {i: n for n, i in enumerate(used)}
+    return dataclasses.replace(work, examples=[work.examples[i] for i in used],
+                               step_batches=[[at[i] for i in batch] for batch in work.step_batches],
+                               probe=[at[i] for i in work.probe])
 
 
 def fused_setting(arm: Arm, student: torch.nn.Module, supported: bool) -> dict:
@@ -72,8 +90,8 @@ def fused_setting(arm: Arm, student: torch.nn.Module, supported: bool) -> dict:
 
 
 def stored_pool(work: Work, teacher_spec: ModelConfig, tokenizer):
-    """The teacher's stored top-32 outputs over the work's examples, built now (untimed) into the
-    work's folder, as a run's StorePool."""
+    """The teacher's stored top-32 outputs over the work's examples, built now into the work's folder
+    (outside the timed steps; the arm reports the seconds), as a run's StorePool."""
     from rich.console import Console
 
     from clpd.teachers.store import StorePool, prepare_stores

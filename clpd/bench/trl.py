@@ -94,6 +94,7 @@ def summarize(results: Dict[str, List[dict]], arms: List[Arm]) -> Dict[str, dict
             "positions_per_real_token": runs[0]["padded_positions"] / runs[0]["real_tokens"],
             "micro_batches_per_step": statistics.mean(runs[0]["micro_batches"]),
             "probe_kd": runs[0]["probe_kd"],
+            "store_build_s": runs[0].get("store_build_s"), "store_examples": runs[0].get("store_examples"),
         }
     trl = {k: v for k, v in summary.items() if k.startswith("trl_")}
     if trl:
@@ -282,7 +283,9 @@ def print_run(args: argparse.Namespace, arm: Arm, r: int, out: dict) -> None:
     print(f"round {r + 1} {arm.name:<18} {sampled}{out['real_tok_s']:>9,.0f} real tok/s  {out['positions_s']:>9,.0f} "
           f"pos/s  step {1000 * out['median_step_s']:.1f} ms  peak {out['peak_rss_mib']:.0f} MiB  "
           f"probe {out['probe_kd']:.5f}  cpu/wall {out['cpu_per_wall']:.2f}  others "
-          f"{out['others_cores']:.2f} cores{'  (BUSY)' if out['others_cores'] > args.max_others else ''}", flush=True)
+          f"{out['others_cores']:.2f} cores{'  (BUSY)' if out['others_cores'] > args.max_others else ''}"
+          + (f"  store of {out['store_examples']} examples built in {out['store_build_s']:.1f}s (untimed)"
+             if out.get("store_build_s") is not None else ""), flush=True)
 
 
 def print_header(args: argparse.Namespace, models: dict, n_examples: int, lengths: List[int], prep_s: float,
