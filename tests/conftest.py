@@ -15,6 +15,16 @@ from omegaconf import DictConfig
 
 from clpd.config.schema import register_configs
 
+# Under pytest-xdist each worker takes its share of the cores: torch's default, a thread per core in
+# every worker, would put several busy threads on each core. The commands a test starts inherit it
+# (the tests of thread settings take OMP_NUM_THREADS out of their commands' environment themselves).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    import torch
+
+    _THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+    torch.set_num_threads(_THREADS)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"  # GSM8K, SVAMP and the GPT-2 tokenizer; never copied into the repo
 GSM8K_DIR = SHARED / "data" / "gsm8k"
@@ -33,8 +43,15 @@ TINY_OVERRIDES = [
 @pytest.fixture(scope="session", autouse=True)
 def clpd_cache_dir(tmp_path_factory):
     """clpd's own cache (GGUF files converted once) in one folder for the whole test run, shared by
-    the tests and the commands they start, never the user's ``~/.cache/clpd``; removed at the end."""
-    folder = tmp_path_factory.mktemp("clpd-cache")
+    the tests and the commands they start, never the user's ``~/.cache/clpd``. Under pytest-xdist
+    the workers share it (its entries are built once under a file lock, the others wait), and pytest
+    removes it with the run's other old temporary folders; alone, it is removed at the end."""
+    shared = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+    if shared:
+        folder = tmp_path_factory.getbasetemp().parent / "clpd-cache"
+        folder.mkdir(exist_ok=True)
+    else:
+        folder = tmp_path_factory.mktemp("clpd-cache")
     before = os.environ.get("CLPD_CACHE_DIR")
     os.environ["CLPD_CACHE_DIR"] = str(folder)
     yield folder
@@ -42,7 +59,8 @@ def clpd_cache_dir(tmp_path_factory):
         del os.environ["CLPD_CACHE_DIR"]
     else:
         os.environ["CLPD_CACHE_DIR"] = before
-    shutil.rmtree(folder, ignore_errors=True)
+    if not shared:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def needs(path: Path) -> Path:
