@@ -156,13 +156,14 @@ NEVER_RETRAIN = [
     ("trainer", "eval_batch_size"), ("trainer", "eval_max_new_tokens"), ("trainer", "log_every"),
     ("trainer", "save"), ("trainer", "save_every"), ("trainer", "keep_last"), ("trainer", "resume"),
     ("trainer", "resume_force"), ("trainer", "tensorboard"), ("trainer", "eval_calculator"),
+    ("trainer", "fused_loss"),
 ]
 RETRAIN = [
     ("benchmark", "name"), ("benchmark", "train_split"), ("benchmark", "train_limit"), ("benchmark", "train_size"),
     ("benchmark", "chat_template"), ("trainer", "weight_decay"), ("trainer", "grad_clip"), ("trainer", "lr_schedule"),
     ("trainer", "min_lr_ratio"), ("trainer", "adam_beta1"), ("trainer", "adam_beta2"), ("trainer", "max_length"),
     ("trainer", "overlong"), ("trainer", "precision"), ("trainer", "device"), ("trainer", "packing"),
-    ("trainer", "micro_batch_tokens"), ("trainer", "fused_loss"),
+    ("trainer", "micro_batch_tokens"),
 ]
 
 

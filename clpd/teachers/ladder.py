@@ -93,7 +93,6 @@ TRAINER_TRAINING_FIELDS = (
     "lr_schedule", "min_lr_ratio", "weight_decay", "adam_beta1", "adam_beta2", "grad_clip",
     "max_length", "overlong",  # which examples it trains on, and how much of their prompts
     "packing", "micro_batch_tokens",  # the layout of micro-batches: same update in exact arithmetic, other rounding
-    "fused_loss",  # the output layer inside the loss or not: the same, summed in another order
     "precision", "device",  # autocast dtype; the device also decides precision=auto and packing=null
     "skip_nonfinite",  # a teacher built with skipped steps is one a run without them never yields
 )
@@ -102,6 +101,7 @@ TRAINER_TRAINING_FIELDS = (
 TRAINER_SET_FOR_TEACHER_FIELDS = (
     "max_steps", "max_tokens", "batch_size", "grad_accum", "lr", "warmup_steps",
     "save", "save_every", "resume", "resume_force", "eval_at_end", "eval_every",
+    "fused_loss",  # always null: where the fused output layer is measured not slower, by the teacher's rows
 )
 # Inherited, but not the training: what the run logs, keeps, evaluates and how many threads it uses.
 TRAINER_UNKEYED_FIELDS = (
@@ -126,16 +126,11 @@ BUILD_EVAL_ONLY_FIELDS = ("eval",)
 FILE_BENCHMARK_FIELDS = ("path", "train_path", "fields", "eval_path", "task")
 
 
-# Trainer settings added after keys were in use: in the key only when set, so that the keys of the
-# teachers built before (all with their default, null) did not change.
-TRAINER_KEYED_WHEN_SET = ("fused_loss",)
-
-
 def _pick(config: object, names: Sequence[str]) -> dict:
     plain = plain_json(config)
     if isinstance(config, BenchmarkConfig) and config.name != BenchmarkName.jsonl:
         names = [n for n in names if n not in FILE_BENCHMARK_FIELDS]
-    return {name: plain[name] for name in names if not (name in TRAINER_KEYED_WHEN_SET and plain[name] is None)}
+    return {name: plain[name] for name in names}
 
 
 def teacher_key(spec: ModelConfig, tc: TrainConfig) -> str:
@@ -178,7 +173,10 @@ def teacher_train_config(spec: ModelConfig, tc: TrainConfig) -> DictConfig:
     trainer = replace(tc.trainer, max_steps=build.max_steps, batch_size=build.batch_size, grad_accum=build.grad_accum,
                       lr=build.lr, warmup_steps=build.warmup_steps, save=True, max_tokens=None,
                       eval_every=None, save_every=None, resume=None, resume_force=False,
-                      eval_at_end=False)  # build_teacher evaluates on the student's test split instead
+                      eval_at_end=False,  # build_teacher evaluates on the student's test split instead
+                      # How the student's loss meets its output layer is the student run's choice: a
+                      # teacher trains as the default does, so setting it never retrains the ladder.
+                      fused_loss=None)
     return OmegaConf.structured(TrainConfig(student=student, benchmark=replace(tc.benchmark, seed=build.data_seed),
                                             trainer=trainer, seed=build.seed))
 
