@@ -96,6 +96,22 @@ def test_the_largest_micro_batch_is_found_by_doubling_then_halving_the_gap(monke
     assert "out of memory" in capsys.readouterr().out
 
 
+def test_the_stored_arm_of_the_trl_benchmark_stores_only_what_its_steps_and_probe_read():
+    import argparse
+
+    from clpd.bench.clpd_arm import steps_only
+    from clpd.bench.trl_arms import Work
+
+    examples = [{"id": f"e{i}", "input_ids": [i]} for i in range(10)]
+    work = Work(examples, step_batches=[[7, 2], [2, 9]], probe=[4, 7], pad_id=0, vocab=5, student_dir="s",
+                teacher_dir="t", args=argparse.Namespace())
+    cut = steps_only(work)
+    assert [e["id"] for e in cut.examples] == ["e2", "e4", "e7", "e9"]
+    # the same examples in the same order, step by step, and the same probe
+    assert [[cut.examples[i]["id"] for i in b] for b in cut.step_batches] == [["e7", "e2"], ["e2", "e9"]]
+    assert [cut.examples[i]["id"] for i in cut.probe] == ["e4", "e7"]
+
+
 def test_the_on_policy_benchmark_splits_each_step_into_generation_teacher_and_the_rest(tmp_path):
     from clpd.bench.store import main
 
