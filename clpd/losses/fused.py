@@ -29,7 +29,7 @@ from typing import Dict, NamedTuple, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from clpd.losses.chunks import RECOMPUTE_ABOVE, _kd_problems, _raise_if
+from clpd.losses.chunks import RECOMPUTE_ABOVE, _raise_if
 from clpd.losses.dense import _chunk_sum, forward_kl_chunk, forward_kl_chunk_with_grad
 from clpd.losses.divergences import DIVERGENCES
 from clpd.losses.sparse import TopK, _sparse_chunk_sum, sparse_forward_kl_chunk
@@ -53,12 +53,11 @@ def fused_loss_terms(student: HeadRows, teacher: Optional[Teacher], targets: tor
     :class:`HeadRows`), as (total, ce, kd): ``targets`` [N] are the answer rows' gold or sampled
     tokens, ``teacher`` dense answer-row logits, a TopK or the teacher's HeadRows (None without a
     KD term). ``total`` has gradients for ``student.hidden`` and ``student.weight`` where they
-    require them and grad is enabled; ``ce`` and ``kd`` are values only."""
-    problems = [] if loss == "sft" else _kd_problems(loss, temperature, beta, lam, chunk_size, vocab_size)
+    require them and grad is enabled; ``ce`` and ``kd`` are values only. The loss's settings are
+    checked by ``distill_loss``, its one caller; the shapes, which only rows have, here."""
     if student.hidden.dim() != 2 or targets.shape != student.hidden.shape[:1]:
-        problems.append(f"shapes do not line up: hidden {tuple(student.hidden.shape)}, targets {tuple(targets.shape)} "
-                        "(expected [N, H] answer rows and [N] targets)")
-    _raise_if(problems)
+        _raise_if([f"shapes do not line up: hidden {tuple(student.hidden.shape)}, targets {tuple(targets.shape)} "
+                   "(expected [N, H] answer rows and [N] targets)"])
     ce_on = loss == "sft" or (alpha > 0.0 and gold)
     kd_on = loss != "sft" and alpha < 1.0
     weights = (1.0, 0.0) if loss == "sft" else (alpha if gold else 0.0, 1.0 - alpha)
