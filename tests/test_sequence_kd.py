@@ -130,6 +130,9 @@ def test_the_key_of_written_solutions_holds_what_changes_them():
     variants = [key(samples=2), key(seed=1), key(decoding=SamplingConfig(temperature=0.5)),
                 key(decoding=SamplingConfig(max_new_tokens=7)), key(examples=other_prompt)]
     assert len({key(), *variants}) == 6
+    # greedy decoding writes the same solutions whatever the seed: runs of every seed share them
+    greedy = SamplingConfig(temperature=0.0)
+    assert key(decoding=greedy, seed=1) == key(decoding=greedy, seed=0) != key(decoding=greedy, samples=2)
     same_prompts = [dict(e, labels=[IGNORE_INDEX if t == IGNORE_INDEX else 0 for t in e["labels"]]) for e in examples]
     assert key(examples=same_prompts) == key()  # only the prompts: the gold answers do not change what a teacher writes
 

@@ -6,7 +6,8 @@ Kept like the stored teacher outputs (:mod:`clpd.teachers.store`): a cache entry
 ``<teachers.cache_dir>/solutions/<teacher>-n<samples>-<key>``, built under a file lock into a
 temporary folder and renamed when complete, ``solutions.json`` (key, counts) written last. The key
 covers the teacher's weights and architecture, the encoded prompts, the number of samples, the
-decoding settings (``distill.teacher_generation``), the seed and the dtype the teacher ran in.
+decoding settings (``distill.teacher_generation``), the seed when it samples (greedy decoding writes
+the same solutions for every seed, so runs of all seeds share them) and the dtype the teacher ran in.
 The rows are a ``datasets`` Arrow table (memory-mapped when read): example, sample, the answer's
 token ids and text, its extracted final answer, whether that is the gold answer, whether the
 answer ended (eos) within the budget. Answers are extracted and compared as ``clpd eval`` does
@@ -49,7 +50,7 @@ class SolutionsKey:
     prompts: str  # fingerprint of the encoded prompts (the student's tokenizer, the prompt format)
     samples: int
     decoding: dict  # max_new_tokens, temperature, top_p
-    seed: int
+    seed: Optional[int]  # None for greedy decoding, which no seed changes
     dtype: str
 
     def digest(self) -> str:
@@ -66,8 +67,8 @@ def solutions_key(spec: ModelConfig, examples: Sequence[dict], *, samples: int, 
         raise ClpdError(f"teacher {spec.name} has no weights yet: build the ladder before its solutions")
     architecture = {k: v for k, v in plain_json(spec).items() if k not in ("name", "path")}
     return SolutionsKey({"architecture": architecture, "weights": weights_fingerprint(spec.path)},
-                        fingerprint(prompts_of(examples)), samples, plain_json(decoding), seed,
-                        str(dtype).removeprefix("torch."))
+                        fingerprint(prompts_of(examples)), samples, plain_json(decoding),
+                        seed if decoding.temperature > 0 else None, str(dtype).removeprefix("torch."))
 
 
 def solutions_dir(cache_dir: str | Path, name: str, key: SolutionsKey) -> Path:
@@ -87,7 +88,7 @@ def write_solutions(model: torch.nn.Module, tokenizer, problems: Sequence[Proble
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(np.random.default_rng([key.seed, j, start, 4]).integers(2 ** 62)))
+                torch.manual_seed(int(np.random.default_rng([key.seed or 0, j, start, 4]).integers(2 ** 62)))
                 answers = sample_answers(model, [prompts[i] for i in rows], eos_id=eos, pad_id=tokenizer.pad_token_id,
                                          autocast=autocast, **key.decoding)
             for i, answer in zip(rows, answers):
