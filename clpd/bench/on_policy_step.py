@@ -23,7 +23,7 @@ import torch
 
 from clpd.bench.common import PRESETS, machine, report_args, rounds, write_report
 from clpd.bench.store_build import placement
-from clpd.bench.store_step import Workload, save_initial, reload, step_workload
+from clpd.bench.store_step import Workload, check_run_args, reload, save_initial, step_workload
 from clpd.losses.distill import distill_loss
 
 ON_POLICY_ARMS = ("onpolicy", "onpolicy_fused")
@@ -102,16 +102,7 @@ def on_policy_args(args: argparse.Namespace) -> None:
     args.preset, args.top_k = "qwen", 1
     args.student = args.student or PRESETS["qwen2.5-0.5b"]
     args.teacher = args.teacher or PRESETS["qwen2.5-1.5b"]
-    args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    problems = [f"--{k.replace('_', '-')} must be >= 1" for k in ("steps", "rounds", "batch_size", "grad_accum",
-                                                                  "max_new_tokens") if getattr(args, k) < 1]
-    unknown = [a for a in args.arms if a not in ON_POLICY_ARMS]
-    if unknown or not args.arms:
-        problems.append(f"--arms from {', '.join(ON_POLICY_ARMS)}, got {unknown or 'none'}")
-    if args.batch_size % args.grad_accum:
-        problems.append(f"--batch-size {args.batch_size} must divide by --grad-accum {args.grad_accum}")
-    if problems:
-        raise SystemExit("clpd.bench.store onpolicy: " + "; ".join(problems))
+    check_run_args(args, "onpolicy", ON_POLICY_ARMS, ("steps", "rounds", "batch_size", "grad_accum", "max_new_tokens"))
 
 
 def cmd_on_policy(args: argparse.Namespace) -> int:

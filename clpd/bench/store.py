@@ -137,6 +137,15 @@ def add_memory(sub) -> None:
     m.set_defaults(func=cmd_memory)
 
 
+def qwen_pair(parser: argparse.ArgumentParser, *, seq_len: int) -> None:
+    """A Qwen-shaped random student and teacher trained a few steps (``largest``, ``onpolicy``)."""
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--student", type=parse_shape, default=None, metavar=SHAPE, help="default qwen2.5-0.5b")
+    qwen_examples(parser, seq_len=seq_len)
+    placed(parser)
+    common(parser)
+
+
 def add_largest(sub) -> None:
     g = sub.add_parser("largest", help="GPU: the largest micro-batch each arm's step fits, its peak and tokens/s",
                        formatter_class=DEFAULTS)
@@ -144,13 +153,9 @@ def add_largest(sub) -> None:
     g.add_argument("--start", type=int, default=8, help="the first micro-batch tried (examples)")
     g.add_argument("--max-batch", type=int, default=256, help="the largest tried; the store covers this many examples")
     g.add_argument("--refine", type=int, default=2, help="halvings of the gap between fit and out of memory")
-    g.add_argument("--lr", type=float, default=1e-5)
     g.add_argument("--top-k", type=int, default=32)
     g.add_argument("--store-batch-size", type=int, default=16)
-    g.add_argument("--student", type=parse_shape, default=None, metavar=SHAPE, help="default qwen2.5-0.5b")
-    qwen_examples(g, seq_len=512)
-    placed(g)
-    common(g)
+    qwen_pair(g, seq_len=512)
     g.set_defaults(func=cmd_largest)
 
 
@@ -164,11 +169,7 @@ def add_on_policy(sub) -> None:
     o.add_argument("--batch-size", type=int, default=32, help="prompts per step, each answered by the student")
     o.add_argument("--grad-accum", type=int, default=4, help="micro-batches of samples per step")
     o.add_argument("--max-new-tokens", type=int, default=128, help="the sampling budget (distill.generation)")
-    o.add_argument("--lr", type=float, default=1e-5)
-    o.add_argument("--student", type=parse_shape, default=None, metavar=SHAPE, help="default qwen2.5-0.5b")
-    qwen_examples(o, seq_len=256)
-    placed(o)
-    common(o)
+    qwen_pair(o, seq_len=256)
     o.set_defaults(func=cmd_on_policy)
 
 

@@ -80,7 +80,7 @@ def largest(work: Workload, arm: str, store, initial, args: argparse.Namespace) 
 
 
 def cmd_largest(args: argparse.Namespace) -> int:
-    args.preset, args.arms = "qwen", args.arms
+    args.preset = "qwen"
     args.batch_size, args.grad_accum, args.rounds, args.steps, args.warmup = args.max_batch, 1, 1, 1, 1
     step_args(args)
     where = placement(args, "largest")

@@ -226,18 +226,23 @@ def step_args(args: argparse.Namespace) -> None:
     if args.preset == "qwen":
         args.student = args.student or PRESETS["qwen2.5-0.5b"]
         args.teacher = args.teacher or PRESETS["qwen2.5-1.5b"]
-    problems = [f"--{k.replace('_', '-')} must be >= 1"
-                for k in ("steps", "rounds", "batch_size", "grad_accum", "top_k") if getattr(args, k) < 1]
+    check_run_args(args, "step", ARMS, ("steps", "rounds", "batch_size", "grad_accum", "top_k"))
+
+
+def check_run_args(args: argparse.Namespace, command: str, arms: tuple, positive: tuple) -> None:
+    """``--arms`` split and checked against ``arms``, each of ``positive`` >= 1, ``--warmup`` >= 0
+    and the batch divisible into micro-batches: every problem refused in one line."""
+    problems = [f"--{k.replace('_', '-')} must be >= 1" for k in positive if getattr(args, k) < 1]
     if args.warmup < 0:
         problems.append("--warmup must be >= 0")
     args.arms = [a.strip() for a in args.arms.split(",") if a.strip()] if isinstance(args.arms, str) else args.arms
-    unknown = [a for a in args.arms if a not in ARMS]
+    unknown = [a for a in args.arms if a not in arms]
     if unknown or not args.arms:
-        problems.append(f"--arms from {', '.join(ARMS)}, got {unknown or 'none'}")
+        problems.append(f"--arms from {', '.join(arms)}, got {unknown or 'none'}")
     if args.batch_size % args.grad_accum:
         problems.append(f"--batch-size {args.batch_size} must divide by --grad-accum {args.grad_accum}")
     if problems:
-        raise SystemExit("clpd.bench.store step: " + "; ".join(problems))
+        raise SystemExit(f"clpd.bench.store {command}: " + "; ".join(problems))
 
 
 def print_setup(args: argparse.Namespace, work: Workload, threads: int, prep_s: float) -> None:
