@@ -92,6 +92,19 @@ def test_arith_train_and_test_are_disjoint(arith_splits):
     assert not {p.question for p in train} & {p.question for p in test}
 
 
+def test_arith_validation_shares_no_question_with_train_or_test(arith_splits):
+    """Settings chosen on validation are chosen without the test split, and no training split of
+    any seed (a teacher's, drawn with another seed) can hold a validation question."""
+    cfg, train, test = arith_splits
+    validation = arith.generate("validation", cfg)
+    other_train = arith.generate("train", dataclasses.replace(cfg, seed=cfg.seed + 1))
+    assert len(validation) == cfg.test_size
+    assert validation[0].id == "arith-validation-0"
+    questions = {p.question for p in validation}
+    assert not questions & {p.question for p in train + other_train + test}
+    assert {p.num_steps for p in validation} == {p.num_steps for p in test}
+
+
 def test_arith_annotations_are_correct_arithmetic(arith_splits):
     _, train, test = arith_splits
     for p in train + test:
@@ -182,8 +195,8 @@ def test_arith_length_budget_holds_on_average():
 
 
 def test_arith_unknown_split_is_a_clpd_error():
-    with pytest.raises(ClpdError, match="train, test"):
-        arith.generate("validation", small())
+    with pytest.raises(ClpdError, match="train, validation, test"):
+        arith.generate("dev", small())
 
 
 # --------------------------------------------------------------------------- gsm8k

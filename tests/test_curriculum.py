@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from rich.console import Console
 
 from clpd.config.schema import to_object
 from clpd.curriculum.order import order_indices
-from clpd.curriculum.sampler import Sampler, pool_function
+from clpd.curriculum.sampler import Sampler, build_sampler, pool_function
 from clpd.curriculum.stages import stage_starts
 from clpd.errors import ClpdError
 from clpd.commands.plan import run_plan
@@ -77,7 +78,7 @@ def test_curriculum_stages_begin_where_the_pool_reaches_each_difficulty_band():
                                             "curriculum.start=0.1", "curriculum.saturate=1.0", "trainer.max_steps=100"]))
     # linear: fraction(step) = 0.1 + 0.9 * step / 100. A third of 900 examples (300) is first reached
     # at step 26 (0.334 >= 1/3; step 25 gives 0.325), two thirds (600) at step 63 (0.667 >= 2/3).
-    starts = stage_starts(tc, 900)
+    starts = stage_starts(tc, build_sampler(tc, None, 900))
     pool = pool_function(tc, 900)
     assert starts == [26, 63]
     assert pool(25) < 300 <= pool(26) and pool(62) < 600 <= pool(63)
@@ -86,7 +87,49 @@ def test_curriculum_stages_begin_where_the_pool_reaches_each_difficulty_band():
 def test_without_pacing_stages_follow_explicit_boundaries():
     tc = to_object(compose_config("train", ["+experiment=arith", "method=teacher_schedule_only",
                                             "curriculum.stage_boundaries=[0.5,0.75]", "trainer.max_steps=100"]))
-    assert stage_starts(tc, 900) == [50, 75]
+    assert stage_starts(tc, build_sampler(tc, None, 900)) == [50, 75]
+
+
+def placed(placement: str, scores, *extra: str):
+    """The stage starts of a 3-teacher CLPD run of 100 steps under linear pacing from 0.1 to 1.0."""
+    tc = to_object(compose_config("train", ["+experiment=arith", "method=clpd", "curriculum.pacing=linear",
+                                            "curriculum.start=0.1", "curriculum.saturate=1.0", "trainer.max_steps=100",
+                                            f"curriculum.stage_placement={placement}", *extra]))
+    sampler = build_sampler(tc, np.asarray(scores, dtype=float), len(scores))
+    starts = stage_starts(tc, sampler)
+    return starts, [sampler.describe(s) for s in starts]
+
+
+# 1000 problems of 4 difficulty levels: 100 of level 1, 200 of 2, 300 of 3, 400 of 4.
+LEVELS = np.repeat([1, 2, 3, 4], [100, 200, 300, 400])
+
+
+def test_stages_placed_by_pool_growth_add_a_third_of_the_data_each():
+    starts, pools = placed("pool", LEVELS)
+    assert starts == [26, 63] and [p["pool"] for p in pools] == [334, 667]
+
+
+def test_stages_placed_by_steps_split_the_steps_evenly_whatever_the_pool_holds():
+    starts, _ = placed("steps", LEVELS)
+    assert starts == [33, 67]
+
+
+def test_stages_placed_by_band_begin_when_the_pool_first_holds_the_next_band_of_levels():
+    # 4 levels in 3 bands: [1], [2], [3, 4]. Level 2 begins at the 101st problem of the order (pool
+    # 109 at step 1, 100 at step 0); level 3 at the 301st (pool 307 at step 23, 298 at step 22).
+    starts, pools = placed("band", LEVELS)
+    assert starts == [1, 23]
+    assert [p["difficulty"] for p in pools] == [[1.0, 2.0], [1.0, 3.0]]
+
+
+def test_band_placement_needs_as_many_levels_as_stages():
+    with pytest.raises(ClpdError, match="the difficulty has 2 levels for 3 stages; allowed: at least as many"):
+        placed("band", np.repeat([1, 2], [500, 500]))
+
+
+def test_without_pacing_every_placement_splits_the_steps_evenly():
+    for placement in ("pool", "steps", "band"):
+        assert placed(placement, LEVELS, "curriculum.pacing=none")[0] == [33, 67]
 
 
 def test_same_seed_same_batches_and_another_seed_other_batches():
@@ -115,11 +158,12 @@ def test_the_sampler_describes_the_difficulty_range_of_the_head_of_the_order():
     ("curriculum.start=1.5", "curriculum.start=1.5 must be in (0, 1]"),
     ("curriculum.saturate=0", "curriculum.saturate=0.0 must be in (0, 1]"),
     ("curriculum.stage_boundaries=[0.7,0.3]", "must be increasing fractions"),
+    ("curriculum.stage_placement=band curriculum.order=random", "needs a difficulty order"),
     ("curriculum.difficulty=teacher_loss", "curriculum.teacher=None must name a teacher of the ladder"),
 ])
 def test_bad_curriculum_settings_are_refused_before_any_work(override, message):
     with pytest.raises(ClpdError) as info:
-        to_object(compose_config("train", ["+experiment=arith", override]))
+        to_object(compose_config("train", ["+experiment=arith", *override.split()]))
     assert message in str(info.value)
 
 

@@ -359,8 +359,8 @@ def test_baseline_default_is_method_standard_kd_and_unchanged(reported, stored_v
     for name in ("report.md", "report.csv"):
         assert (tmp_path / "default" / name).read_text() == (tmp_path / "explicit" / name).read_text()
     assert "| method | acc strict | acc flexible | Δ strict vs standard_kd [95% CI] |" in default["md"]
-    assert "Δ is the paired difference of strict accuracy to `method=standard_kd` over the seeds both completed, " \
-           "with a 95% t-interval. Curve acc" in default["md"]
+    assert "Δ is the paired difference of strict accuracy to `method=standard_kd` over the seeds both completed " \
+           "(and, where both learned from teachers, the same build of the ladder" in default["md"]
     assert default["by_label"]["clpd"]["vs_baseline"]["mean"] == pytest.approx(0.2)
     # On the stored/live runs the default still compares methods: each clpd group to standard_kd's of the same arm.
     d = _report(stored_vs_live, tmp_path / "svl")["by_label"]["clpd / stored / 8"]["vs_baseline"]
@@ -385,7 +385,7 @@ def test_baseline_teacher_outputs_live_pairs_each_stored_group_with_the_live_gro
     md = result["md"].splitlines()
     assert md[md.index("## Groups") + 2] == (
         "| method | distill.teacher_outputs | distill.top_k | acc strict | acc flexible "
-        "| Δ strict vs distill.teacher_outputs=live [95% CI] | curve acc | Δ curve vs distill.teacher_outputs=live [95% CI] "
+        "| Δ strict vs distill.teacher_outputs=live [95% CI] | Δ detectable | curve acc | Δ curve vs distill.teacher_outputs=live [95% CI] "
         "| tokens seen | train time | n |")
     assert "| clpd | stored | 8 | 0.583 ± 0.126 | 0.633 ± 0.126 | -0.050 [-0.174, +0.074] (3 pairs) |" in result["md"]
     assert "clpd / stored / 8 vs clpd / live / 32" in result["md"]  # report.md says which group is whose baseline
@@ -410,3 +410,48 @@ def test_a_bad_baseline_is_refused_in_one_line(stored_vs_live, capsys):
         err = capsys.readouterr().err
         assert err.startswith("clpd report: error: ") and message in err and len(err.strip().splitlines()) == 1, err
     assert not (stored_vs_live / "report.md").exists()
+
+
+# Records as docs/results/ keeps them: configs, status, metrics and summaries, and of the final
+# checkpoint only its manifest (the teachers' sha256), no weights. Seeds 0-1 learned from one build
+# of the ladder, seeds 2-3 from another; clpd seed 3 from a third, so it has no standard_kd partner.
+BUILD_ACC = {  # (method, seed) -> (build, strict accuracy)
+    ("standard_kd", 0): ("A", 0.40), ("standard_kd", 1): ("A", 0.50), ("standard_kd", 2): ("B", 0.30),
+    ("standard_kd", 3): ("B", 0.60),
+    ("clpd", 0): ("A", 0.45), ("clpd", 1): ("A", 0.60), ("clpd", 2): ("B", 0.32), ("clpd", 3): ("C", 0.90),
+}
+
+
+def committed_records(root: Path) -> Path:
+    for (method, seed), (build, acc) in BUILD_ACC.items():
+        run = make_run(root / f"seed{seed}" / method, method, seed, "completed", acc)
+        manifest = {"ladder": [{"name": "small", "source": "/gone/small", "weights": {"model.safetensors": f"{build}1"}},
+                               {"name": "large", "source": "/gone/large", "weights": {"model.safetensors": f"{build}2"}}]}
+        (run / "checkpoints" / "final").mkdir(parents=True)
+        (run / "checkpoints" / "final" / "manifest.json").write_text(json.dumps(manifest))
+    make_run(root / "seed0" / "sft", "sft", 0, "completed", 0.35)  # no teachers: pairs with any build
+    make_run(root / "seed2" / "sft", "sft", 2, "completed", 0.25)
+    return root
+
+
+def test_a_report_from_committed_records_pairs_arms_within_a_seed_and_a_teacher_build(tmp_path):
+    result = _report(committed_records(tmp_path / "records"), tmp_path / "out")
+    clpd, sft = result["by_label"]["clpd"]["vs_baseline"], result["by_label"]["sft"]["vs_baseline"]
+    # clpd - standard_kd on seeds 0, 1 (build A) and 2 (build B): +0.05, +0.10, +0.02; seed 3 differs in build.
+    diffs = [0.05, 0.10, 0.02]
+    assert clpd["n"] == 3 and clpd["builds"] == 2
+    assert clpd["mean"] == pytest.approx(sum(diffs) / 3)
+    sd = math.sqrt(sum((d - sum(diffs) / 3) ** 2 for d in diffs) / 2)
+    assert clpd["high"] - clpd["mean"] == pytest.approx(4.3027 * sd / math.sqrt(3))
+    # 80% power at 5% (two-sided) with 3 pairs: (t_0.975 + t_0.80 at 2 df) * sd / sqrt(3).
+    assert clpd["mde"] == pytest.approx((4.3027 + 1.0607) * sd / math.sqrt(3))
+    assert sft["n"] == 2 and sft["mean"] == pytest.approx(((0.35 - 0.40) + (0.25 - 0.30)) / 2) and sft["builds"] == 2
+    assert "+0.057 [-0.044, +0.157] (3 pairs, 2 teacher builds)" in result["md"]
+    assert f"±{clpd['mde']:.3f}" in result["md"]
+
+
+def test_t_quantiles_at_80_percent_match_scipy():
+    from clpd.report.stats import t_quantile_80
+    # scipy.stats.t.ppf(0.8, df) for df = 1, 5, 11, 30, 40, 100
+    for df, value in ((1, 1.3764), (5, 0.9195), (11, 0.8755), (30, 0.8538), (40, 0.85070), (100, 0.84523)):
+        assert t_quantile_80(df) == pytest.approx(value, abs=1e-4)

@@ -24,6 +24,7 @@ from clpd.teachers.ladder import build_config, check_ladder_order, teacher_key
 from clpd.losses.distill import distill_loss
 from clpd.models.load import apply_lora, load_model, load_tokenizer
 from clpd.training.checkpoint import write_checkpoint
+from clpd.curriculum.sampler import build_sampler
 from clpd.curriculum.stages import stage_starts
 from clpd.teachers.schedule import make_schedule, teacher_index
 from clpd.commands.run_train import run_train
@@ -65,14 +66,14 @@ def _three_teachers(tmp_path, *extra):
 
 def test_progressive_gives_teacher_k_to_stage_k_over_even_stages(tmp_path):
     tc = _three_teachers(tmp_path, "trainer.max_steps=9")
-    starts = stage_starts(tc, n=100)
+    starts = stage_starts(tc, build_sampler(tc, None, 100))
     assert starts == [3, 6]
     assert [make_schedule(tc.teachers, starts)(s) for s in range(9)] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 
 def test_progressive_follows_explicit_boundaries(tmp_path):
     tc = _three_teachers(tmp_path, "trainer.max_steps=10", "teachers.boundaries=[0.5,0.9]")
-    starts = stage_starts(tc, n=100)
+    starts = stage_starts(tc, build_sampler(tc, None, 100))
     assert [make_schedule(tc.teachers, starts)(s) for s in range(10)] == [0, 0, 0, 0, 0, 1, 1, 1, 1, 2]
 
 

@@ -60,7 +60,7 @@ def arm(method: str, limit: int | None):
     c = tc.curriculum
     scores = compute_scores(c, problems, examples, tc.seed, {}) if is_curriculum(c) else None
     sampler = build_sampler(tc, scores, len(examples))
-    schedule = make_schedule(tc.teachers, stage_starts(tc, len(examples)))
+    schedule = make_schedule(tc.teachers, stage_starts(tc, sampler))
     return tc, tokenizer, Batches(examples, sampler, tokenizer.pad_token_id), schedule
 
 

@@ -38,7 +38,7 @@ def timeline(tc: TrainConfig, scores: Optional[np.ndarray], n: int) -> dict:
     """Per step: stage, teacher index (None without distillation), pool size and its difficulty
     range; the same functions the training run uses, so the two agree step by step."""
     sampler = build_sampler(tc, scores, n)
-    starts = stage_starts(tc, n)
+    starts = stage_starts(tc, sampler)
     distills = tc.distill.loss != DistillLoss.sft
     schedule = make_schedule(tc.teachers, starts) if distills else None
     steps = []

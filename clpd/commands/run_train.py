@@ -25,6 +25,7 @@ from clpd.training.checkpoint import FINAL, make_manifest, prune_checkpoints, st
 from clpd.config.enums import Difficulty, Targets, TeacherOutputs
 from clpd.config.schema import TrainConfig, to_object
 from clpd.curriculum.sampler import Sampler, build_sampler
+from clpd.curriculum.stages import stage_starts
 from clpd.curriculum.score_cache import load_scores, save_scores
 from clpd.curriculum.scorers import compute_scores, given_difficulty, is_curriculum, needs_model, per_example_loss, scorers
 from clpd.training.distributed import alone, barrier, device_for, main_first, ranks
@@ -330,10 +331,11 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
         if tc.teachers.build_only:  # the ladder (and its stores) ahead of a sweep, no student
             return build_teachers_only(run, ladder, data)
         student = build_student(run, ladder)
-        targets, written = teacher_targets(run, ladder, data)  # sequence-level KD: the teachers' solutions
-        supervision = build_supervision(run, ladder, data, targets, fused=choose_fused(run, student.model))
         packed = choose_layout(run, student.model)  # padded or packed micro-batches, for scoring and training
         sampler, scores = main_first(lambda: curriculum_sampler(run, data, student.model, ladder, packed))  # cached by rank 0
+        starts = stage_starts(tc, sampler)  # where the stages begin: one list for the schedule and the targets
+        targets, written = teacher_targets(run, ladder, data, starts)  # sequence-level KD: the teachers' solutions
+        supervision = build_supervision(run, ladder, data, starts, targets, fused=choose_fused(run, student.model))
         in_use = ladder.in_use() if supervision.teachers is not None or targets else []  # the rungs built and loaded
         manifest = make_manifest(cfg, teachers=[{"name": t.name, "source": t.path} for t in in_use],
                                  data=fingerprint(data.examples), scores=scores)

@@ -78,6 +78,13 @@ class Schedule(str, Enum):
     fixed = "fixed"  # the teacher named by teachers.fixed
 
 
+class StagePlacement(str, Enum):
+    """Where the stages of a paced curriculum begin (clpd/curriculum/stages.py)."""
+    pool = "pool"  # when the pool reaches each K-th of the ordered examples (stages of equal data)
+    steps = "steps"  # at even steps (or the explicit boundaries), whatever the pool holds
+    band = "band"  # when the pool first holds a problem of each difficulty band (levels split K ways)
+
+
 class Pacing(str, Enum):
     none = "none"  # the whole training set is available from the first step
     linear = "linear"

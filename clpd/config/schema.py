@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clpd.errors import Problems
 from clpd.config.enums import (BenchmarkName, Device, Difficulty, DistillLoss, Keep, LrSchedule, Order, Overlong,
-                               Pacing, Precision, Schedule, Targets, TeacherOutputs)
+                               Pacing, Precision, Schedule, StagePlacement, Targets, TeacherOutputs)
 from clpd.config.benchmark import BenchmarkConfig, FieldsConfig  # noqa: F401 (the schema of every section, in one place)
 from clpd.config.model import ModelConfig, StudentConfig, _check_keep
 from clpd.config.package_paths import resolve_sources
@@ -108,6 +108,10 @@ class CurriculumConfig:
     teacher: Optional[str] = None  # difficulty=teacher_loss or teacher_cot_steps: the ladder teacher that scores
     rrf_scorers: List[Difficulty] = field(default_factory=lambda: [Difficulty.cot_steps, Difficulty.cot_length])
     num_stages: Optional[int] = None  # K; None: the number of teachers (1 without teachers)
+    # With pacing, where stage k begins: pool (the pool reaches k/K of the data), steps (k/K of the
+    # steps, or stage_boundaries), band (the pool first holds the k-th band of difficulty levels).
+    # Without pacing the stages split the steps evenly (or at the boundaries) whatever this says.
+    stage_placement: StagePlacement = StagePlacement.pool
     stage_boundaries: Optional[List[float]] = None  # without pacing: where stages 2..K begin (fractions)
     score_batch_size: int = 64  # examples per forward pass when a model scores difficulty
 
@@ -319,6 +323,9 @@ class TrainConfig:
                     f"curriculum.teacher={c.teacher} must name a teacher of the ladder for {c.difficulty.value}: {names}")
         p.check(not (c.stage_boundaries is not None and self.teachers.boundaries is not None),
                 "set stage boundaries once: curriculum.stage_boundaries or teachers.boundaries, not both")
+        p.check(not (c.stage_placement == StagePlacement.band and c.pacing != Pacing.none and c.order == Order.random),
+                "curriculum.stage_placement=band needs a difficulty order (curriculum.order=easy_to_hard or "
+                "hard_to_easy): a random order has no bands; allowed with order=random: pool, steps")
         s = self.student
         if s.init_from is not None and s.init_from in names:
             p.check(s.gguf_file is None,

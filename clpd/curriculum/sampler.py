@@ -39,6 +39,7 @@ class Sampler:
         self.pool_size = pool_size or full_pool(len(order))
         # Running min/max of the difficulty along the order: the range of any pool in O(1).
         ordered = None if scores is None else np.asarray(scores, dtype=np.float64)[self.order]
+        self.ordered_scores = ordered  # the difficulty along the order (None without scores)
         self._low = None if ordered is None else np.minimum.accumulate(ordered)
         self._high = None if ordered is None else np.maximum.accumulate(ordered)
 

@@ -11,6 +11,10 @@ Train and test are disjoint by construction: a stable hash of the question text 
 possible question in exactly one split (1 in 8 goes to test), and each split's generator
 skips the questions that belong to the other. So neither split depends on the other's size,
 and the first N problems of a split do not depend on how many are asked for.
+
+A third split, validation (``test_size`` problems), serves to choose settings without looking at
+the test split: drawn from its own stream among the questions of the test side (which no training
+split of any seed can hold), skipping the test split's own questions.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from clpd.config.schema import BenchmarkConfig
 from clpd.data.records import Problem
 from clpd.errors import ClpdError
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "validation", "test")
 TEST_BUCKETS = 8  # one question in TEST_BUCKETS belongs to the test split
 
 FEMALE = ("Ava", "Zoe", "Mia", "Eve", "Amy", "Ivy", "Liz", "Ada")
@@ -108,13 +112,14 @@ def _one(rng: random.Random, cfg: BenchmarkConfig) -> Tuple[str, str, int, int]:
 
 
 def generate(split: str, cfg: BenchmarkConfig) -> List[Problem]:
-    """``cfg.train_size`` (split "train") or ``cfg.test_size`` (split "test") problems."""
+    """``cfg.train_size`` (split "train") or ``cfg.test_size`` (splits "validation", "test") problems."""
     if split not in SPLITS:
         raise ClpdError(f"benchmark=arith has no split '{split}' (splits: {', '.join(SPLITS)})")
     size = cfg.train_size if split == "train" else cfg.test_size
     # Only the fields that define the problems go into the seed, so they are a pure function of them.
     rng = random.Random(f"clpd-arith/{cfg.seed}/{split}/{cfg.max_steps}/{cfg.min_value}/{cfg.max_value}")
-    want_test = split == "test"
+    want_test = split != "train"
+    exclude = {p.question for p in generate("test", cfg)} if split == "validation" else set()
     out: List[Problem] = []
     tries = 0
     while len(out) < size:
@@ -123,7 +128,7 @@ def generate(split: str, cfg: BenchmarkConfig) -> List[Problem]:
             raise ClpdError(f"benchmark=arith: could not generate {size} {split} problems; widen "
                             f"benchmark.min_value..max_value ({cfg.min_value}..{cfg.max_value}) or raise max_steps")
         question, solution, answer, k = _one(rng, cfg)
-        if _is_test(question) != want_test:
+        if _is_test(question) != want_test or question in exclude:
             continue
         out.append(Problem(id=f"arith-{split}-{len(out)}", question=question, solution=solution,
                            answer=str(answer), num_steps=k, source="arith"))

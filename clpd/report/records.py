@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -199,6 +200,7 @@ def _read_results(run: Dict[str, Any], run_dir: Path) -> None:
     run["by_difficulty"] = {int(k): v for k, v in (_object(metrics.get("by_difficulty"), "by_difficulty") or {}).items()
                             if str(k).lstrip("-").isdigit()}
     run["teacher_outputs"] = teacher_outputs(summary)
+    run["build"] = teacher_build(_read_json(run_dir / "checkpoints" / "final" / "manifest.json") or {})
     run["curve"], run["eval_curve"] = _curves(run_dir / "metrics.jsonl")
     run["metrics"]["curve_accuracy"] = curve_mean(run["eval_curve"])
 
@@ -208,7 +210,7 @@ def read_run(run_dir: Path) -> dict:
     A broken run dir (see UNREADABLE) is a row with status "unreadable" and the error, not the end
     of the report; what was read before the error stays in the row."""
     run: Dict[str, Any] = {"run": str(run_dir), "command": None, "status": "unfinished", "error": None, "eval_curve": [],
-                           "teacher_outputs": None,
+                           "teacher_outputs": None, "build": None,
                            "params": {}, "override_keys": [], "choice_keys": [], "seed": None,
                            "metrics": {m: None for m in METRICS + EXTRA_METRICS}, "by_difficulty": {}, "curve": []}
     try:
@@ -221,6 +223,17 @@ def read_run(run_dir: Path) -> dict:
         run["metrics"] = {m: None for m in run["metrics"]}
         run["by_difficulty"] = {}
     return run
+
+
+def teacher_build(manifest: dict) -> Optional[str]:
+    """Which build of the teacher ladder a run learned from: a short hash of the sha256 of the weights
+    of the teachers it used (its final checkpoint's manifest), so runs on two builds of one ladder
+    config are told apart; None without teachers or without the manifest."""
+    ladder = manifest.get("ladder") if isinstance(manifest, dict) else None
+    weights = [(t.get("name"), t.get("weights")) for t in ladder or [] if isinstance(t, dict)]
+    if not weights:
+        return None
+    return hashlib.sha256(_compact(weights).encode()).hexdigest()[:12]
 
 
 def teacher_outputs(summary: dict) -> Optional[str]:

@@ -19,17 +19,40 @@ T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622,
         2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639,
         2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
 Z975 = 1.959964
+# The 0.80 quantile for df = 1..30 (scipy.stats.t.ppf(0.8, df)), for the detectable difference.
+T80 = (1.3764, 1.0607, 0.9785, 0.9410, 0.9195, 0.9057, 0.8960, 0.8889, 0.8834, 0.8791, 0.8755, 0.8726, 0.8702,
+       0.8681, 0.8662, 0.8647, 0.8633, 0.8620, 0.8610, 0.8600, 0.8591, 0.8583, 0.8575, 0.8569, 0.8562, 0.8557,
+       0.8551, 0.8546, 0.8542, 0.8538)
+Z80 = 0.841621
+
+
+def _t_quantile(df: int, table: Sequence[float], z: float) -> float:
+    if df < 1:
+        raise ValueError(f"df={df} must be >= 1")
+    if df <= len(table):
+        return table[df - 1]
+    return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
 
 
 def t_quantile_975(df: int) -> float:
     """The two-sided 95% critical value of Student's t with ``df`` degrees of freedom."""
-    if df < 1:
-        raise ValueError(f"df={df} must be >= 1")
-    if df <= len(T975):
-        return T975[df - 1]
-    z = Z975
-    return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
-            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
+    return _t_quantile(df, T975, Z975)
+
+
+def t_quantile_80(df: int) -> float:
+    """The 0.80 quantile of Student's t with ``df`` degrees of freedom."""
+    return _t_quantile(df, T80, Z80)
+
+
+def detectable_difference(sd: float, n: int) -> Optional[float]:
+    """The smallest true mean difference that a paired design of ``n`` pairs with this spread of the
+    differences detects with 80% power in a two-sided test at 5%: (t_0.975 + t_0.80) * sd / sqrt(n),
+    both with n - 1 degrees of freedom (the usual approximation; the exact noncentral-t value is
+    about 1% larger at 6 pairs). None with fewer than 2 pairs."""
+    if n < 2:
+        return None
+    return (t_quantile_975(n - 1) + t_quantile_80(n - 1)) * sd / math.sqrt(n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,13 +109,31 @@ def _stats(values: Sequence[float]) -> dict:
             "n": len(values), "values": values}
 
 
+def _seed_and_build(key: Any) -> Tuple[Any, Any]:
+    return key if isinstance(key, tuple) else (key, None)
+
+
+def paired_values(a: Dict[Any, float], b: Dict[Any, float]) -> List[Tuple[Any, float, float]]:
+    """(key, a's value, b's value) for each pair: keys are seeds, or (seed, build) where ``build``
+    names the teacher weights a run used (None without teachers). Two runs pair when they share the
+    seed and, where both used teachers, the build: arms are compared within a block."""
+    out = []
+    for ka, va in a.items():
+        seed_a, build_a = _seed_and_build(ka)
+        for kb, vb in b.items():
+            seed_b, build_b = _seed_and_build(kb)
+            if seed_a == seed_b and (build_a is None or build_b is None or build_a == build_b) \
+                    and va is not None and vb is not None:
+                out.append((ka if build_a is not None else kb, float(va), float(vb)))
+    return out
+
+
 def paired_difference(a: Dict[Any, float], b: Dict[Any, float]) -> Tuple[Optional[float], Optional[float], Optional[float], int]:
-    """Mean of ``a[s] - b[s]`` over the seeds ``s`` in both, and its 95% t-interval.
+    """Mean of ``a[s] - b[s]`` over the paired seeds ``s`` (:func:`paired_values`), and its 95% t-interval.
 
     Returns (mean, low, high, n pairs); the interval is None with fewer than 2 pairs, the mean None
     with none."""
-    seeds = [s for s in a if s in b and a[s] is not None and b[s] is not None]
-    diffs = np.array([float(a[s]) - float(b[s]) for s in seeds])
+    diffs = np.array([va - vb for _, va, vb in paired_values(a, b)])
     n = len(diffs)
     if n == 0:
         return None, None, None, 0
@@ -101,6 +142,17 @@ def paired_difference(a: Dict[Any, float], b: Dict[Any, float]) -> Tuple[Optiona
         return mean, None, None, 1
     half = t_quantile_975(n - 1) * float(diffs.std(ddof=1)) / math.sqrt(n)
     return mean, mean - half, mean + half, n
+
+
+def compared(a: Dict[Any, float], b: Dict[Any, float], baseline: str) -> dict:
+    """The paired comparison of a group to its baseline: mean, 95% interval, pairs, the difference
+    detectable at 80% power from the measured spread (``mde``) and the teacher builds it spans."""
+    pairs = paired_values(a, b)
+    mean, low, high, n = paired_difference(a, b)
+    sd = float(np.std([va - vb for _, va, vb in pairs], ddof=1)) if n > 1 else None
+    builds = {_seed_and_build(k)[1] for k, _, _ in pairs} - {None}
+    return {"baseline": baseline, "mean": mean, "low": low, "high": high, "n": n,
+            "mde": detectable_difference(sd, n) if sd is not None else None, "builds": len(builds)}
 
 
 def spelled(value: Any) -> str:
@@ -120,12 +172,14 @@ def _display(value: Any) -> str:
 
 
 def _by_seed(runs: Sequence[dict], metric: str = "accuracy_strict") -> Dict[Any, float]:
-    """``metric`` per seed of the completed runs (a seed run twice counts once, averaged)."""
+    """``metric`` per seed of the completed runs (a seed run twice counts once, averaged); keyed by
+    (seed, build) where the run records the teacher weights it used (see :func:`paired_values`)."""
     by_seed: Dict[Any, List[float]] = {}
     for r in runs:
         value = r["metrics"][metric]
         if r["status"] == "completed" and value is not None and r["seed"] is not None:
-            by_seed.setdefault(r["seed"], []).append(value)
+            key = (r["seed"], r["build"]) if r.get("build") else r["seed"]
+            by_seed.setdefault(key, []).append(value)
     return {s: float(np.mean(v)) for s, v in by_seed.items()}
 
 
@@ -186,6 +240,5 @@ def group_runs(runs: Sequence[dict], baseline: Tuple[str, str] = BASELINE) -> Li
         if len(same) == 1:
             base = same[0]
             for name, by_seed in (("vs_baseline", "accuracy_by_seed"), ("vs_baseline_curve", "curve_by_seed")):
-                mean, low, high, n = paired_difference(g[by_seed], base[by_seed])
-                g[name] = {"baseline": base["label"], "mean": mean, "low": low, "high": high, "n": n}
+                g[name] = compared(g[by_seed], base[by_seed], base["label"])
     return out

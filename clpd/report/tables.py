@@ -63,7 +63,16 @@ def _fmt_delta(g: dict, key: str = "vs_baseline") -> str:
         return "no paired seeds"
     if d["low"] is None:
         return f"{d['mean']:+.3f} (1 pair, no CI)"
-    return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] ({d['n']} pairs)"
+    builds = d.get("builds") or 0
+    blocks = f", {builds} teacher build{'s' * (builds > 1)}" if builds else ""
+    return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] ({d['n']} pairs{blocks})"
+
+
+def _fmt_detectable(g: dict) -> str:
+    d = g["vs_baseline"]
+    if g["is_baseline"] or d is None or d.get("mde") is None:
+        return "-"
+    return f"±{d['mde']:.3f}"
 
 
 def _fmt_n(g: dict) -> str:
@@ -71,6 +80,7 @@ def _fmt_n(g: dict) -> str:
     return f"{g['completed']}" + (f" ({', '.join(extra)})" if extra else "")
 
 
+DETECTABLE = "Δ detectable"
 DELTA = f"Δ strict vs {BASELINE_VALUE} [95% CI]"
 CURVE, CURVE_DELTA = "curve acc", f"Δ curve vs {BASELINE_VALUE} [95% CI]"
 
@@ -92,6 +102,7 @@ def group_table_rows(groups: Sequence[dict], kept: Sequence[str],
     columns = [("acc strict", True, lambda g: _fmt_stats(g["accuracy_strict"], "acc")),
                ("acc flexible", True, lambda g: _fmt_stats(g["accuracy_flexible"], "acc")),
                (delta, compared, _fmt_delta),
+               (DETECTABLE, compared, _fmt_detectable),
                (CURVE, curves, lambda g: _fmt_stats(g["curve_accuracy"], "acc")),
                (curve_delta, compared and curves, lambda g: _fmt_delta(g, "vs_baseline_curve")),
                ("tokens seen", True, lambda g: _fmt_stats(g["tokens_seen"], "tokens")),
@@ -168,10 +179,11 @@ def _print_groups(console: Console, runs: Sequence[dict], header: Sequence[str],
                   n_groups: int, n_kept: int) -> None:
     """The group table on the console, then one line per run that did not complete (with its error)."""
     table = Table(title=f"{len(runs)} runs, {n_groups} group{'s' * (n_groups != 1)}")
-    for i, column in enumerate(header):
-        table.add_column(column, justify="left" if i < max(n_kept, 1) else "right")
+    shown = [i for i, column in enumerate(header) if column != DETECTABLE]  # report.md has it; a terminal is narrow
+    for i in shown:
+        table.add_column(header[i], justify="left" if i < max(n_kept, 1) else "right")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(row[i] for i in shown))
     console.print(table)
     problems = [r for r in runs if r["status"] != "completed"]
     for r in problems:
@@ -205,7 +217,11 @@ def _method_text(groups: Sequence[dict], header: Sequence[str], baseline: Tuple[
     return ("Accuracy is the final student's test accuracy as a fraction (strict: the `#### N` answer; flexible: the "
             "last number of the output), mean ± sample std (ddof=1) over the completed seeds. "
             + (f"Δ is the paired difference of strict accuracy to `{'='.join(baseline)}` over the seeds both "
-               "completed, with a 95% t-interval. " + rule if any(g["is_baseline"] for g in groups) else "")
+               "completed (and, where both learned from teachers, the same build of the ladder: the weights' "
+               "sha256 in the run's manifest), with a 95% t-interval. " + rule
+               + f"{DETECTABLE} is the true difference that as many pairs would detect with 80% power "
+               "(two-sided, 5%), from the measured spread of the paired differences: (t_0.975 + t_0.80) × sd / √n. "
+               if any(g["is_baseline"] for g in groups) else "")
             + ("Curve acc is the mean test accuracy over a run's learning curve (its `trainer.eval_every` evaluations): "
                "how soon it learned, where the final accuracy says how far. " if CURVE in header else "")
             + "n counts the completed seeds; failed and unfinished runs are listed below.")

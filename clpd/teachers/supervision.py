@@ -12,7 +12,6 @@ from typing import Dict, List, Optional
 import torch
 
 from clpd.config.enums import DistillLoss, Keep, Targets, TeacherOutputs
-from clpd.curriculum.stages import stage_starts
 from clpd.evaluation.evaluate import sample_answers
 from clpd.losses.distill import distill_loss
 from clpd.teachers.ladder import Ladder, distilling_teachers
@@ -26,11 +25,12 @@ from clpd.training.step import Supervision
 from clpd.training.targets import TeacherTargets
 
 
-def build_supervision(run: Run, ladder: Ladder, data: Data, targets: Optional[TeacherTargets] = None,
+def build_supervision(run: Run, ladder: Ladder, data: Data, starts: List[int], targets: Optional[TeacherTargets] = None,
                       fused: bool = False) -> Supervision:
-    """Gold solutions (SFT), or a divergence to the teachers of the schedule: their live forward,
-    or their stored top-k outputs (built first where missing, on ``targets`` where the teachers
-    wrote them). ``fused``: the loss takes the student's (and live teachers') output layer."""
+    """Gold solutions (SFT), or a divergence to the teachers of the schedule (its stages begin at
+    ``starts``): their live forward, or their stored top-k outputs (built first where missing, on
+    ``targets`` where the teachers wrote them). ``fused``: the loss takes the student's (and live
+    teachers') output layer."""
     tc = run.tc
     if tc.distill.loss == DistillLoss.sft:
         return Supervision(fused=fused)
@@ -43,7 +43,7 @@ def build_supervision(run: Run, ladder: Ladder, data: Data, targets: Optional[Te
     else:
         teachers = TeacherPool(ladder.specs, run.tokenizer, device=run.device, dtype=teacher_dtype(run.autocast_dtype),
                                fused=fused)
-    schedule = make_schedule(tc.teachers, stage_starts(tc, len(data.examples)))
+    schedule = make_schedule(tc.teachers, starts)
     if d.on_policy == 0:
         return Supervision(loss_fn, teachers, schedule, fused=fused)
     g, tok = d.generation, run.tokenizer
@@ -80,10 +80,11 @@ def solutions_of(run: Run, ladder: Ladder, data: Data, used: List[int]) -> Dict[
                              console=run.console)
 
 
-def teacher_targets(run: Run, ladder: Ladder, data: Data) -> tuple[Optional[TeacherTargets], List[dict]]:
-    """Sequence-level KD: the solutions of the schedule's teachers (all rungs with
-    teachers.build_only; written where missing) as the run's targets, and what each teacher wrote
-    and kept (for summary.json); (None, []) on gold."""
+def teacher_targets(run: Run, ladder: Ladder, data: Data,
+                    starts: Optional[List[int]] = None) -> tuple[Optional[TeacherTargets], List[dict]]:
+    """Sequence-level KD: the solutions of the schedule's teachers (its stages begin at ``starts``;
+    all rungs with teachers.build_only, which trains no student: None) as the run's targets, written
+    where missing, and what each teacher wrote and kept (for summary.json); (None, []) on gold."""
     tc, d = run.tc, run.tc.distill
     if d.targets != Targets.teacher:
         return None, []
@@ -92,7 +93,7 @@ def teacher_targets(run: Run, ladder: Ladder, data: Data) -> tuple[Optional[Teac
     solutions = main_first(lambda: solutions_of(run, ladder, data, used))
     correct_only = d.keep == Keep.correct
     answers = {i: s.kept(n, correct_only) for i, s in solutions.items()}
-    targets = TeacherTargets(answers, make_schedule(tc.teachers, stage_starts(tc, n)), tc.seed)
+    targets = TeacherTargets(answers, make_schedule(tc.teachers, starts or []), tc.seed)
     return targets, describe_solutions(solutions, ladder.specs, correct_only, n)
 
 
