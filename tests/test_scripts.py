@@ -94,3 +94,46 @@ def test_archiving_runs_keeps_what_the_report_reads_drops_checkpoints_and_never_
 
     missing = script("archive_runs.sh", str(tmp_path / "nowhere"), "kept", env={}, cwd=tmp_path)
     assert missing.returncode == 1 and "is not a directory" in missing.stderr
+
+
+def gap_run(root: Path, arm: str, seed: int, acc: float) -> None:
+    """A finished run of scripts/arith_gap.sh PART=gap as its records keep it: arm "sft" or a rung."""
+    run = root / f"seed{seed}" / arm
+    (run / ".hydra").mkdir(parents=True)
+    sft = arm == "sft"
+    config = {"method": None, "seed": seed, "distill": {"loss": "sft" if sft else "forward_kl"},
+              "teachers": {"schedule": "fixed", "fixed": "xs" if sft else arm}}
+    (run / ".hydra" / "config.yaml").write_text(json.dumps(config))
+    (run / ".hydra" / "overrides.yaml").write_text(json.dumps(
+        [f"method={'sft' if sft else 'standard_kd'}", *([] if sft else [f"teachers.fixed={arm}"]), f"seed={seed}"]))
+    (run / "status.json").write_text('{"status": "ok"}')
+    (run / "summary.json").write_text(json.dumps({"eval": {"accuracy_strict": acc, "n": 1000}}))
+    sizes = {"xs": 17496, "m": 258160, "xl": 1348640}
+    (run / "teachers.json").write_text(json.dumps([{"name": k, "parameters": v} for k, v in sizes.items()]))
+
+
+def test_the_gap_figure_compares_every_rung_and_sft_to_the_best_rung_seed_by_seed(tmp_path):
+    # xs / m / xl / sft over seeds 0-2; m is best (0.60 mean); xl - m: -0.10, -0.12, -0.08 (all below 0).
+    accs = {"xs": (0.10, 0.12, 0.08), "m": (0.60, 0.62, 0.58), "xl": (0.50, 0.50, 0.50), "sft": (0.30, 0.33, 0.36)}
+    for arm, values in accs.items():
+        for seed, acc in enumerate(values):
+            gap_run(tmp_path / "runs", arm, seed, acc)
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "gap_figure.py"), str(tmp_path / "runs"),
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    table = out.stdout.splitlines()
+    assert table[2].startswith("| sft | - | 0.330 ± 0.030 | 3 | -0.270 [")
+    assert table[3].startswith("| xs | 0.017M | 0.100 ± 0.020 | 3 | -0.500 [")
+    assert table[4] == "| m | 0.258M | 0.600 ± 0.020 | 3 | best | - |"
+    # xl - m = -0.10 ± 0.02 (sd of -0.10, -0.12, -0.08): 4.3027 * 0.02 / sqrt(3) = 0.0497 each side.
+    # Detectable at 80% power: (4.3027 + 1.0607) * 0.02 / sqrt(3) = 0.062.
+    assert table[5] == "| xl | 1.349M | 0.500 ± 0.000 | 3 | -0.100 [-0.150, -0.050] (3 pairs) | ±0.062 |"
+    assert "The strongest teacher (xl) gives a student -0.100 [-0.150, -0.050] behind the best rung (m): " \
+           "a worse student" in out.stdout
+    assert (tmp_path / "out" / "gap.png").stat().st_size > 0 and (tmp_path / "out" / "gap.md").is_file()
+
+
+def test_the_gap_script_refuses_an_unknown_part_in_one_line(tmp_path):
+    out = script("arith_gap.sh", env={"PART": "all"}, cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["PART=all: unknown part; allowed: gap, arms, placement"]
