@@ -36,15 +36,17 @@ case "$PART" in
     *) echo "PART=$PART: unknown part; allowed: gap, arms, placement" >&2; exit 2 ;;
 esac
 # Every rung's stored outputs first, once, so that parallel runs read them instead of racing to build them.
-run clpd train +experiment=arith_gap teachers.build_only=true "hydra.run.dir=$OUT/teachers" "$@" || exit 1
+STORED=distill.teacher_outputs=stored
+run clpd train +experiment=arith_gap teachers.build_only=true $STORED "hydra.run.dir=$OUT/teachers" "$@" || exit 1
 case "$PART" in
     gap)
         sweep sft method=sft
-        sweep "\${teachers.fixed}" method=standard_kd teachers.schedule=fixed teachers.fixed=xs,s,m,l,xl ;;
+        sweep "\${teachers.fixed}" method=standard_kd teachers.schedule=fixed teachers.fixed=xs,s,m,l,xl $STORED ;;
     arms)
-        sweep "\${hydra:runtime.choices.method}" method=sft,standard_kd,curriculum_only,teacher_schedule_only,clpd ;;
+        sweep sft method=sft
+        sweep "\${hydra:runtime.choices.method}" method=standard_kd,curriculum_only,teacher_schedule_only,clpd $STORED ;;
     placement)
-        sweep "clpd-\${curriculum.stage_placement}" method=clpd curriculum.stage_placement=steps ;;
+        sweep "clpd-\${curriculum.stage_placement}" method=clpd curriculum.stage_placement=steps $STORED ;;
 esac
 bash scripts/archive_runs.sh "$OUT/$PART/runs" "$RECORDS/$PART/runs"
 if [[ "$PART" == placement ]]; then  # with the arms part's clpd runs (stages by pool growth)

@@ -21,8 +21,8 @@ declare -A ARCH=(
     [l]="student.hidden_size=128 student.num_layers=4 student.num_heads=4 student.intermediate_size=384"
     [xl]="student.hidden_size=160 student.num_layers=4 student.num_heads=4 student.intermediate_size=480"
 )
-declare -A STEPS=([xs]="${STEPS_xs:-3000}" [s]="${STEPS_s:-3000}" [m]="${STEPS_m:-2000}" [l]="${STEPS_l:-1500}"
-                  [xl]="${STEPS_xl:-1500}")
+declare -A STEPS=([xs]="${STEPS_xs:-3000}" [s]="${STEPS_s:-3000}" [m]="${STEPS_m:-3000}" [l]="${STEPS_l:-2000}"
+                  [xl]="${STEPS_xl:-2000}")
 
 EVAL=()  # clpd eval takes none of the training overrides ("$@"), only its own thread setting
 [[ -n "${OMP_NUM_THREADS:-}" ]] && EVAL=("num_threads=$OMP_NUM_THREADS")

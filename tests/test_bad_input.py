@@ -90,6 +90,8 @@ CASES = {
     "distillation without teachers": ("train", ["teachers=none", "distill=forward_kl"],
                                       ["distill.loss=forward_kl needs a teacher ladder"]),
     "distill temperature zero": ("train", ["distill.temperature=0"], ["distill.temperature=0", "must be > 0"]),
+    "vocabulary slice of zero rows": ("train", ["distill.vocab_slice_size=0"],
+                                      ["distill.vocab_slice_size=0 must be >= 1 (or null for whole rows)"]),
     # benchmark
     "benchmark unknown": ("train", ["benchmark=nope"], ["benchmark", "available: arith, gsm8k, jsonl, svamp"]),
     "benchmark data dir missing": ("train", ["benchmark=gsm8k", "benchmark.data_dir=/does/not/exist"],

@@ -130,6 +130,8 @@ def add_memory(sub) -> None:
     m.add_argument("--hidden", type=int, default=QWEN_HIDDEN)
     m.add_argument("--top-k", type=int, default=32)
     m.add_argument("--chunk-size", type=int, default=DistillConfig.chunk_size, help="the loss's chunk (distill.chunk_size)")
+    m.add_argument("--slice-size", type=int, default=16384,
+                   help="vocabulary rows per slice of the sliced_* variants (distill.vocab_slice_size)")
     m.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
     m.add_argument("--force", action="store_true", help="run a variant even when it looks larger than MemAvailable")
     m.add_argument("--variant", choices=VARIANTS, default=None, help=argparse.SUPPRESS)  # the child's own run

@@ -1,7 +1,7 @@
 """``python -m clpd.bench.store memory``: peak memory of the logits and the KD loss alone, naive vs
 clpd with a live teacher vs clpd with a stored top-k (and clpd's SFT step, ``*_sft``), each unfused
 (the output layer, then the loss) and fused (``fused_*``: the output layer inside the loss,
-clpd.losses.fused), each variant in its own fresh process (this command again, ``memory --variant
+clpd.losses.fused; ``sliced_*``: fused, each row chunk in vocabulary slices), each variant in its own fresh process (this command again, ``memory --variant
 X``); the peak RSS over the RSS right before the variant ran."""
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ from clpd.losses.sparse import TopK, top_k_outputs
 from clpd.losses.distill import distill_loss
 from clpd.losses.fused import HeadRows
 
-VARIANTS = ("naive", "clpd_live", "clpd_stored", "fused_live", "fused_stored", "clpd_sft", "fused_sft")
+VARIANTS = ("naive", "clpd_live", "clpd_stored", "fused_live", "fused_stored", "clpd_sft", "fused_sft", "sliced_live",
+            "sliced_sft")
 
 # Peak over the RSS before, in fp32 [rows, V] matrices (rows: every position for naive, the answer
 # positions for clpd), as measured at small sizes (V=20,000, 1,024 positions: 7.2, 10.4, 6.1), rounded up.
 PEAK_MATRICES = {"naive": 8, "clpd_live": 11, "clpd_stored": 7, "fused_live": 2, "fused_stored": 2, "clpd_sft": 5,
-                 "fused_sft": 2}
+                 "fused_sft": 2, "sliced_live": 2, "sliced_sft": 2}
 
 
 def memory_inputs(tokens: int, answer_fraction: float, vocab: int, hidden: int, top_k: Optional[int], seed: int,
@@ -84,18 +85,22 @@ def clpd_kd(h_s, h_t, w_s, w_t, targets, *, top_k=None, chunk_size: int, sft: bo
     return _backward(h_s[keep] @ w_s.T, teacher, targets[keep], sft, chunk_size, w_s.size(0))
 
 
-def fused_kd(h_s, h_t, w_s, w_t, targets, *, top_k=None, chunk_size: int, sft: bool = False, **_) -> torch.Tensor:
+def fused_kd(h_s, h_t, w_s, w_t, targets, *, top_k=None, chunk_size: int, sft: bool = False,
+             slice_size: Optional[int] = None, **_) -> torch.Tensor:
     """:func:`clpd_kd` with the output layers inside the loss (``trainer.fused_loss``): the answer
-    rows' hidden states and the output matrices go in, chunks of logits are made and dropped."""
+    rows' hidden states and the output matrices go in, chunks of logits are made and dropped
+    (``slice_size``: each chunk ``slice_size`` vocabulary rows at a time)."""
     keep = targets != IGNORE_INDEX
     teacher = None if sft else HeadRows(h_t[keep], w_t) if top_k is None else top_k
-    return _backward(HeadRows(h_s[keep], w_s), teacher, targets[keep], sft, chunk_size, w_s.size(0))
+    return _backward(HeadRows(h_s[keep], w_s), teacher, targets[keep], sft, chunk_size, w_s.size(0), slice_size)
 
 
-def _backward(student, teacher, targets, sft: bool, chunk_size: int, width: int) -> torch.Tensor:
+def _backward(student, teacher, targets, sft: bool, chunk_size: int, width: int,
+              slice_size: Optional[int] = None) -> torch.Tensor:
     """Forward KL (or CE) per answer token, its backward; the student's outputs freed first."""
     knobs = dict(loss="sft", alpha=1.0) if sft else dict(loss="forward_kl", alpha=0.0)
-    parts = distill_loss(student, teacher, targets, chunk_size=chunk_size, vocab_size=width, **knobs)
+    parts = distill_loss(student, teacher, targets, chunk_size=chunk_size, vocab_size=width, slice_size=slice_size,
+                         **knobs)
     loss = parts.total / targets.numel()
     del student, teacher, parts
     loss.backward()
@@ -111,7 +116,8 @@ def estimate_mib(variant: str, tokens: int, answer: int, vocab: int, hidden: int
 def memory_variant(args: argparse.Namespace) -> dict:
     """Child: one variant, measured alone in this process."""
     threads = set_threads(args.threads)
-    kd = {"naive": naive_kd, "clpd": clpd_kd, "fused": fused_kd}[args.variant.split("_")[0]]
+    kd = {"naive": naive_kd, "clpd": clpd_kd, "fused": fused_kd,
+          "sliced": functools.partial(fused_kd, slice_size=args.slice_size)}[args.variant.split("_")[0]]
     fn = kd if args.variant == "naive" else functools.partial(kd, chunk_size=args.chunk_size,
                                                                 sft=args.variant.endswith("_sft"))
     stored = args.variant.endswith("_stored")
@@ -143,7 +149,7 @@ def in_own_process(variant: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, "-m", "clpd.bench.store", "memory", "--variant", variant,
                "--tokens", str(args.tokens), "--answer-fraction", str(args.answer_fraction),
                "--vocab", str(args.vocab), "--hidden", str(args.hidden), "--top-k", str(args.top_k),
-               "--chunk-size", str(args.chunk_size), "--seed", str(args.seed)]
+               "--chunk-size", str(args.chunk_size), "--slice-size", str(args.slice_size), "--seed", str(args.seed)]
     if args.threads:
         command += ["--threads", str(args.threads)]
     out = subprocess.run(command, capture_output=True, text=True)

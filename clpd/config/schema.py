@@ -161,6 +161,11 @@ class DistillConfig:
     # naive full-vocabulary logits with stored outputs (1024: 0.29x; python -m clpd.bench.store memory).
     # Small losses are one chunk whatever this says (clpd.losses.RECOMPUTE_ABOVE).
     chunk_size: int = 256
+    # With the fused output layer (trainer.fused_loss): each chunk of answer rows is also cut into
+    # slices of this many vocabulary rows, so that no [chunk, V] matrix is held, only [chunk, N]
+    # ones, for three passes over the output matrix instead of one (clpd.losses.vocab_slices; not
+    # against stored top-k outputs). null: whole rows.
+    vocab_slice_size: Optional[int] = None
     # Where the teacher's logits come from: its forward at every step (live), or a store of its
     # top-k logits at every training example's answer positions (the gold solutions, or with
     # targets=teacher each teacher's own kept ones), built once into <teachers.cache_dir>/outputs
@@ -201,6 +206,8 @@ class DistillConfig:
         p.check(0.0 <= self.beta <= 1.0, f"distill.beta={self.beta} must be in [0, 1]")
         p.check(0.0 <= self.skew_lambda < 1.0, f"distill.skew_lambda={self.skew_lambda} must be in [0, 1)")
         p.check(self.chunk_size >= 1, f"distill.chunk_size={self.chunk_size} must be >= 1")
+        p.check(self.vocab_slice_size is None or self.vocab_slice_size >= 1,
+                f"distill.vocab_slice_size={self.vocab_slice_size} must be >= 1 (or null for whole rows)")
         p.raise_if_any("invalid distill config: ")
 
 

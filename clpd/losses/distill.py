@@ -25,7 +25,8 @@ class LossTerms(NamedTuple):
 def distill_loss(student_logits: Union[torch.Tensor, HeadRows], teacher_logits: Optional[Union[torch.Tensor, TopK, HeadRows]],
                  targets: torch.Tensor, *,
                  loss: str, alpha: float, temperature: float = 1.0, beta: float = 0.5, lam: float = 0.1,
-                 chunk_size: int = 256, vocab_size: Optional[int] = None, gold: bool = True) -> LossTerms:
+                 chunk_size: int = 256, vocab_size: Optional[int] = None, gold: bool = True,
+                 slice_size: Optional[int] = None) -> LossTerms:
     """The loop's loss, summed over answer tokens, with its terms.
 
     ``loss == "sft"``: cross-entropy on the gold tokens; ``teacher_logits`` and the KD knobs are
@@ -41,7 +42,8 @@ def distill_loss(student_logits: Union[torch.Tensor, HeadRows], teacher_logits: 
 
     ``student_logits`` may be the student's :class:`HeadRows` (answer rows' hidden states and output
     matrix, ``targets`` then [N]; the teacher's may be too): the same loss, fused with the output
-    layer, with no [N, V] logits held (:mod:`clpd.losses.fused`).
+    layer, with no [N, V] logits held (:mod:`clpd.losses.fused`); ``slice_size`` then cuts each row
+    chunk into slices of that many vocabulary rows (:mod:`clpd.losses.vocab_slices`).
 
     ``gold=False``: ``targets`` are the student's own sampled tokens (on-policy), on which no
     cross-entropy is taken: the total is ``(1 - alpha) * KD`` alone, the same divergence code fed
@@ -52,7 +54,8 @@ def distill_loss(student_logits: Union[torch.Tensor, HeadRows], teacher_logits: 
     fused = isinstance(student_logits, HeadRows)
     if loss == "sft":
         if fused:
-            total, _, _ = fused_loss_terms(student_logits, None, targets, loss=loss, alpha=1.0, chunk_size=chunk_size)
+            total, _, _ = fused_loss_terms(student_logits, None, targets, loss=loss, alpha=1.0, chunk_size=chunk_size,
+                                           slice_size=slice_size)
             return LossTerms(total, ce=total)
         ce = cross_entropy_sum(student_logits, targets)
         return LossTerms(ce, ce=ce)
@@ -68,7 +71,7 @@ def distill_loss(student_logits: Union[torch.Tensor, HeadRows], teacher_logits: 
     if fused:
         total, ce, kd = fused_loss_terms(student_logits, teacher_logits, targets, loss=loss, alpha=alpha,
                                          temperature=temperature, beta=beta, lam=lam, chunk_size=chunk_size,
-                                         vocab_size=vocab_size, gold=gold)
+                                         vocab_size=vocab_size, gold=gold, slice_size=slice_size)
         return LossTerms(total, ce=ce, kd=kd)
     ce = cross_entropy_sum(student_logits, targets) if alpha > 0.0 and gold else None
     kd = None

@@ -33,6 +33,7 @@ from clpd.losses.chunks import RECOMPUTE_ABOVE, _raise_if
 from clpd.losses.dense import _chunk_sum, forward_kl_chunk, forward_kl_chunk_with_grad
 from clpd.losses.divergences import DIVERGENCES
 from clpd.losses.sparse import TopK, _sparse_chunk_sum, sparse_forward_kl_chunk
+from clpd.losses.vocab_slices import sliced_rows
 
 
 class HeadRows(NamedTuple):
@@ -47,13 +48,15 @@ Teacher = Union[torch.Tensor, TopK, HeadRows]
 
 def fused_loss_terms(student: HeadRows, teacher: Optional[Teacher], targets: torch.Tensor, *, loss: str,
                      alpha: float, temperature: float = 1.0, beta: float = 0.5, lam: float = 0.1,
-                     chunk_size: int = 256, vocab_size: Optional[int] = None,
-                     gold: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+                     chunk_size: int = 256, vocab_size: Optional[int] = None, gold: bool = True,
+                     slice_size: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The terms of :func:`clpd.losses.distill.distill_loss` (which calls this for
     :class:`HeadRows`), as (total, ce, kd): ``targets`` [N] are the answer rows' gold or sampled
     tokens, ``teacher`` dense answer-row logits, a TopK or the teacher's HeadRows (None without a
     KD term). ``total`` has gradients for ``student.hidden`` and ``student.weight`` where they
-    require them and grad is enabled; ``ce`` and ``kd`` are values only. The loss's settings are
+    require them and grad is enabled; ``ce`` and ``kd`` are values only. ``slice_size``: each row
+    chunk is made that many vocabulary rows at a time (:mod:`clpd.losses.vocab_slices`; not against
+    a stored top-k teacher), None for whole rows. The loss's settings are
     checked by ``distill_loss``, its one caller; the shapes, which only rows have, here."""
     if student.hidden.dim() != 2 or targets.shape != student.hidden.shape[:1]:
         _raise_if([f"shapes do not line up: hidden {tuple(student.hidden.shape)}, targets {tuple(targets.shape)} "
@@ -63,8 +66,12 @@ def fused_loss_terms(student: HeadRows, teacher: Optional[Teacher], targets: tor
     weights = (1.0, 0.0) if loss == "sft" else (alpha if gold else 0.0, 1.0 - alpha)
     n, width = student.hidden.size(0), student.weight.size(0)
     rows = chunk_size if n * width > RECOMPUTE_ABOVE else max(n, 1)  # small losses: one chunk
-    terms = partial(_chunk_terms, targets=targets, teacher=teacher if kd_on else None, ce_on=ce_on, weights=weights,
-                    divergence=loss, temperature=temperature, beta=beta, lam=lam, vocab_size=vocab_size)
+    knobs = dict(targets=targets, teacher=teacher if kd_on else None, ce_on=ce_on, weights=weights,
+                 divergence=loss, temperature=temperature, beta=beta, lam=lam, vocab_size=vocab_size)
+    if slice_size is not None and slice_size < width and not isinstance(teacher, TopK):
+        terms = partial(_sliced_rows, slice_size=slice_size, **knobs)
+    else:  # a stored top-k teacher's side is k wide already: only the rows are chunked
+        terms = partial(_whole_rows, **knobs)
     sums: Dict[str, torch.Tensor] = {}
     total = _FusedOutputLoss.apply(student.hidden, student.weight, terms, rows, sums, torch.is_grad_enabled())
     return total, sums.get("ce"), sums.get("kd")
@@ -82,20 +89,13 @@ class _FusedOutputLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         for start in range(0, hidden.size(0), rows):
             h = hidden[start:start + rows]
-            logits = h @ weight.T  # in the autocast dtype where one is active
-            value, parts, grad = terms(logits, start, start + h.size(0), want_grad=want_h or want_w)
-            del logits
+            value, parts, chunk_h, grad_w = terms(h, weight, start, start + h.size(0), want_h=want_h, want_w=want_w,
+                                                  grad_w=grad_w)
             total += value
             for name, part in parts.items():
                 sums[name] = sums.get(name, 0.0) + part
-            if grad is not None:
-                if not torch.is_autocast_enabled(h.device.type):  # (autocast casts the matmuls itself)
-                    grad = grad.to(h.dtype)
-                if want_h:
-                    grad_h[start:start + h.size(0)] = grad @ weight
-                if want_w:
-                    part = (grad.T @ h).to(weight.dtype)
-                    grad_w = part if grad_w is None else grad_w.add_(part)
+            if chunk_h is not None:
+                grad_h[start:start + h.size(0)] = chunk_h
         ctx.save_for_backward(grad_h, grad_w)
         return total
 
@@ -104,6 +104,43 @@ class _FusedOutputLoss(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors  # used once: scaled in place, no second [V, H] copy
         return (None if grad_h is None else grad_h.mul_(d_total.to(grad_h.dtype)),
                 None if grad_w is None else grad_w.mul_(d_total.to(grad_w.dtype)), None, None, None, None)
+
+
+def _whole_rows(h: torch.Tensor, weight: torch.Tensor, start: int, end: int, *, want_h: bool, want_w: bool,
+                grad_w: Optional[torch.Tensor], **knobs):
+    """One row chunk over the whole vocabulary: its [rows, V] logits, terms and logit gradient,
+    turned into (total, parts, gradient w.r.t. ``h``, ``grad_w`` with this chunk's part added)."""
+    logits = h @ weight.T  # in the autocast dtype where one is active
+    value, parts, grad = _chunk_terms(logits, start, end, want_grad=want_h or want_w, **knobs)
+    del logits
+    chunk_h = None
+    if grad is not None:
+        if not torch.is_autocast_enabled(h.device.type):  # (autocast casts the matmuls itself)
+            grad = grad.to(h.dtype)
+        if want_h:
+            chunk_h = grad @ weight
+        if want_w:
+            part = (grad.T @ h).to(weight.dtype)
+            grad_w = part if grad_w is None else grad_w.add_(part)
+    return value, parts, chunk_h, grad_w
+
+
+def _sliced_rows(h: torch.Tensor, weight: torch.Tensor, start: int, end: int, *, targets: torch.Tensor,
+                 teacher: Optional[Teacher], vocab_size: Optional[int], slice_size: int, **knobs):
+    """One row chunk by vocabulary slices (:mod:`clpd.losses.vocab_slices`)."""
+    rows = None if teacher is None else _teacher_input(teacher, start, end)
+    width = vocab_size or (weight.size(0) if rows is None or isinstance(rows, HeadRows)
+                           else min(weight.size(0), rows.size(1)))
+    if isinstance(rows, HeadRows):
+        width = min(width, rows.weight.size(0))
+    return sliced_rows(h, weight, targets[start:end], rows, width=width, size=slice_size, **knobs)
+
+
+def _teacher_input(teacher: Teacher, start: int, end: int) -> Union[torch.Tensor, HeadRows]:
+    """The teacher's rows ``start:end``, as dense logits or HeadRows (not multiplied out)."""
+    if isinstance(teacher, HeadRows):
+        return HeadRows(teacher.hidden[start:end], teacher.weight)
+    return teacher[start:end]
 
 
 def _chunk_terms(logits: torch.Tensor, start: int, end: int, *, targets: torch.Tensor, teacher: Optional[Teacher],

@@ -21,7 +21,7 @@ from clpd.teachers.solutions import TeacherSolutions, describe_solutions, prepar
 from clpd.teachers.store import StorePool, TeacherStore, describe, prepare_stores
 from clpd.training.distributed import main_first
 from clpd.training.on_policy import OnPolicy
-from clpd.training.step import Supervision
+from clpd.training.step import Supervision, sft_loss
 from clpd.training.targets import TeacherTargets
 
 
@@ -33,11 +33,12 @@ def build_supervision(run: Run, ladder: Ladder, data: Data, starts: List[int], t
     teachers') output layer."""
     tc = run.tc
     if tc.distill.loss == DistillLoss.sft:
-        return Supervision(fused=fused)
+        return Supervision(functools.partial(sft_loss, slice_size=tc.distill.vocab_slice_size), fused=fused)
     d = tc.distill
     # Only the rows that the tokenizer, the student and every teacher share are compared.
     loss_fn = functools.partial(distill_loss, loss=d.loss.value, alpha=d.alpha, temperature=d.temperature, beta=d.beta,
-                                lam=d.skew_lambda, chunk_size=d.chunk_size, vocab_size=len(run.tokenizer))
+                                lam=d.skew_lambda, chunk_size=d.chunk_size, vocab_size=len(run.tokenizer),
+                                slice_size=d.vocab_slice_size)
     if d.teacher_outputs == TeacherOutputs.stored:
         teachers = StorePool(ladder.specs, main_first(lambda: stored_outputs(run, ladder, data, targets)))
     else:

@@ -66,8 +66,8 @@ class Teachers(Protocol):
 
 
 def sft_loss(student_logits: Union[torch.Tensor, HeadRows], teacher_logits: Optional[torch.Tensor],
-             targets: torch.Tensor) -> LossTerms:
-    return distill_loss(student_logits, None, targets, loss="sft", alpha=1.0)
+             targets: torch.Tensor, slice_size: Optional[int] = None) -> LossTerms:
+    return distill_loss(student_logits, None, targets, loss="sft", alpha=1.0, slice_size=slice_size)
 
 
 @dataclass
