@@ -71,8 +71,12 @@ def write_markdown(rows: List[dict], out: Path) -> str:
              "|---|---|---|---|---|---|"]
     for r in rows:
         vs = r["vs_best"]
-        delta = "best" if r["best"] else (
-            f"{_fmt(vs['mean'])} [{_fmt(vs['low'])}, {_fmt(vs['high'])}] ({vs['n']} pairs)" if vs and vs["low"] is not None else "-")
+        if r["best"]:
+            delta = "best"
+        elif vs and vs["low"] is not None:
+            delta = f"{_fmt(vs['mean'])} [{_fmt(vs['low'])}, {_fmt(vs['high'])}] ({vs['n']} pairs)"
+        else:
+            delta = f"{_fmt(vs['mean'])} ({vs['n']} pair, no interval)" if vs and vs["mean"] is not None else "-"
         mde = f"±{vs['mde']:.3f}" if vs and vs.get("mde") is not None else "-"
         size = f"{r['parameters'] / 1e6:.3f}M" if r["parameters"] else "-"
         std = f" ± {r['std']:.3f}" if r["std"] is not None else ""
@@ -81,9 +85,13 @@ def write_markdown(rows: List[dict], out: Path) -> str:
     if strongest["best"]:
         verdict = (f"The strongest teacher ({strongest['arm']}) gives the best student here: no rung's student is "
                    f"better than its student.")
+    elif strongest["vs_best"]["low"] is None:
+        vs = strongest["vs_best"]
+        verdict = (f"The strongest teacher ({strongest['arm']}) gives a student {_fmt(vs['mean'])} behind the best "
+                   f"rung ({best['arm']}) on {vs['n']} paired seed{'s' * (vs['n'] != 1)}: too few for an interval.")
     else:
         vs = strongest["vs_best"]
-        worse = vs["high"] is not None and vs["high"] < 0
+        worse = vs["high"] < 0
         verdict = (f"The strongest teacher ({strongest['arm']}) gives a student {_fmt(vs['mean'])} "
                    f"[{_fmt(vs['low'])}, {_fmt(vs['high'])}] behind the best rung ({best['arm']}): "
                    + ("a worse student, outside the interval of no difference." if worse else

@@ -455,3 +455,14 @@ def test_t_quantiles_at_80_percent_match_scipy():
     # scipy.stats.t.ppf(0.8, df) for df = 1, 5, 11, 30, 40, 100
     for df, value in ((1, 1.3764), (5, 0.9195), (11, 0.8755), (30, 0.8538), (40, 0.85070), (100, 0.84523)):
         assert t_quantile_80(df) == pytest.approx(value, abs=1e-4)
+
+
+def test_runs_that_learned_from_different_rungs_pair_and_another_build_of_a_shared_rung_does_not():
+    from clpd.report.stats import paired_values
+
+    from_xs, from_xl = (0, (("xs", "a1"),)), (0, (("xl", "b1"),))
+    ladder, rebuilt = (0, (("xs", "a1"), ("xl", "b1"))), (0, (("xs", "a1"), ("xl", "b2")))
+    assert len(paired_values({from_xs: 0.3}, {from_xl: 0.5})) == 1  # one rung each: nothing to disagree on
+    assert len(paired_values({ladder: 0.3}, {from_xl: 0.5})) == 1
+    assert paired_values({rebuilt: 0.3}, {from_xl: 0.5}) == []  # xl rebuilt: another block
+    assert len(paired_values({0: 0.3}, {from_xl: 0.5})) == 1  # SFT (no teachers) pairs with any build

@@ -225,15 +225,14 @@ def read_run(run_dir: Path) -> dict:
     return run
 
 
-def teacher_build(manifest: dict) -> Optional[str]:
-    """Which build of the teacher ladder a run learned from: a short hash of the sha256 of the weights
-    of the teachers it used (its final checkpoint's manifest), so runs on two builds of one ladder
-    config are told apart; None without teachers or without the manifest."""
+def teacher_build(manifest: dict) -> Optional[tuple]:
+    """Which build of each teacher a run learned from: ((name, short hash of its weights' sha256), ...)
+    from its final checkpoint's manifest, so that runs on two builds of one ladder config are told
+    apart; None without teachers or without the manifest."""
     ladder = manifest.get("ladder") if isinstance(manifest, dict) else None
-    weights = [(t.get("name"), t.get("weights")) for t in ladder or [] if isinstance(t, dict)]
-    if not weights:
-        return None
-    return hashlib.sha256(_compact(weights).encode()).hexdigest()[:12]
+    weights = [(str(t.get("name")), hashlib.sha256(_compact(t.get("weights")).encode()).hexdigest()[:12])
+               for t in ladder or [] if isinstance(t, dict)]
+    return tuple(sorted(weights)) or None
 
 
 def teacher_outputs(summary: dict) -> Optional[str]:

@@ -113,19 +113,37 @@ def _seed_and_build(key: Any) -> Tuple[Any, Any]:
     return key if isinstance(key, tuple) else (key, None)
 
 
+def _same_block(build_a: Any, build_b: Any) -> bool:
+    """Two runs are in one block unless a teacher they both used has other weights in each (a
+    build is ((teacher name, weights hash), ...), None without teachers)."""
+    if not build_a or not build_b:
+        return True
+    b = dict(build_b)
+    return all(b.get(name, weights) == weights for name, weights in build_a)
+
+
 def paired_values(a: Dict[Any, float], b: Dict[Any, float]) -> List[Tuple[Any, float, float]]:
-    """(key, a's value, b's value) for each pair: keys are seeds, or (seed, build) where ``build``
+    """(keys, a's value, b's value) for each pair: keys are seeds, or (seed, build) where ``build``
     names the teacher weights a run used (None without teachers). Two runs pair when they share the
-    seed and, where both used teachers, the build: arms are compared within a block."""
+    seed and no teacher both used has other weights in each: arms are compared within a block."""
     out = []
     for ka, va in a.items():
         seed_a, build_a = _seed_and_build(ka)
         for kb, vb in b.items():
             seed_b, build_b = _seed_and_build(kb)
-            if seed_a == seed_b and (build_a is None or build_b is None or build_a == build_b) \
-                    and va is not None and vb is not None:
-                out.append((ka if build_a is not None else kb, float(va), float(vb)))
+            if seed_a == seed_b and _same_block(build_a, build_b) and va is not None and vb is not None:
+                out.append(((ka, kb), float(va), float(vb)))
     return out
+
+
+def builds_spanned(pairs: List[Tuple[Any, float, float]]) -> int:
+    """How many builds of one teacher the pairs span (the most for any teacher; 0 without teachers)."""
+    seen: Dict[str, set] = {}
+    for (ka, kb), _, _ in pairs:
+        for key in (ka, kb):
+            for name, weights in _seed_and_build(key)[1] or ():
+                seen.setdefault(name, set()).add(weights)
+    return max((len(v) for v in seen.values()), default=0)
 
 
 def paired_difference(a: Dict[Any, float], b: Dict[Any, float]) -> Tuple[Optional[float], Optional[float], Optional[float], int]:
@@ -150,9 +168,8 @@ def compared(a: Dict[Any, float], b: Dict[Any, float], baseline: str) -> dict:
     pairs = paired_values(a, b)
     mean, low, high, n = paired_difference(a, b)
     sd = float(np.std([va - vb for _, va, vb in pairs], ddof=1)) if n > 1 else None
-    builds = {_seed_and_build(k)[1] for k, _, _ in pairs} - {None}
     return {"baseline": baseline, "mean": mean, "low": low, "high": high, "n": n,
-            "mde": detectable_difference(sd, n) if sd is not None else None, "builds": len(builds)}
+            "mde": detectable_difference(sd, n) if sd is not None else None, "builds": builds_spanned(pairs)}
 
 
 def spelled(value: Any) -> str:
