@@ -458,11 +458,12 @@ def test_t_quantiles_at_80_percent_match_scipy():
 
 
 def test_runs_that_learned_from_different_rungs_pair_and_another_build_of_a_shared_rung_does_not():
-    from clpd.report.stats import paired_values
+    from clpd.report.stats import SeedBuild, paired_values
 
-    from_xs, from_xl = (0, (("xs", "a1"),)), (0, (("xl", "b1"),))
-    ladder, rebuilt = (0, (("xs", "a1"), ("xl", "b1"))), (0, (("xs", "a1"), ("xl", "b2")))
+    from_xs, from_xl = SeedBuild(0, (("xs", "a1"),)), SeedBuild(0, (("xl", "b1"),))
+    ladder, rebuilt = SeedBuild(0, (("xs", "a1"), ("xl", "b1"))), SeedBuild(0, (("xs", "a1"), ("xl", "b2")))
     assert len(paired_values({from_xs: 0.3}, {from_xl: 0.5})) == 1  # one rung each: nothing to disagree on
     assert len(paired_values({ladder: 0.3}, {from_xl: 0.5})) == 1
     assert paired_values({rebuilt: 0.3}, {from_xl: 0.5}) == []  # xl rebuilt: another block
     assert len(paired_values({0: 0.3}, {from_xl: 0.5})) == 1  # SFT (no teachers) pairs with any build
+    assert len(paired_values({("clpd", 1): 0.3}, {("clpd", 1): 0.5, ("clpd", 2): 0.4})) == 1  # other keys match as they are

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -109,8 +109,15 @@ def _stats(values: Sequence[float]) -> dict:
             "n": len(values), "values": values}
 
 
+class SeedBuild(NamedTuple):
+    """A run's pairing key where it learned from teachers: its seed and their builds, a tuple of
+    (teacher name, short hash of its weights) pairs (clpd.report.records.teacher_build)."""
+    seed: Any
+    build: tuple
+
+
 def _seed_and_build(key: Any) -> Tuple[Any, Any]:
-    return key if isinstance(key, tuple) else (key, None)
+    return (key.seed, key.build) if isinstance(key, SeedBuild) else (key, None)
 
 
 def _same_block(build_a: Any, build_b: Any) -> bool:
@@ -123,8 +130,8 @@ def _same_block(build_a: Any, build_b: Any) -> bool:
 
 
 def paired_values(a: Dict[Any, float], b: Dict[Any, float]) -> List[Tuple[Any, float, float]]:
-    """(keys, a's value, b's value) for each pair: keys are seeds, or (seed, build) where ``build``
-    names the teacher weights a run used (None without teachers). Two runs pair when they share the
+    """(keys, a's value, b's value) for each pair: keys are seeds (or any other key, matched as it
+    is), or :class:`SeedBuild` where a run names the teacher weights it used. Two runs pair when they share the
     seed and no teacher both used has other weights in each: arms are compared within a block."""
     out = []
     for ka, va in a.items():
@@ -195,7 +202,7 @@ def _by_seed(runs: Sequence[dict], metric: str = "accuracy_strict") -> Dict[Any,
     for r in runs:
         value = r["metrics"][metric]
         if r["status"] == "completed" and value is not None and r["seed"] is not None:
-            key = (r["seed"], r["build"]) if r.get("build") else r["seed"]
+            key = SeedBuild(r["seed"], r["build"]) if r.get("build") else r["seed"]
             by_seed.setdefault(key, []).append(value)
     return {s: float(np.mean(v)) for s, v in by_seed.items()}
 
