@@ -173,6 +173,12 @@ def test_the_loss_memory_of_each_variant_is_measured_in_its_own_process(tmp_path
     assert variants["fused_live"]["loss"] == pytest.approx(variants["clpd_live"]["loss"], rel=1e-5)
     assert variants["fused_stored"]["loss"] == pytest.approx(variants["clpd_stored"]["loss"], rel=1e-5)
     assert variants["fused_sft"]["loss"] == pytest.approx(variants["clpd_sft"]["loss"], rel=1e-5)
+    # vocabulary slices (asked for by name: not in the default set): the fused losses, slice by slice
+    bench("store", "memory", "--vocab", "2000", "--tokens", "256", "--threads", "1", "--slice-size", "300",
+          "--variants", "sliced_live,sliced_sft", "--json", str(tmp_path / "sliced.json"))
+    sliced = json.loads((tmp_path / "sliced.json").read_text())["variants"]
+    assert sliced["sliced_live"]["loss"] == pytest.approx(variants["fused_live"]["loss"], rel=1e-5)
+    assert sliced["sliced_sft"]["loss"] == pytest.approx(variants["fused_sft"]["loss"], rel=1e-5)
 
 
 @pytest.mark.slow

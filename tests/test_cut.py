@@ -249,7 +249,7 @@ CASES = {
         ["gguf_file=nope.gguf: no such file in checkpoint=", "GGUF files there: none"]),
     "eval few-shot split missing": (
         "eval", ["checkpoint={source}", "benchmark.num_fewshot=2", "benchmark.fewshot_split=dev"],
-        ["benchmark.fewshot_split=dev: benchmark=arith has no such split; allowed: train, test"]),
+        ["benchmark.fewshot_split=dev: benchmark=arith has no such split; allowed: train, validation, test"]),
     "eval few-shot on svamp": ("eval", ["checkpoint={source}", "benchmark=svamp", "benchmark.num_fewshot=5"],
                                ["benchmark.num_fewshot=5: benchmark=svamp has no solutions"]),
     "eval few-shot negative": ("eval", ["checkpoint={source}", "benchmark.num_fewshot=-1"],

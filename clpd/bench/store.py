@@ -40,7 +40,7 @@ from clpd.bench.common import QWEN_HIDDEN, QWEN_TOKENIZER, QWEN_VOCAB, parse_sha
 from clpd.bench.on_policy_step import ON_POLICY_ARMS, cmd_on_policy
 from clpd.bench.store_build import BUILD_BATCH, cmd_build, cmd_size
 from clpd.bench.store_largest import cmd_largest
-from clpd.bench.store_memory import VARIANTS, cmd_memory
+from clpd.bench.store_memory import DEFAULT_VARIANTS, VARIANTS, cmd_memory
 from clpd.bench.store_step import ARMS, STEP_DEFAULTS, cmd_step
 from clpd.config.schema import DistillConfig
 
@@ -132,7 +132,7 @@ def add_memory(sub) -> None:
     m.add_argument("--chunk-size", type=int, default=DistillConfig.chunk_size, help="the loss's chunk (distill.chunk_size)")
     m.add_argument("--slice-size", type=int, default=16384,
                    help="vocabulary rows per slice of the sliced_* variants (distill.vocab_slice_size)")
-    m.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
+    m.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
     m.add_argument("--force", action="store_true", help="run a variant even when it looks larger than MemAvailable")
     m.add_argument("--variant", choices=VARIANTS, default=None, help=argparse.SUPPRESS)  # the child's own run
     common(m)

@@ -27,6 +27,7 @@ from clpd.losses.fused import HeadRows
 
 VARIANTS = ("naive", "clpd_live", "clpd_stored", "fused_live", "fused_stored", "clpd_sft", "fused_sft", "sliced_live",
             "sliced_sft")
+DEFAULT_VARIANTS = VARIANTS[:7]  # the sliced ones by name (--variants): three passes over a 152k-row matrix take minutes
 
 # Peak over the RSS before, in fp32 [rows, V] matrices (rows: every position for naive, the answer
 # positions for clpd), as measured at small sizes (V=20,000, 1,024 positions: 7.2, 10.4, 6.1), rounded up.
