@@ -137,3 +137,17 @@ def test_the_gap_script_refuses_an_unknown_part_in_one_line(tmp_path):
     out = script("arith_gap.sh", env={"PART": "all"}, cwd=tmp_path)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == ["PART=all: unknown part; allowed: gap, arms, placement"]
+
+
+def test_the_committed_arith_gap_ladder_is_the_one_its_checksums_and_its_preset_name():
+    import hashlib
+
+    from omegaconf import OmegaConf
+
+    folder = REPO / "docs" / "results" / "arith-gap" / "ladder"
+    sums = dict(reversed(line.split()) for line in (folder / "SHA256SUMS").read_text().splitlines())
+    preset = OmegaConf.load(REPO / "conf" / "teachers" / "arith_gap.yaml")
+    assert [t.path for t in preset.ladder] == [f"docs/results/arith-gap/ladder/{n}" for n in ("xs", "s", "m", "l", "xl")]
+    for rung in preset.ladder:
+        weights = REPO / rung.path / "model.safetensors"
+        assert hashlib.sha256(weights.read_bytes()).hexdigest() == sums[f"./{rung.name}/model.safetensors"]
