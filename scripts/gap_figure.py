@@ -19,7 +19,7 @@ from typing import Dict, List
 import numpy as np
 
 from clpd.report.records import collect_runs
-from clpd.report.stats import _by_seed, compared
+from clpd.report.stats import by_seed, compared
 
 
 def rung_of(run: dict) -> str:
@@ -46,18 +46,18 @@ def gap_table(runs: List[dict]) -> List[dict]:
     arms: Dict[str, List[dict]] = {}
     for r in runs:
         arms.setdefault(rung_of(r), []).append(r)
-    by_seed = {arm: _by_seed(rs) for arm, rs in arms.items()}
+    per_seed = {arm: by_seed(rs) for arm, rs in arms.items()}
     sizes = teacher_sizes(runs)
-    means = {arm: float(np.mean(list(v.values()))) for arm, v in by_seed.items() if v}
+    means = {arm: float(np.mean(list(v.values()))) for arm, v in per_seed.items() if v}
     best = max((a for a in means if a != "sft"), key=means.get)
     rows = []
-    for arm, values in by_seed.items():
+    for arm, values in per_seed.items():
         if not values:
             continue
         acc = list(values.values())
         rows.append({"arm": arm, "parameters": sizes.get(arm), "mean": means[arm], "n": len(acc),
                      "std": float(np.std(acc, ddof=1)) if len(acc) > 1 else None, "best": arm == best,
-                     "vs_best": None if arm == best else compared(values, by_seed[best], best)})
+                     "vs_best": None if arm == best else compared(values, per_seed[best], best)})
     return sorted(rows, key=lambda r: (r["parameters"] is not None, r["parameters"] or 0))
 
 

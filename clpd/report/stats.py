@@ -195,16 +195,16 @@ def _display(value: Any) -> str:
     return str(value)
 
 
-def _by_seed(runs: Sequence[dict], metric: str = "accuracy_strict") -> Dict[Any, float]:
+def by_seed(runs: Sequence[dict], metric: str = "accuracy_strict") -> Dict[Any, float]:
     """``metric`` per seed of the completed runs (a seed run twice counts once, averaged); keyed by
     (seed, build) where the run records the teacher weights it used (see :func:`paired_values`)."""
-    by_seed: Dict[Any, List[float]] = {}
+    values: Dict[Any, List[float]] = {}
     for r in runs:
         value = r["metrics"][metric]
         if r["status"] == "completed" and value is not None and r["seed"] is not None:
             key = SeedBuild(r["seed"], r["build"]) if r.get("build") else r["seed"]
-            by_seed.setdefault(key, []).append(value)
-    return {s: float(np.mean(v)) for s, v in by_seed.items()}
+            values.setdefault(key, []).append(value)
+    return {s: float(np.mean(v)) for s, v in values.items()}
 
 
 def group_runs(runs: Sequence[dict], baseline: Tuple[str, str] = BASELINE) -> List[dict]:
@@ -247,8 +247,8 @@ def group_runs(runs: Sequence[dict], baseline: Tuple[str, str] = BASELINE) -> Li
         g["unfinished"] = sum(r["status"] in ("unfinished", "interrupted") for r in g["runs"])
         for m in METRICS:
             g[m] = _stats([r["metrics"][m] for r in done if r["metrics"][m] is not None])
-        g["accuracy_by_seed"] = _by_seed(g["runs"])
-        g["curve_by_seed"] = _by_seed(g["runs"], "curve_accuracy")
+        g["accuracy_by_seed"] = by_seed(g["runs"])
+        g["curve_by_seed"] = by_seed(g["runs"], "curve_accuracy")
         g["vs_baseline"] = g["vs_baseline_curve"] = None
         g["is_baseline"] = key in kept and spelled(g["params"][key]) == value
 
@@ -263,6 +263,6 @@ def group_runs(runs: Sequence[dict], baseline: Tuple[str, str] = BASELINE) -> Li
         same = [b for b in baselines if all(_compact(b["params"][k]) == at[k] for k in keys)]
         if len(same) == 1:
             base = same[0]
-            for name, by_seed in (("vs_baseline", "accuracy_by_seed"), ("vs_baseline_curve", "curve_by_seed")):
-                g[name] = compared(g[by_seed], base[by_seed], base["label"])
+            for name, key in (("vs_baseline", "accuracy_by_seed"), ("vs_baseline_curve", "curve_by_seed")):
+                g[name] = compared(g[key], base[key], base["label"])
     return out
