@@ -37,7 +37,7 @@ case "$PART" in
 esac
 # Every rung's stored outputs first, once, so that parallel runs read them instead of racing to build them.
 STORED=distill.teacher_outputs=stored
-run clpd train +experiment=arith_gap teachers.build_only=true $STORED "hydra.run.dir=$OUT/teachers" "$@" || exit 1
+run clpd train +experiment=arith_gap teachers.build_only=true $STORED "hydra.run.dir=$OUT/teachers" trainer.resume=auto "$@" || exit 1
 case "$PART" in
     gap)
         sweep sft method=sft
