@@ -9,7 +9,7 @@ SEEDS="${SEEDS:-0,1}"
 OUT="${OUT:-multirun/pacing/$(date +%Y-%m-%d_%H-%M-%S)}"
 START=$SECONDS
 
-clpd train +experiment=arith_teachers "hydra.run.dir=$OUT/teachers" "$@" || exit 1
+clpd train +experiment=arith_teachers "hydra.run.dir=$OUT/teachers" trainer.resume=auto "$@" || exit 1
 clpd train -m +experiment=arith method=clpd curriculum.pacing=linear,root,step,exponential "seed=$SEEDS" \
     "hydra.sweep.dir=$OUT/runs" "$@" || echo "some runs failed: see the report"
 clpd report "$OUT/runs" --out "$OUT"

@@ -139,6 +139,17 @@ def test_the_gap_script_refuses_an_unknown_part_in_one_line(tmp_path):
     assert out.stderr.strip().splitlines() == ["PART=all: unknown part; allowed: gap, arms, placement"]
 
 
+def test_every_sweep_script_resumes_its_teachers_build_so_a_second_part_into_the_same_out_reuses_it():
+    # The teachers (and their stores) are built once into $OUT/teachers; without trainer.resume=auto
+    # a second launch into the same OUT stops there on "already holds a finished run".
+    builds = []
+    for path in sorted((REPO / "scripts").glob("*.sh")):
+        commands = path.read_text().replace("\\\n", " ").splitlines()
+        builds += [(path.name, c) for c in commands if "clpd train " in c and "hydra.run.dir=$OUT/teachers" in c]
+    assert {name for name, _ in builds} >= {"arith_gap.sh", "distill_modes.sh", "reproduce_ablation.sh", "sweep_pacing.sh"}
+    assert [name for name, command in builds if "trainer.resume=auto" not in command] == []
+
+
 def test_the_committed_arith_gap_ladder_is_the_one_its_checksums_and_its_preset_name():
     import hashlib
 
