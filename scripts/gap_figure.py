@@ -61,11 +61,28 @@ def gap_table(runs: List[dict]) -> List[dict]:
     return sorted(rows, key=lambda r: (r["parameters"] is not None, r["parameters"] or 0))
 
 
+def seed_table(runs: List[dict]) -> str:
+    """Final accuracy seed by seed (one row per seed, one column per arm): the blocks the intervals
+    pair, and how much of the spread is the seed's, shared by every arm."""
+    arms: Dict[str, List[dict]] = {}
+    for r in runs:
+        arms.setdefault(rung_of(r), []).append(r)
+    # By seed alone: each single-rung run's key names only its own teacher's build.
+    per_seed = {arm: {getattr(k, "seed", k): v for k, v in by_seed(rs).items()} for arm, rs in arms.items()}
+    order = [r["arm"] for r in gap_table(runs)]
+    seeds = sorted({s for values in per_seed.values() for s in values})
+    lines = ["| seed | " + " | ".join(order) + " |", "|---|" + "---|" * len(order)]
+    for seed in seeds:
+        cells = [f"{per_seed[a][seed]:.3f}" if seed in per_seed[a] else "-" for a in order]
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _fmt(x: float) -> str:
     return f"{x:+.3f}"
 
 
-def write_markdown(rows: List[dict], out: Path) -> str:
+def write_markdown(rows: List[dict], out: Path, seeds: str = "") -> str:
     best = next(r for r in rows if r["best"])
     lines = ["| teacher | parameters | final acc strict (mean ± std) | n | Δ vs best rung [95% CI] | Δ detectable |",
              "|---|---|---|---|---|---|"]
@@ -96,7 +113,7 @@ def write_markdown(rows: List[dict], out: Path) -> str:
                    f"[{_fmt(vs['low'])}, {_fmt(vs['high'])}] behind the best rung ({best['arm']}): "
                    + ("a worse student, outside the interval of no difference." if worse else
                       "not separable from the best rung's at this number of seeds."))
-    text = "\n".join(lines) + "\n\n" + verdict + "\n"
+    text = "\n".join(lines) + "\n\n" + verdict + "\n" + (f"\nBy seed:\n\n{seeds}" if seeds else "")
     (out / "gap.md").write_text(text)
     return text
 
@@ -140,9 +157,10 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = gap_table(collect_runs([args.runs]))
+    runs = collect_runs([args.runs])
+    rows = gap_table(runs)
     plot(rows, out)
-    print(write_markdown(rows, out), end="")
+    print(write_markdown(rows, out, seed_table(runs)), end="")
 
 
 if __name__ == "__main__":

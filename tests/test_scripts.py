@@ -130,6 +130,10 @@ def test_the_gap_figure_compares_every_rung_and_sft_to_the_best_rung_seed_by_see
     assert table[5] == "| xl | 1.349M | 0.500 ± 0.000 | 3 | -0.100 [-0.150, -0.050] (3 pairs) | ±0.062 |"
     assert "The strongest teacher (xl) gives a student -0.100 [-0.150, -0.050] behind the best rung (m): " \
            "a worse student" in out.stdout
+    # Then the blocks the intervals pair: one row per seed, the arms in the table's order.
+    assert table[-5:] == ["| seed | sft | xs | m | xl |", "|---|---|---|---|---|",
+                          "| 0 | 0.300 | 0.100 | 0.600 | 0.500 |", "| 1 | 0.330 | 0.120 | 0.620 | 0.500 |",
+                          "| 2 | 0.360 | 0.080 | 0.580 | 0.500 |"]
     assert (tmp_path / "out" / "gap.png").stat().st_size > 0 and (tmp_path / "out" / "gap.md").is_file()
 
 
