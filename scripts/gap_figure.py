@@ -57,23 +57,19 @@ def gap_table(runs: List[dict]) -> List[dict]:
         acc = list(values.values())
         rows.append({"arm": arm, "parameters": sizes.get(arm), "mean": means[arm], "n": len(acc),
                      "std": float(np.std(acc, ddof=1)) if len(acc) > 1 else None, "best": arm == best,
-                     "vs_best": None if arm == best else compared(values, per_seed[best], best)})
+                     "vs_best": None if arm == best else compared(values, per_seed[best], best),
+                     # by seed alone, for the seed table: a single-rung run's key names only its own teacher's build
+                     "by_seed": {getattr(k, "seed", k): v for k, v in values.items()}})
     return sorted(rows, key=lambda r: (r["parameters"] is not None, r["parameters"] or 0))
 
 
-def seed_table(runs: List[dict]) -> str:
-    """Final accuracy seed by seed (one row per seed, one column per arm): the blocks the intervals
-    pair, and how much of the spread is the seed's, shared by every arm."""
-    arms: Dict[str, List[dict]] = {}
-    for r in runs:
-        arms.setdefault(rung_of(r), []).append(r)
-    # By seed alone: each single-rung run's key names only its own teacher's build.
-    per_seed = {arm: {getattr(k, "seed", k): v for k, v in by_seed(rs).items()} for arm, rs in arms.items()}
-    order = [r["arm"] for r in gap_table(runs)]
-    seeds = sorted({s for values in per_seed.values() for s in values})
-    lines = ["| seed | " + " | ".join(order) + " |", "|---|" + "---|" * len(order)]
+def seed_table(rows: List[dict]) -> str:
+    """Final accuracy seed by seed (one row per seed, one column per arm of ``gap_table``): the
+    blocks the intervals pair, and how much of the spread is the seed's, shared by every arm."""
+    seeds = sorted({s for r in rows for s in r["by_seed"]})
+    lines = ["| seed | " + " | ".join(r["arm"] for r in rows) + " |", "|---|" + "---|" * len(rows)]
     for seed in seeds:
-        cells = [f"{per_seed[a][seed]:.3f}" if seed in per_seed[a] else "-" for a in order]
+        cells = [f"{r['by_seed'][seed]:.3f}" if seed in r["by_seed"] else "-" for r in rows]
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -157,10 +153,9 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = collect_runs([args.runs])
-    rows = gap_table(runs)
+    rows = gap_table(collect_runs([args.runs]))
     plot(rows, out)
-    print(write_markdown(rows, out, seed_table(runs)), end="")
+    print(write_markdown(rows, out, seed_table(rows)), end="")
 
 
 if __name__ == "__main__":
