@@ -467,3 +467,27 @@ def test_runs_that_learned_from_different_rungs_pair_and_another_build_of_a_shar
     assert paired_values({rebuilt: 0.3}, {from_xl: 0.5}) == []  # xl rebuilt: another block
     assert len(paired_values({0: 0.3}, {from_xl: 0.5})) == 1  # SFT (no teachers) pairs with any build
     assert len(paired_values({("clpd", 1): 0.3}, {("clpd", 1): 0.5, ("clpd", 2): 0.4})) == 1  # other keys match as they are
+
+
+def test_a_second_baseline_adds_a_table_of_the_differences_against_it(reported, tmp_path):
+    """--baseline method=standard_kd --baseline method=clpd: the groups table against standard_kd as
+    without the second option, then standard_kd against clpd (0.4 - 0.5, 0.5 - 0.8 over the seeds both
+    completed: mean -0.2, t(1) = 12.706 times sd 0.1414 / sqrt 2)."""
+    one = _report(reported["root"], tmp_path / "one", "--baseline", "method=standard_kd")
+    two = _report(reported["root"], tmp_path / "two", "--baseline", "method=standard_kd", "--baseline", "method=clpd")
+    assert two["by_label"]["clpd"]["vs_baseline"] == one["by_label"]["clpd"]["vs_baseline"]
+    assert two["md"].startswith(one["md"].split("## Runs")[0])
+    d = {g["label"]: g for g in two["against"]["method=clpd"]}["standard_kd"]["vs_baseline"]
+    half = t_quantile_975(1) * math.sqrt(0.02) / math.sqrt(2)
+    assert (d["baseline"], d["n"]) == ("clpd", 2)
+    assert (d["mean"], d["low"], d["high"]) == pytest.approx((-0.2, -0.2 - half, -0.2 + half))
+    section = two["md"].split("## Against `method=clpd`")[1].split("## Runs")[0]
+    assert "| method | Δ strict vs method=clpd [95% CI] | Δ detectable |" in section
+    assert f"| standard_kd | -0.200 [{-0.2 - half:+.3f}, {-0.2 + half:+.3f}] (2 pairs) |" in section
+    assert "| clpd | baseline |" in section
+
+
+def test_every_baseline_given_is_checked(reported, capsys):
+    assert main([str(reported["root"]), "--baseline", "method=standard_kd", "--baseline", "method=sft"]) == 1
+    assert capsys.readouterr().err.strip() == ("clpd report: error: --baseline method=sft: no run has method=sft; "
+                                               "the runs have method=clpd, standard_kd")

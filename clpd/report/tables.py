@@ -227,9 +227,29 @@ def _method_text(groups: Sequence[dict], header: Sequence[str], baseline: Tuple[
             + "n counts the completed seeds; failed and unfinished runs are listed below.")
 
 
+def against(runs: Sequence[dict], kept: Sequence[str], baseline: Tuple[str, str]) -> Tuple[List[str], List[List[str]], List[dict]]:
+    """A further baseline's table: the group columns and the Δ columns of the groups table, against
+    ``baseline``; with the groups (their ``vs_baseline`` against it)."""
+    groups = group_runs(runs, baseline)
+    header, rows = group_table_rows(groups, kept, baseline)
+    shown = [i for i, column in enumerate(header) if i < max(len(kept), 1) or column.startswith("Δ")]
+    return [header[i] for i in shown], [[row[i] for i in shown] for row in rows], groups
+
+
+def _against_md(table: Tuple[List[str], List[List[str]], List[dict]], baseline: Tuple[str, str]) -> List[str]:
+    header, rows, groups = table
+    name = "=".join(baseline)
+    pairs = "; ".join(f"{g['label']} vs {g['vs_baseline']['baseline']}" for g in groups if g["vs_baseline"])
+    return [f"## Against `{name}`", "",
+            f"Δ as above, against the `{name}` group that agrees with each group on the other varied keys; "
+            f"compared: {pairs or 'none'}.", "", _md_table(header, rows), ""]
+
+
 def _markdown(runs: Sequence[dict], groups: Sequence[dict], kept: Sequence[str], header: Sequence[str],
-              rows: Sequence[Sequence[str]], baseline: Tuple[str, str], out_dir: Path) -> str:
-    """report.md: the counts, what the numbers are, the group table, the run table and the figure."""
+              rows: Sequence[Sequence[str]], baseline: Tuple[str, str], out_dir: Path,
+              further: Sequence[str] = ()) -> str:
+    """report.md: the counts, what the numbers are, the group table, the tables against ``further``
+    baselines (markdown lines), the run table and the figure."""
     done = sum(r["status"] == "completed" for r in runs)
     failed = sum(r["status"] in ("failed", "unreadable") for r in runs)
     run_header, run_rows = _run_table(groups, kept, out_dir)
@@ -238,7 +258,7 @@ def _markdown(runs: Sequence[dict], groups: Sequence[dict], kept: Sequence[str],
         f"{len(runs)} runs: {done} completed, {failed} failed, {len(runs) - done - failed} unfinished. "
         f"Varied: {', '.join(f'`{k}`' for k in kept) or 'only the seed'}.", "",
         _method_text(groups, header, baseline), "",
-        "## Groups", "", _md_table(header, rows), "",
+        "## Groups", "", _md_table(header, rows), "", *further,
         "## Runs", "", _md_table(run_header, run_rows), "",
         "![accuracy per group, by difficulty, training loss](report.png)", "",
     ]
@@ -258,23 +278,35 @@ def _csv_text(runs: Sequence[dict], groups: Sequence[dict], kept: Sequence[str],
 
 
 def write_report(runs: Sequence[dict], out_dir: Path, console: Optional[Console] = None,
-                 baseline: Tuple[str, str] = BASELINE) -> dict:
+                 baselines: Sequence[Tuple[str, str]] = (BASELINE,)) -> dict:
     """Print the group table and write report.md, report.csv and report.png into ``out_dir``;
-    ``baseline`` (KEY, VALUE) picks the groups that the others are compared to (see ``group_runs``).
+    each of ``baselines`` (KEY, VALUE) picks the groups that the others are compared to (see
+    ``group_runs``): the first in the groups table, each further one in a table of its own.
 
-    Returns {"varied": the group keys, "groups": group_runs' groups, "files": the written paths}."""
+    Returns {"varied": the group keys, "groups": group_runs' groups against the first baseline,
+    "against": {"KEY=VALUE": the groups against each further baseline}, "files": the written paths}."""
     console = console or Console()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    baseline = tuple(baseline)
-    groups = group_runs(runs, baseline)
+    baseline, *more = [tuple(b) for b in baselines]
     kept, differing = varied_keys(runs)
+    tables = {b: against(runs, kept, b) for b in more}
+    groups = group_runs(runs, baseline)
     header, rows = group_table_rows(groups, kept, baseline)
 
     _print_groups(console, runs, header, rows, len(groups), len(kept))
-    write_text(out_dir / "report.md", _markdown(runs, groups, kept, header, rows, baseline, out_dir))
+    for b, (b_header, b_rows, _) in tables.items():
+        table = Table(title=f"against {'='.join(b)}")
+        for i, column in enumerate(b_header):
+            if column != DETECTABLE:
+                table.add_column(column, justify="left" if i < max(len(kept), 1) else "right")
+        for row in b_rows:
+            table.add_row(*(c for c, column in zip(row, b_header) if column != DETECTABLE))
+        console.print(table)
+    further = [line for b, table in tables.items() for line in _against_md(table, b)]
+    write_text(out_dir / "report.md", _markdown(runs, groups, kept, header, rows, baseline, out_dir, further))
     write_text(out_dir / "report.csv", _csv_text(runs, groups, kept, differing))
     plot_report(runs, groups, kept, out_dir / "report.png")
     files = [out_dir / f"report.{ext}" for ext in ("md", "csv", "png")]
     console.print(f"report written to {out_dir / 'report.md'} (.csv, .png)", soft_wrap=True, highlight=False)
-    return {"varied": kept, "groups": groups, "files": files}
+    return {"varied": kept, "groups": groups, "against": {"=".join(b): t[2] for b, t in tables.items()}, "files": files}
