@@ -53,9 +53,9 @@ if [[ "$PART" == placement ]]; then  # with the arms part's clpd runs (stages by
     run clpd report "$RECORDS/placement/runs" "$RECORDS"/arms/runs/seed*/clpd --out "$RECORDS/placement" \
         --baseline curriculum.stage_placement=pool
 else
-    baseline=method=standard_kd  # the arms against standard KD; the gap's rungs against SFT (gap.md: against the best rung)
-    [[ "$PART" == gap ]] && baseline=method=sft
-    run clpd report "$RECORDS/$PART/runs" --out "$RECORDS/$PART" --baseline "$baseline"
+    baselines=(--baseline method=standard_kd --baseline method=sft)  # the arms against standard KD, then against SFT
+    [[ "$PART" == gap ]] && baselines=(--baseline method=sft)  # the rungs against SFT (gap.md: against the best rung)
+    run clpd report "$RECORDS/$PART/runs" --out "$RECORDS/$PART" "${baselines[@]}"
 fi
 [[ "$PART" == gap ]] && run python scripts/gap_figure.py "$RECORDS/gap/runs" --out "$RECORDS/gap"
 echo "arith_gap $PART: $((SECONDS - START)) s in all; records and report in $RECORDS/$PART"
