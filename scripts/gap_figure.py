@@ -19,6 +19,7 @@ from typing import Dict, List
 import numpy as np
 
 from clpd.report.records import collect_runs
+from clpd.report import tables
 from clpd.report.stats import by_seed, compared
 
 
@@ -64,14 +65,8 @@ def gap_table(runs: List[dict]) -> List[dict]:
 
 
 def seed_table(rows: List[dict]) -> str:
-    """Final accuracy seed by seed (one row per seed, one column per arm of ``gap_table``): the
-    blocks the intervals pair, and how much of the spread is the seed's, shared by every arm."""
-    seeds = sorted({s for r in rows for s in r["by_seed"]})
-    lines = ["| seed | " + " | ".join(r["arm"] for r in rows) + " |", "|---|" + "---|" * len(rows)]
-    for seed in seeds:
-        cells = [f"{r['by_seed'][seed]:.3f}" if seed in r["by_seed"] else "-" for r in rows]
-        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    """Final accuracy seed by seed, one column per arm of ``gap_table``: the blocks the intervals pair."""
+    return tables.seed_table({r["arm"]: r["by_seed"] for r in rows}) + "\n"
 
 
 def _fmt(x: float) -> str:

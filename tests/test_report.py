@@ -476,12 +476,12 @@ def test_a_second_baseline_adds_a_table_of_the_differences_against_it(reported, 
     one = _report(reported["root"], tmp_path / "one", "--baseline", "method=standard_kd")
     two = _report(reported["root"], tmp_path / "two", "--baseline", "method=standard_kd", "--baseline", "method=clpd")
     assert two["by_label"]["clpd"]["vs_baseline"] == one["by_label"]["clpd"]["vs_baseline"]
-    assert two["md"].startswith(one["md"].split("## Runs")[0])
+    assert two["md"].startswith(one["md"].split("## By seed")[0])
     d = {g["label"]: g for g in two["against"]["method=clpd"]}["standard_kd"]["vs_baseline"]
     half = t_quantile_975(1) * math.sqrt(0.02) / math.sqrt(2)
     assert (d["baseline"], d["n"]) == ("clpd", 2)
     assert (d["mean"], d["low"], d["high"]) == pytest.approx((-0.2, -0.2 - half, -0.2 + half))
-    section = two["md"].split("## Against `method=clpd`")[1].split("## Runs")[0]
+    section = two["md"].split("## Against `method=clpd`")[1].split("## By seed")[0]
     assert "| method | Δ strict vs method=clpd [95% CI] | Δ detectable |" in section
     assert f"| standard_kd | -0.200 [{-0.2 - half:+.3f}, {-0.2 + half:+.3f}] (2 pairs) |" in section
     assert "| clpd | baseline |" in section
@@ -491,3 +491,15 @@ def test_every_baseline_given_is_checked(reported, capsys):
     assert main([str(reported["root"]), "--baseline", "method=standard_kd", "--baseline", "method=sft"]) == 1
     assert capsys.readouterr().err.strip() == ("clpd report: error: --baseline method=sft: no run has method=sft; "
                                                "the runs have method=clpd, standard_kd")
+
+
+def test_report_md_lists_each_seeds_accuracy_group_by_group(reported, tmp_path):
+    """The blocks the paired differences pair: a row per seed, "-" where a group has no completed run."""
+    md = _report(reported["root"], tmp_path / "out")["md"]
+    section = md.split("## By seed")[1].split("## Runs")[0].strip().splitlines()
+    header = [c.strip() for c in section[2].strip("|").split("|")]
+    assert header[0] == "seed" and sorted(header[1:]) == ["clpd", "standard_kd"]
+    rows = {line.split("|")[1].strip(): dict(zip(header[1:], (c.strip() for c in line.strip("|").split("|")[1:])))
+            for line in section[4:]}
+    assert rows == {"0": {"standard_kd": "0.400", "clpd": "0.500"}, "1": {"standard_kd": "0.500", "clpd": "0.800"},
+                    "2": {"standard_kd": "0.300", "clpd": "-"}}

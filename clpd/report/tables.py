@@ -9,7 +9,7 @@ import csv
 import io
 import os
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from rich.console import Console
 from rich.table import Table
@@ -245,6 +245,23 @@ def _against_md(table: Tuple[List[str], List[List[str]], List[dict]], baseline: 
             f"compared: {pairs or 'none'}.", "", _md_table(header, rows), ""]
 
 
+def _seed_order(seed: Any) -> tuple:
+    return (0, seed, "") if isinstance(seed, (int, float)) and not isinstance(seed, bool) else (1, 0, str(seed))
+
+
+def seed_table(by_column: Dict[str, Dict[Any, float]]) -> str:
+    """Final accuracy seed by seed in markdown: one row per seed, one column per group (``by_seed``'s
+    values; a seed run on several teacher builds shows each): the blocks the paired intervals pair,
+    and how much of the spread is the seed's, shared by every group."""
+    cells: Dict[Any, Dict[str, List[float]]] = {}
+    for column, values in by_column.items():
+        for key, value in values.items():
+            cells.setdefault(getattr(key, "seed", key), {}).setdefault(column, []).append(value)
+    rows = [[_display(seed), *(" / ".join(f"{v:.3f}" for v in row.get(c, [])) or "-" for c in by_column)]
+            for seed, row in sorted(cells.items(), key=lambda item: _seed_order(item[0]))]
+    return _md_table(["seed", *by_column], rows)
+
+
 def _markdown(runs: Sequence[dict], groups: Sequence[dict], kept: Sequence[str], header: Sequence[str],
               rows: Sequence[Sequence[str]], baseline: Tuple[str, str], out_dir: Path,
               further: Sequence[str] = ()) -> str:
@@ -259,6 +276,8 @@ def _markdown(runs: Sequence[dict], groups: Sequence[dict], kept: Sequence[str],
         f"Varied: {', '.join(f'`{k}`' for k in kept) or 'only the seed'}.", "",
         _method_text(groups, header, baseline), "",
         "## Groups", "", _md_table(header, rows), "", *further,
+        "## By seed", "", "Final strict accuracy of each completed run: the blocks the paired differences pair.", "",
+        seed_table({g["label"]: g["accuracy_by_seed"] for g in groups}), "",
         "## Runs", "", _md_table(run_header, run_rows), "",
         "![accuracy per group, by difficulty, training loss](report.png)", "",
     ]
