@@ -53,7 +53,8 @@ if [[ "$PART" == placement ]]; then  # with the arms part's clpd runs (stages by
     run clpd report "$RECORDS/placement/runs" "$RECORDS"/arms/runs/seed*/clpd --out "$RECORDS/placement" \
         --baseline curriculum.stage_placement=pool
 else
-    baselines=(--baseline method=standard_kd --baseline method=sft)  # the arms against standard KD, then against SFT
+    # The arms against standard KD, then against SFT, then against the curriculum alone (what the teachers' schedule adds to it).
+    baselines=(--baseline method=standard_kd --baseline method=sft --baseline method=curriculum_only)
     [[ "$PART" == gap ]] && baselines=(--baseline method=sft)  # the rungs against SFT (gap.md: against the best rung)
     run clpd report "$RECORDS/$PART/runs" --out "$RECORDS/$PART" "${baselines[@]}"
 fi
