@@ -46,7 +46,7 @@ case "$PART" in
         sweep sft method=sft
         sweep "\${hydra:runtime.choices.method}" method=standard_kd,curriculum_only,teacher_schedule_only,clpd $STORED ;;
     placement)
-        sweep "clpd-\${curriculum.stage_placement}" method=clpd curriculum.stage_placement=steps $STORED ;;
+        sweep clpd-steps method=clpd curriculum.stage_placement=steps $STORED ;;
 esac
 bash scripts/archive_runs.sh "$OUT/$PART/runs" "$RECORDS/$PART/runs"
 if [[ "$PART" == placement ]]; then  # with the arms part's clpd runs (stages by pool growth)

@@ -58,9 +58,7 @@ def gap_table(runs: List[dict]) -> List[dict]:
         acc = list(values.values())
         rows.append({"arm": arm, "parameters": sizes.get(arm), "mean": means[arm], "n": len(acc),
                      "std": float(np.std(acc, ddof=1)) if len(acc) > 1 else None, "best": arm == best,
-                     "vs_best": None if arm == best else compared(values, per_seed[best], best),
-                     # by seed alone, for the seed table: a single-rung run's key names only its own teacher's build
-                     "by_seed": {getattr(k, "seed", k): v for k, v in values.items()}})
+                     "vs_best": None if arm == best else compared(values, per_seed[best], best), "by_seed": values})
     return sorted(rows, key=lambda r: (r["parameters"] is not None, r["parameters"] or 0))
 
 

@@ -175,20 +175,25 @@ def check_baseline(runs: Sequence[dict], baseline: Tuple[str, str]) -> None:
                         f"groups differ by: {keys}")
 
 
-def _print_groups(console: Console, runs: Sequence[dict], header: Sequence[str], rows: Sequence[Sequence[str]],
-                  n_groups: int, n_kept: int) -> None:
-    """The group table on the console, then one line per run that did not complete (with its error)."""
-    table = Table(title=f"{len(runs)} runs, {n_groups} group{'s' * (n_groups != 1)}")
-    shown = [i for i, column in enumerate(header) if column != DETECTABLE]  # report.md has it; a terminal is narrow
+def _print_table(console: Console, title: str, header: Sequence[str], rows: Sequence[Sequence[str]],
+                 n_kept: int) -> None:
+    """A groups table on the console, without the detectable-difference column: report.md has it,
+    and a terminal is narrow."""
+    table = Table(title=title)
+    shown = [i for i, column in enumerate(header) if column != DETECTABLE]
     for i in shown:
         table.add_column(header[i], justify="left" if i < max(n_kept, 1) else "right")
     for row in rows:
         table.add_row(*(row[i] for i in shown))
     console.print(table)
-    problems = [r for r in runs if r["status"] != "completed"]
-    for r in problems:
-        console.print(f"[yellow]{r['status']}[/] {r['run']}" + (f": {_one_line(r['error'], 200)}" if r["error"] else ""),
-                      soft_wrap=True, markup=True, highlight=False)
+
+
+def _print_problems(console: Console, runs: Sequence[dict]) -> None:
+    """One line per run that did not complete, with its error."""
+    for r in runs:
+        if r["status"] != "completed":
+            error = f": {_one_line(r['error'], 200)}" if r["error"] else ""
+            console.print(f"[yellow]{r['status']}[/] {r['run']}{error}", soft_wrap=True, markup=True, highlight=False)
 
 
 def _run_table(groups: Sequence[dict], kept: Sequence[str], out_dir: Path) -> Tuple[List[str], List[List[str]]]:
@@ -313,15 +318,10 @@ def write_report(runs: Sequence[dict], out_dir: Path, console: Optional[Console]
     groups = group_runs(runs, baseline)
     header, rows = group_table_rows(groups, kept, baseline)
 
-    _print_groups(console, runs, header, rows, len(groups), len(kept))
+    _print_table(console, f"{len(runs)} runs, {len(groups)} group{'s' * (len(groups) != 1)}", header, rows, len(kept))
     for b, (b_header, b_rows, _) in tables.items():
-        table = Table(title=f"against {'='.join(b)}")
-        for i, column in enumerate(b_header):
-            if column != DETECTABLE:
-                table.add_column(column, justify="left" if i < max(len(kept), 1) else "right")
-        for row in b_rows:
-            table.add_row(*(c for c, column in zip(row, b_header) if column != DETECTABLE))
-        console.print(table)
+        _print_table(console, f"against {'='.join(b)}", b_header, b_rows, len(kept))
+    _print_problems(console, runs)
     further = [line for b, table in tables.items() for line in _against_md(table, b)]
     write_text(out_dir / "report.md", _markdown(runs, groups, kept, header, rows, baseline, out_dir, further))
     write_text(out_dir / "report.csv", _csv_text(runs, groups, kept, differing))
