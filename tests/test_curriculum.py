@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from clpd.config.schema import to_object
 from clpd.curriculum.order import order_indices
 from clpd.curriculum.sampler import Sampler, build_sampler, pool_function
 from clpd.curriculum.stages import stage_starts
+from clpd.teachers.schedule import warn_idle_teachers
 from clpd.errors import ClpdError
 from clpd.commands.plan import run_plan
 from clpd.commands.run_train import run_train
@@ -125,6 +127,23 @@ def test_stages_placed_by_band_begin_when_the_pool_first_holds_the_next_band_of_
 def test_band_placement_needs_as_many_levels_as_stages():
     with pytest.raises(ClpdError, match="the difficulty has 2 levels for 3 stages; allowed: at least as many"):
         placed("band", np.repeat([1, 2], [500, 500]))
+
+
+def test_a_pool_that_starts_past_the_first_stage_leaves_the_weakest_teacher_idle_and_says_so(caplog):
+    # From 0.4 of the data the pool holds more than the first third at step 0: stage 0, and with it
+    # the weakest teacher, gets no step under pool placement; even steps give every teacher a third.
+    def clpd_from(placement):
+        tc = to_object(compose_config("train", ["+experiment=arith", "method=clpd", "curriculum.pacing=linear",
+                                                "curriculum.start=0.4", "trainer.max_steps=100",
+                                                f"curriculum.stage_placement={placement}"]))
+        return tc, stage_starts(tc, build_sampler(tc, LEVELS.astype(float), len(LEVELS)))
+
+    tc, starts = clpd_from("pool")
+    weakest = tc.teachers.ladder[0].name
+    with caplog.at_level(logging.WARNING, logger="clpd.teachers.schedule"):
+        assert starts[0] == 0 and warn_idle_teachers(tc, starts) == [weakest]
+    assert f"no step for {weakest}, whose stage is empty under curriculum.stage_placement=pool" in caplog.text
+    assert warn_idle_teachers(*clpd_from("steps")) == []
 
 
 def test_without_pacing_every_placement_splits_the_steps_evenly():

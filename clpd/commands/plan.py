@@ -29,7 +29,7 @@ from clpd.files import atomic_path, write_json
 from clpd.teachers.ladder import distilling_teachers, teachers_in_use
 from clpd.training.on_policy import chosen
 from clpd.commands.job import run_command
-from clpd.teachers.schedule import make_schedule
+from clpd.teachers.schedule import make_schedule, warn_idle_teachers
 
 register_configs()
 
@@ -141,6 +141,7 @@ def run_plan(cfg: DictConfig, run_dir: Path, console: Console | None = None) -> 
         console.print(f"[yellow]difficulty={c.difficulty.value} needs a model: the order is computed at train time; "
                       f"pool sizes and teachers below do not depend on it[/]")
     plan = timeline(tc, scores, len(problems))
+    warn_idle_teachers(tc, plan["stage_starts"])
     # The rungs clpd train would load, and so build when they are not in the cache (standard KD: one).
     plan["teachers_in_use"] = [tc.teachers.ladder[i].name for i in teachers_in_use(tc)]
     run_dir.mkdir(parents=True, exist_ok=True)

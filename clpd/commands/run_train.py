@@ -48,6 +48,7 @@ from clpd.environment import environment
 from clpd.commands.job import recorded_status
 from clpd.teachers.store import describe
 from clpd.teachers.live import teacher_dtype
+from clpd.teachers.schedule import warn_idle_teachers
 from clpd.teachers.supervision import build_supervision, solutions_of, stored_outputs, teacher_outputs_summary, teacher_targets
 
 log = logging.getLogger("clpd.commands.run_train")
@@ -334,6 +335,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
         packed = choose_layout(run, student.model)  # padded or packed micro-batches, for scoring and training
         sampler, scores = main_first(lambda: curriculum_sampler(run, data, student.model, ladder, packed))  # cached by rank 0
         starts = stage_starts(tc, sampler)  # where the stages begin: one list for the schedule and the targets
+        warn_idle_teachers(tc, starts)
         targets, written = teacher_targets(run, ladder, data, starts)  # sequence-level KD: the teachers' solutions
         supervision = build_supervision(run, ladder, data, starts, targets, fused=choose_fused(run, student.model))
         in_use = ladder.in_use() if supervision.teachers is not None or targets else []  # the rungs built and loaded
