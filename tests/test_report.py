@@ -503,3 +503,13 @@ def test_report_md_lists_each_seeds_accuracy_group_by_group(reported, tmp_path):
             for line in section[4:]}
     assert rows == {"0": {"standard_kd": "0.400", "clpd": "0.500"}, "1": {"standard_kd": "0.500", "clpd": "0.800"},
                     "2": {"standard_kd": "0.300", "clpd": "-"}}
+
+
+def test_the_run_table_lists_seeds_in_numeric_order(tmp_path, monkeypatch):
+    monkeypatch.setitem(TOKENS, 10, 2000)
+    monkeypatch.setitem(TRAIN_TIME, 10, 20.0)
+    for seed in (10, 2):  # as text, "10" sorts before "2"
+        make_run(tmp_path / "runs" / f"seed{seed}", "standard_kd", seed, "completed", 0.5)
+    md = _report(tmp_path / "runs", tmp_path / "out")["md"]
+    runs = [line.split("|")[1].strip() for line in md.split("## Runs")[1].splitlines() if "/seed" in line]
+    assert [run.rsplit("/", 1)[1] for run in runs] == ["seed2", "seed10"]

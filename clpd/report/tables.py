@@ -202,7 +202,7 @@ def _run_table(groups: Sequence[dict], kept: Sequence[str], out_dir: Path) -> Tu
               "tokens seen", "train time", "final loss", "error"]
     rows = []
     for g in groups:
-        for r in sorted(g["runs"], key=lambda r: (_compact(r["seed"]), r["run"])):
+        for r in sorted(g["runs"], key=lambda r: (_seed_order(r["seed"]), r["run"])):
             m = r["metrics"]
             rows.append([_rel(r["run"], out_dir), *(_display(r["params"].get(k)) for k in kept), _display(r["seed"]),
                          r["status"], r["teacher_outputs"] or "-", _fmt_number(m["accuracy_strict"], "acc"),
