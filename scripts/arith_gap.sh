@@ -4,8 +4,9 @@
 #
 #   PART=gap SEEDS=0,1,2 bash scripts/arith_gap.sh        # the student from each rung alone, and SFT
 #   PART=arms SEEDS=0,1,2 bash scripts/arith_gap.sh       # sft, standard_kd, curriculum_only, teacher_schedule_only, clpd
-#   PART=placement SEEDS=0,1,2 bash scripts/arith_gap.sh  # clpd with stages at equal steps (its pool-growth
-#                                                         # partner is the arms part's clpd run of the seed)
+#   PART=placement SEEDS=0,1,2 bash scripts/arith_gap.sh  # clpd with stages at equal steps, over all five rungs
+#                                                         # and over s-xl (the pool-growth partner is the arms
+#                                                         # part's clpd run of the seed)
 #
 # Every seed of a part runs all of the part's arms on the one committed ladder: a complete paired
 # block. Runs go to $OUT/<part>/runs/seed<S>/<arm> on Hydra's joblib launcher (JOBS lanes of
@@ -45,8 +46,10 @@ case "$PART" in
     arms)
         sweep sft method=sft
         sweep "\${hydra:runtime.choices.method}" method=standard_kd,curriculum_only,teacher_schedule_only,clpd $STORED ;;
-    placement)
-        sweep clpd-steps method=clpd curriculum.stage_placement=steps $STORED ;;
+    placement)  # equal steps over the five rungs, and over s-xl (the rungs pool placement uses here: xs's stage is empty)
+        sweep clpd-steps method=clpd curriculum.stage_placement=steps $STORED
+        sweep clpd-steps-s-xl method=clpd curriculum.stage_placement=steps $STORED "teachers.ladder=[$(
+            for r in s m l xl; do printf '{name: %s, path: docs/results/arith-gap/ladder/%s},' $r $r; done | sed 's/,$//')]" ;;
 esac
 bash scripts/archive_runs.sh "$OUT/$PART/runs" "$RECORDS/$PART/runs"
 if [[ "$PART" == placement ]]; then  # with the arms part's clpd runs (stages by pool growth)

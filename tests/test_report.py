@@ -513,3 +513,15 @@ def test_the_run_table_lists_seeds_in_numeric_order(tmp_path, monkeypatch):
     md = _report(tmp_path / "runs", tmp_path / "out")["md"]
     runs = [line.split("|")[1].strip() for line in md.split("## Runs")[1].splitlines() if "/seed" in line]
     assert [run.rsplit("/", 1)[1] for run in runs] == ["seed2", "seed10"]
+
+
+def test_a_varied_teacher_ladder_is_shown_by_its_rungs_names(tmp_path):
+    for seed, ladder in ((0, ["small", "large"]), (1, ["large"])):
+        run_dir = make_run(tmp_path / "runs" / f"seed{seed}", "standard_kd", seed, "completed", 0.5)
+        config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+        config.teachers.ladder = [{"name": name, "path": f"/models/{name}", "hidden_size": 64} for name in ladder]
+        OmegaConf.save(config, run_dir / ".hydra" / "config.yaml")
+    result = _report(tmp_path / "runs", tmp_path / "out")
+    assert result["varied"] == ["teachers.ladder"]
+    groups = result["md"].split("## Groups")[1].split("##")[0]
+    assert "| [small, large] |" in groups and "| [large] |" in groups and "/models/" not in groups

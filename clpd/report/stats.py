@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -192,7 +193,21 @@ def _display(value: Any) -> str:
         return str(value).lower()
     if isinstance(value, float):
         return f"{value:g}"
-    return str(value)
+    return _ladder_names(value) or str(value)
+
+
+def _ladder_names(value: Any) -> Optional[str]:
+    """A teacher ladder (model specs, kept as one compact JSON value) shown by its rungs' names,
+    "[s, m, l, xl]": the specs are hundreds of characters. Display only: groups keep the whole value."""
+    if not (isinstance(value, str) and value.startswith("[{")):
+        return None
+    try:
+        specs = json.loads(value)
+    except ValueError:
+        return None
+    if all(isinstance(spec, dict) and "name" in spec for spec in specs):
+        return "[" + ", ".join(str(spec["name"]) for spec in specs) + "]"
+    return None
 
 
 def by_seed(runs: Sequence[dict], metric: str = "accuracy_strict") -> Dict[Any, float]:
