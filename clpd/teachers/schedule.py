@@ -43,8 +43,9 @@ def idle_teachers(cfg: TeachersConfig, starts: Sequence[int], max_steps: int) ->
     whose stage is empty (under pool placement, a pool that starts past a stage's share skips it)."""
     if cfg.schedule != Schedule.progressive:
         return []  # the other schedules name their one teacher
-    schedule = make_schedule(cfg, starts)
-    used = {schedule(step) for step in range(max_steps)}
+    bounds = [0, *(min(s, max_steps) for s in starts), max_steps]  # stage k holds steps bounds[k] .. bounds[k+1]-1
+    last = len(cfg.ladder) - 1  # stages past the ladder's end keep its strongest teacher (teacher_index)
+    used = {min(k, last) for k in range(len(bounds) - 1) if bounds[k] < bounds[k + 1]}
     staged = cfg.ladder[:len(starts) + 1]  # with fewer stages than rungs, the last rungs have no stage at all
     return [t.name for i, t in enumerate(staged) if i not in used]
 
